@@ -1,0 +1,33 @@
+# The two commands a new user needs: `make demo` (the main job) and `make test`.
+# Each creates .venv on first use and installs everything pinned in constraints.txt.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.opdplus-installed
+
+.PHONY: demo test test-fast lint bench setup clean-cache
+
+$(STAMP): pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
+	bash scripts/setup_env.sh $(VENV)
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/opdplus demo
+
+test: $(STAMP)
+	$(PY) -m pytest tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest tests -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rollout learner services tests bench scripts
+	$(VENV)/bin/ruff format --check rollout learner services tests bench scripts
+
+bench: $(STAMP)
+	$(PY) bench/rollout.py
+	$(PY) bench/pipeline.py
+
+clean-cache:
+	rm -rf .cache

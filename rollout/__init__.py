@@ -1,0 +1,1 @@
+"""Rollout side: prompts, vLLM engines, sampling, teacher scoring, weight loading."""

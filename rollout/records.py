@@ -1,0 +1,95 @@
+"""Typed records at the rollout stage boundaries.
+
+``Rollout`` is what a student sampler makes; ``ScoredRollout`` adds the teacher's log-probs.
+Per-token fields are checked for equal length when a record is built, so a misaligned
+record fails where it is made rather than as a silent shift inside the learner.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+FINISH_REASONS = ("stop", "length", "abort")
+
+
+class RecordError(ValueError):
+    """A rollout record is malformed (lengths, values or versions)."""
+
+
+def _check_logps(name: str, logps: tuple[float, ...], sample_id: str) -> None:
+    for i, lp in enumerate(logps):
+        # log-probs are <= 0; a tiny positive value is engine round-off, not an error.
+        if not (math.isfinite(lp) and lp <= 1e-4):
+            raise RecordError(f"{sample_id}: {name}[{i}] = {lp!r} is not a finite log-prob <= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class Rollout:
+    """One sampled response.
+
+    sample_id:      unique id "<problem_id>/<k>" (k-th sample of that problem).
+    prompt_ids:     [P] prompt token ids (BOS included).
+    response_ids:   [R] sampled token ids (EOS included when the sampler stopped on it).
+    logp_sampler:   [R] log π_sampler(y_t | s_t) recorded at sampling time.
+    policy_version: version of the weights that sampled it.
+    """
+
+    sample_id: str
+    problem_id: str
+    answer: str
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    logp_sampler: tuple[float, ...]
+    policy_version: int
+    finish_reason: str
+
+    def __post_init__(self) -> None:
+        if not self.prompt_ids:
+            raise RecordError(f"{self.sample_id}: empty prompt_ids")
+        if len(self.response_ids) != len(self.logp_sampler):
+            raise RecordError(
+                f"{self.sample_id}: {len(self.response_ids)} response ids but "
+                f"{len(self.logp_sampler)} sampler log-probs"
+            )
+        if self.policy_version < 0:
+            raise RecordError(f"{self.sample_id}: negative policy_version {self.policy_version}")
+        if self.finish_reason not in FINISH_REASONS:
+            raise RecordError(
+                f"{self.sample_id}: finish_reason {self.finish_reason!r} not in {FINISH_REASONS}"
+            )
+        _check_logps("logp_sampler", self.logp_sampler, self.sample_id)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class ScoredRollout:
+    """A rollout plus the teacher's log-prob of each response token: logp_teacher [R]."""
+
+    rollout: Rollout
+    logp_teacher: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        r = self.rollout
+        if len(self.logp_teacher) != len(r.response_ids):
+            raise RecordError(
+                f"{r.sample_id}: {len(r.response_ids)} response ids but "
+                f"{len(self.logp_teacher)} teacher log-probs"
+            )
+        _check_logps("logp_teacher", self.logp_teacher, r.sample_id)
+
+    @property
+    def sample_id(self) -> str:
+        return self.rollout.sample_id
+
+    @property
+    def policy_version(self) -> int:
+        return self.rollout.policy_version
+
+
+def staleness(trained_at_version: int, sampled_at_version: int) -> int:
+    """How many policy versions a sample lags the learner: v' − v (the one definition)."""
+    return trained_at_version - sampled_at_version

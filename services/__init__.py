@@ -1,0 +1,1 @@
+"""Services: Ray actors, the driver loop, CLI, config and metrics."""

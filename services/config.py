@@ -1,0 +1,358 @@
+"""One typed config tree for a run, loaded from TOML with ``--set a.b=c`` overrides.
+
+Every field has a one-line doc (the ``doc`` metadata) that ``opdplus config`` prints.
+Validation happens once at start-up and raises ``ConfigError`` with the key, what was
+expected and, for an unknown key, the nearest valid one. Imports only the standard library
+(the CLI parses config before importing torch, ray or vllm).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+# Kept in sync with learner.divergences.DIVERGENCES by tests/test_config.py; duplicated here
+# so config validation does not import torch.
+DIVERGENCE_NAMES = (
+    "reverse_kl",
+    "forward_kl",
+    "js",
+    "hellinger",
+    "tv",
+    "pearson",
+    "neyman",
+    "jeffreys",
+    "alpha",
+)
+
+
+class ConfigError(ValueError):
+    """A run config is invalid; the message names the key and what was expected."""
+
+
+def _f(default: Any, doc: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = _f("run", "run name; the run directory is <out_dir>/<name>")
+    out_dir: str = _f("runs", "parent folder of run directories")
+    seed: int = _f(0, "seed for prompts, sampling and initialisation")
+    steps: int = _f(100, "number of learner steps (optimizer updates)")
+    checkpoint_every: int = _f(25, "save a checkpoint every N steps (and at the end)")
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep on disk")
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    teacher: str = _f("toy", "teacher model folder, or 'toy' / 'smollm2' for the built-in pairs")
+    student: str = _f("toy", "student model folder, or 'toy' / 'smollm2' for the built-in pairs")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "vLLM engine dtype")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    source: Literal["builtin", "jsonl", "reasoning_gym"] = _f("builtin", "prompt source kind")
+    path: str = _f("", "JSONL file of {prompt, answer} records (source = 'jsonl')")
+    name: str = _f("", "reasoning-gym task name, e.g. 'basic_arithmetic' (source = 'reasoning_gym')")
+    max_prompt_chars: int = _f(512, "prompts longer than this are skipped and counted")
+    eval_size: int = _f(200, "held-out problems used by evaluation")
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    num_samplers: int = _f(1, "student sampler actors (each runs one vLLM engine)")
+    num_scorers: int = _f(1, "teacher scorer actors (each runs one vLLM engine)")
+    sampler_cpus: float = _f(0.5, "CPUs reserved per sampler actor")
+    scorer_cpus: float = _f(0.5, "CPUs reserved per scorer actor")
+    sampler_gpus: float = _f(0.0, "GPUs per sampler actor (fractions allowed)")
+    scorer_gpus: float = _f(0.0, "GPUs per scorer actor (fractions allowed)")
+    prompts_per_step: int = _f(16, "distinct prompts per learner step")
+    samples_per_prompt: int = _f(4, "samples drawn per prompt")
+    max_tokens: int = _f(48, "maximum response tokens per sample")
+    temperature: float = _f(1.0, "sampling temperature (1.0 = on-policy)")
+    max_staleness: int = _f(1, "samplers run at most this many policy versions ahead; 0 = strictly on-policy")
+    channel_capacity: int = _f(256, "scored samples buffered between scorers and learner (backpressure)")
+    kv_cache_mb: int = _f(256, "KV-cache size per engine on CPU, in MiB")
+    kv_cache_fraction: float = _f(0.3, "fraction of GPU memory per engine for weights + KV cache (GPU only)")
+    max_model_len: int = _f(256, "longest prompt+response the engines accept")
+    sync_timeout_s: float = _f(120.0, "a weight push that takes longer fails with an error")
+    sync_backend: Literal["auto", "object_store", "nccl"] = _f("auto", "weight-sync path; auto = nccl on GPU, object store on CPU")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    divergence: str = _f("reverse_kl", "f-divergence to the teacher: " + ", ".join(DIVERGENCE_NAMES))
+    alpha: float = _f(0.5, "Amari alpha (divergence = 'alpha' only)")
+    estimator: Literal["opd_plus", "opd"] = _f("opd_plus", "immediate cost: f'(r) (opd_plus) or f(r)/r (opd)")
+    discount: float = _f(0.0, "discount on future costs, 0 = per-token, 1 = sequence objective")
+    ratio_clip: float = _f(10.0, "clamp ell = log π_s − log π_T to ±ratio_clip before any exp (0 = off)")
+    is_cap: float = _f(2.0, "truncate importance weights exp(logp_learner − logp_sampler) at this value")
+    aggregation: Literal["token_mean", "seq_mean"] = _f("token_mean", "loss aggregation")
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    num_ranks: int = _f(1, "data-parallel learner ranks (Ray actors, one DeepSpeed rank each)")
+    cpus_per_rank: float = _f(1.0, "CPUs reserved per learner rank")
+    gpus_per_rank: float = _f(0.0, "GPUs per learner rank")
+    zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
+    lr: float = _f(1e-3, "peak AdamW learning rate")
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate schedule after warm-up")
+    warmup_steps: int = _f(0, "linear warm-up steps")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list = _f([0.9, 0.99], "AdamW betas")
+    grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)")
+    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "training precision; auto = bf16 on GPUs that support it, else fp32")
+    sync_every: int = _f(1, "push weights to the samplers every N learner steps")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(0, "evaluate the student every N steps during training (0 = before/after only)")
+    samples: int = _f(4, "k for the sampled avg@k accuracy")
+    max_tokens: int = _f(48, "maximum tokens per evaluation completion")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = _f(True, "write TensorBoard event files to the run directory")
+    wandb: bool = _f(False, "log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
+    wandb_project: str = _f("opdplus", "wandb project name")
+    plots: bool = _f(True, "write PNG plots of divergence, loss and accuracy at the end")
+    progress: bool = _f(True, "show a progress bar with the live key figures")
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = _f("", "Ray cluster address; empty = start a local instance")
+    num_cpus: int = _f(0, "CPUs for a local Ray instance (0 = all)")
+    dashboard: bool = _f(True, "start the Ray dashboard (local instance, on 127.0.0.1)")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if annotation is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return list(value)
+    raise ConfigError(f"{where}: unsupported type {annotation}")  # a bug in this module
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{source}: {prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key{_suggest(key, sorted(fields))}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: expected a [{prefix}{key}] table, got {value!r}")
+            kwargs[key] = _build(hint, value, f"{prefix}{key}.", source)
+        else:
+            kwargs[key] = _coerce(value, hint, where)
+    return cls(**kwargs)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. distill.divergence=js")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as js or opd_plus is a string
+    return key.strip().split("."), value
+
+
+def _merge(base: dict, path: list[str], value: Any) -> None:
+    node = base
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part} is not a table")
+    node[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Load a TOML run config, apply ``key=value`` overrides, and validate."""
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _merge(data, keys, value)
+    if overrides:
+        source += " (with --set)"
+    cfg = _build(Config, data, "", source)
+    validate(cfg, source)
+    return cfg
+
+
+def validate(cfg: Config, source: str = "<config>") -> None:
+    """Cross-field checks that types alone cannot express."""
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"{source}: {key}: {msg}")
+
+    d, r, lr, run = cfg.distill, cfg.rollout, cfg.learner, cfg.run
+    need(
+        d.divergence in DIVERGENCE_NAMES,
+        "distill.divergence",
+        f"unknown divergence {d.divergence!r}; valid: {', '.join(DIVERGENCE_NAMES)}",
+    )
+    need(0.0 <= d.discount <= 1.0, "distill.discount", f"must be in [0, 1], got {d.discount}")
+    need(d.ratio_clip >= 0, "distill.ratio_clip", "must be >= 0 (0 disables clamping)")
+    need(d.is_cap >= 1.0, "distill.is_cap", f"must be >= 1, got {d.is_cap}")
+    if d.divergence == "alpha":
+        need(d.alpha not in (0.0, 1.0), "distill.alpha", "0 and 1 are forward/reverse KL; use those names")
+    need(run.steps >= 1, "run.steps", "must be >= 1")
+    need(run.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
+    need(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    need(r.num_samplers >= 1, "rollout.num_samplers", "must be >= 1")
+    need(r.num_scorers >= 1, "rollout.num_scorers", "must be >= 1")
+    need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
+    need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
+    need(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
+    need(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
+    need(r.temperature > 0, "rollout.temperature", "must be > 0 (on-policy sampling)")
+    need(0 < r.kv_cache_fraction < 1, "rollout.kv_cache_fraction", "must be in (0, 1)")
+    need(r.kv_cache_mb >= 16, "rollout.kv_cache_mb", "must be >= 16")
+    need(r.max_tokens < r.max_model_len, "rollout.max_tokens", f"must be < rollout.max_model_len ({r.max_model_len})")
+    need(r.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
+    batch = r.prompts_per_step * r.samples_per_prompt
+    need(
+        r.channel_capacity >= batch,
+        "rollout.channel_capacity",
+        f"must hold at least one step's samples ({batch} = prompts_per_step × samples_per_prompt)",
+    )
+    need(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+    need(batch % lr.num_ranks == 0, "learner.num_ranks", f"must divide the step's {batch} samples")
+    need(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {lr.zero_stage}")
+    need(lr.lr > 0, "learner.lr", "must be > 0")
+    need(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas", "must be two numbers in [0, 1)")
+    need(lr.sync_every >= 1, "learner.sync_every", "must be >= 1")
+    need(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
+    if r.sync_backend == "nccl":
+        need(r.sampler_gpus > 0 and lr.gpus_per_rank > 0, "rollout.sync_backend",
+             "nccl needs GPUs on samplers and learner (rollout.sampler_gpus, learner.gpus_per_rank)")
+    if cfg.ray.address == "" and cfg.ray.num_cpus > 0:
+        cpus = (
+            r.num_samplers * r.sampler_cpus
+            + r.num_scorers * r.scorer_cpus
+            + lr.num_ranks * lr.cpus_per_rank
+        )
+        need(
+            cpus <= cfg.ray.num_cpus,
+            "ray.num_cpus",
+            f"the actors reserve {cpus:g} CPUs (samplers + scorers + learner ranks) but the local "
+            f"Ray instance has {cfg.ray.num_cpus}",
+        )
+    need(cfg.models.teacher != "", "models.teacher", "must name a model folder or 'toy'/'smollm2'")
+    need(cfg.models.student != "", "models.student", "must name a model folder or 'toy'/'smollm2'")
+    if cfg.task.source == "jsonl":
+        need(cfg.task.path != "", "task.path", "source 'jsonl' needs a file path")
+    if cfg.task.source == "reasoning_gym":
+        need(cfg.task.name != "", "task.name", "source 'reasoning_gym' needs a task name, e.g. basic_arithmetic")
+
+
+def to_toml(cfg: Any, prefix: str = "") -> str:
+    """Serialise a config tree to TOML (written as the run's resolved config.toml)."""
+    scalars, tables = [], []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            tables.append((f.name, value))
+        else:
+            scalars.append(f"{f.name} = {_toml_value(value)}")
+    out = "\n".join(scalars) + ("\n" if scalars else "")
+    for name, value in tables:
+        out += f"\n[{prefix}{name}]\n" + to_toml(value, f"{prefix}{name}.")
+    return out
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf field, for ``opdplus config --describe``."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            rows += describe(hint, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((f"{prefix}{f.name}", _toml_value(default), f.metadata.get("doc", "")))
+    return rows
+
