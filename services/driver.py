@@ -1,0 +1,167 @@
+"""The training loop: prompts → samplers → scorers → learner → weight sync → log.
+
+``train`` reads as the pipeline; the parts live in rollout/, learner/ and services/.
+Rollout for step k+1 overlaps training on step k, bounded by ``rollout.max_staleness``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from services.config import Config, to_toml
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_dir: str
+    steps: int
+    wall_s: float
+    eval_before: dict | None
+    eval_after: dict | None
+    divergence_first: float | None
+    divergence_last: float | None
+    plots: list[str]
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) -> RunSummary:
+    from services.cluster import ray_session
+    from services.models import resolve_pair
+    from services.parts import (
+        build_learner,
+        build_rollout,
+        build_source,
+        checkpoint_dir,
+        evaluate_student,
+        load_tokenizer,
+        step_metrics,
+    )
+    from services.progress import Progress
+
+    t_start = time.perf_counter()
+    run_dir = prepare_run_dir(cfg, resume=resume)
+    show = cfg.log.progress if progress is None else progress
+    pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
+    tokenizer = load_tokenizer(pair.student)
+    with ray_session(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard) as ray_info:
+        if ray_info.dashboard_url:
+            print(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}", flush=True)
+        source = build_source(cfg)
+        learner = build_learner(cfg, pair.student)
+        rollout = build_rollout(cfg, pair)
+        first_step, state = 1, None
+        if resume:
+            state = learner.load_checkpoint(checkpoint_dir(run_dir))
+            first_step = state["step"] + 1
+            source.restore(state["source_state"])
+            rollout.push_weights(learner.export_weights(), version=state["step"], wait=True)
+        metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
+        eval_set = source.eval_set()[: cfg.task.eval_size]
+        eval_before = state["eval_before"] if state else evaluate_student(rollout, eval_set, tokenizer, cfg)
+        if not resume:
+            metrics.log(0, {f"eval/{k}": v for k, v in eval_before.items() if isinstance(v, (int, float))})
+        rollout.start(source, tokenizer_encode(tokenizer), first_step=first_step, last_step=cfg.run.steps)
+        bar = Progress(total=cfg.run.steps, initial=first_step - 1, enabled=show, desc="OPD+ train")
+        try:
+            for step in range(first_step, cfg.run.steps + 1):
+                t0 = time.perf_counter()
+                batch = rollout.next_batch(step)                                  # sample + score
+                t1 = time.perf_counter()
+                stats = learner.train_step(batch, policy_version=step - 1)        # train
+                t2 = time.perf_counter()
+                if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
+                    rollout.push_weights(learner.export_weights(), version=step)  # push weights
+                t3 = time.perf_counter()
+                row = step_metrics(batch, stats, rollout.take_times(), wait=t1 - t0, train=t2 - t1,
+                                   sync=t3 - t2, step_time=time.perf_counter() - t0, step=step)
+                if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
+                    row.update(eval_metrics(evaluate_student(rollout, eval_set, tokenizer, cfg, sync=True)))
+                metrics.log(step, row)                                            # log
+                bar.update(row)
+                if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
+                    learner.save_checkpoint(checkpoint_dir(run_dir), {
+                        "step": step, "policy_version": step, "eval_before": eval_before,
+                        "source_state": rollout.source_state_before(step + 1),
+                    }, keep=cfg.run.keep_checkpoints)
+            eval_after = evaluate_student(rollout, eval_set, tokenizer, cfg, sync=True)
+            metrics.log(cfg.run.steps, eval_metrics(eval_after))
+            learner.save_hf(run_dir / "student")
+        finally:
+            bar.close()
+            metrics.close()
+            rollout.stop()
+            learner.shutdown()
+    return finish_run(run_dir, cfg, eval_before, eval_after, time.perf_counter() - t_start)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def prepare_run_dir(cfg: Config, *, resume: bool) -> Path:
+    from services.parts import checkpoint_dir
+
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    has_ckpt = (checkpoint_dir(run_dir) / "latest").exists()
+    if resume and not has_ckpt:
+        raise RunError(f"--resume: {run_dir} has no checkpoint to resume from")
+    if not resume and (run_dir / "metrics.jsonl").exists():
+        raise RunError(
+            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
+            f"run.name (e.g. --set run.name=...) — nothing there is overwritten"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    return run_dir
+
+
+def open_metrics(cfg: Config, run_dir: Path, *, resume_from_step: int | None):
+    from services.metrics import MetricsLogger
+
+    return MetricsLogger(
+        run_dir,
+        tensorboard=cfg.log.tensorboard,
+        wandb=cfg.log.wandb,
+        wandb_project=cfg.log.wandb_project,
+        run_name=cfg.run.name,
+        config=asdict(cfg),
+        resume_from_step=resume_from_step,
+    )
+
+
+def tokenizer_encode(tokenizer):
+    from rollout.tasks import encode_prompt
+
+    def encode(text: str) -> list[int]:
+        return encode_prompt(tokenizer, text)
+
+    return encode
+
+
+def eval_metrics(result: dict) -> dict:
+    return {f"eval/{k}": v for k, v in result.items() if isinstance(v, (int, float))}
+
+
+def finish_run(run_dir: Path, cfg: Config, before: dict, after: dict, wall_s: float) -> RunSummary:
+    from services.metrics import read_metrics, write_plots
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    div = [r["distill/divergence"] for r in rows if r.get("distill/divergence") is not None]
+    plots = [str(p) for p in write_plots(run_dir)] if cfg.log.plots else []
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        steps=cfg.run.steps,
+        wall_s=wall_s,
+        eval_before=before,
+        eval_after=after,
+        divergence_first=div[0] if div else None,
+        divergence_last=div[-1] if div else None,
+        plots=plots,
+    )
+    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary

@@ -1,0 +1,161 @@
+"""Builders that turn the config into the pipeline's parts, and per-step bookkeeping.
+
+Functions here take the config and hand plain values to the parts (style.md §10): the
+parts themselves never see the config object.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import ray
+
+from services.config import Config
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def load_tokenizer(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def build_source(cfg: Config):
+    from rollout.sources import make_source
+
+    t = cfg.task
+    return make_source(
+        t.source,
+        path=t.path or None,
+        seed=cfg.run.seed,
+        task=t.name or None,
+        max_prompt_chars=t.max_prompt_chars,
+    )
+
+
+def engine_settings(cfg: Config, model_dir: Path, *, seed: int):
+    from rollout.engine import EngineSettings
+
+    r = cfg.rollout
+    return EngineSettings(
+        model_path=str(model_dir),
+        dtype=cfg.models.dtype,
+        seed=seed,
+        kv_cache_mb=r.kv_cache_mb,
+        kv_cache_fraction=r.kv_cache_fraction,
+        max_model_len=r.max_model_len,
+    )
+
+
+def build_rollout(cfg: Config, pair):
+    from services.rollout_service import RolloutPlan, RolloutService
+
+    r = cfg.rollout
+    plan = RolloutPlan(
+        prompts_per_step=r.prompts_per_step,
+        samples_per_prompt=r.samples_per_prompt,
+        max_tokens=r.max_tokens,
+        temperature=r.temperature,
+        max_staleness=r.max_staleness,
+        channel_capacity=r.channel_capacity,
+        sync_timeout_s=r.sync_timeout_s,
+        seed=cfg.run.seed,
+    )
+    return RolloutService(
+        student_settings=engine_settings(cfg, pair.student, seed=cfg.run.seed),
+        teacher_settings=engine_settings(cfg, pair.teacher, seed=cfg.run.seed),
+        num_samplers=r.num_samplers,
+        num_scorers=r.num_scorers,
+        sampler_resources={"num_cpus": r.sampler_cpus, "num_gpus": r.sampler_gpus},
+        scorer_resources={"num_cpus": r.scorer_cpus, "num_gpus": r.scorer_gpus},
+        plan=plan,
+    )
+
+
+def build_learner(cfg: Config, student_dir: Path):
+    from services.learner_group import LearnerGroup
+
+    lr, d = cfg.learner, cfg.distill
+    return LearnerGroup(
+        model_path=str(student_dir),
+        num_ranks=lr.num_ranks,
+        cpus_per_rank=lr.cpus_per_rank,
+        gpus_per_rank=lr.gpus_per_rank,
+        engine_kwargs=dict(
+            zero_stage=lr.zero_stage,
+            lr=lr.lr,
+            lr_schedule=lr.lr_schedule,
+            warmup_steps=lr.warmup_steps,
+            total_steps=cfg.run.steps,
+            weight_decay=lr.weight_decay,
+            betas=tuple(lr.betas),
+            grad_clip=lr.grad_clip,
+            precision=lr.precision,
+            seed=cfg.run.seed,
+        ),
+        distill_kwargs=dict(
+            divergence=d.divergence,
+            divergence_params={"alpha": d.alpha} if d.divergence == "alpha" else {},
+            estimator=d.estimator,
+            discount=d.discount,
+            ratio_clip=d.ratio_clip or None,
+            is_cap=d.is_cap,
+            aggregation=d.aggregation,
+        ),
+    )
+
+
+class _ActorEngine:
+    """Lets rollout.evaluate drive a sampler actor's engine (current weights) as if local."""
+
+    def __init__(self, actor) -> None:
+        self.actor = actor
+
+    def generate(self, prompt_ids, **kwargs):
+        return ray.get(self.actor.generate.remote(prompt_ids, **kwargs))
+
+
+def evaluate_student(rollout, problems, tokenizer, cfg: Config, *, sync: bool = False) -> dict:
+    """Greedy accuracy and sampled avg@k of the student as the samplers now serve it."""
+    from rollout.evaluate import evaluate_with_engine
+
+    if sync:
+        rollout.wait_for_push()
+    result = evaluate_with_engine(
+        _ActorEngine(rollout.samplers[0]),
+        tokenizer,
+        problems,
+        k=cfg.eval.samples,
+        max_tokens=cfg.eval.max_tokens,
+        seed=cfg.run.seed,
+    )
+    result["policy_version"] = rollout.served_version
+    return result
+
+
+def step_metrics(batch, stats: dict, times, *, wait: float, train: float, sync: float,
+                 step_time: float, step: int) -> dict:
+    """The per-step row: learner/distill stats from the learner, rollout/time/perf here."""
+    staleness = [step - 1 - s.policy_version for s in batch]
+    tokens = sum(len(s.rollout.response_ids) for s in batch)
+    row = dict(stats)
+    row.update({
+        "rollout/staleness": staleness,
+        "rollout/staleness_mean": statistics.fmean(staleness),
+        "rollout/staleness_max": max(staleness),
+        "rollout/response_len_mean": tokens / len(batch),
+        "rollout/truncated_frac": sum(s.rollout.finish_reason == "length" for s in batch) / len(batch),
+        "time/sample": times.sample,
+        "time/score": times.score,
+        "time/train": train,
+        "time/sync": sync,
+        "time/wait": wait,
+        "time/step": step_time,
+        "perf/tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
+        "perf/samples_per_s": len(batch) / step_time if step_time > 0 else 0.0,
+    })
+    return row
