@@ -294,6 +294,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(lr.lr > 0, "learner.lr", "must be > 0")
     need(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas", "must be two numbers in [0, 1)")
     need(lr.sync_every >= 1, "learner.sync_every", "must be >= 1")
+    need(
+        r.max_staleness >= lr.sync_every - 1,
+        "rollout.max_staleness",
+        f"must be >= learner.sync_every - 1 = {lr.sync_every - 1}: samplers only ever serve "
+        f"pushed versions, so a smaller bound could never be met",
+    )
     need(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     if r.sync_backend == "nccl":
         need(r.sampler_gpus > 0 and lr.gpus_per_rank > 0, "rollout.sync_backend",
@@ -307,7 +313,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         need(
             cpus <= cfg.ray.num_cpus,
             "ray.num_cpus",
-            f"the actors reserve {cpus:g} CPUs (samplers + scorers + learner ranks) but the local "
+            f"inconsistent resources: the actors reserve {cpus:g} CPUs (samplers + scorers + learner ranks) but the local "
             f"Ray instance has {cfg.ray.num_cpus}",
         )
     need(cfg.models.teacher != "", "models.teacher", "must name a model folder or 'toy'/'smollm2'")

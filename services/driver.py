@@ -7,6 +7,7 @@ Rollout for step k+1 overlaps training on step k, bounded by ``rollout.max_stale
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -159,8 +160,9 @@ def finish_run(run_dir: Path, cfg: Config, before: dict, after: dict, wall_s: fl
         wall_s=wall_s,
         eval_before=before,
         eval_after=after,
-        divergence_first=div[0] if div else None,
-        divergence_last=div[-1] if div else None,
+        # Means over the first/last few steps: one step's estimate is noisy.
+        divergence_first=statistics.fmean(div[:5]) if div else None,
+        divergence_last=statistics.fmean(div[-5:]) if div else None,
         plots=plots,
     )
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))

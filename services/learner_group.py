@@ -1,0 +1,186 @@
+"""The data-parallel learner: one Ray actor per DeepSpeed rank, driven by `LearnerGroup`.
+
+`LearnerRank` is a thin shell over `learner.engine.LearnerEngine` (process, resources,
+threads). `LearnerGroup` is what the driver holds: it collates a step's scored rollouts,
+splits the batch into one contiguous shard per rank, computes the global normaliser of the
+whole batch (so that the shards' losses sum to the full-batch loss) and calls every rank at
+once — DeepSpeed's collectives need all ranks inside the same call.
+"""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import ray
+import torch
+
+from learner.batch import collate, split
+from learner.divergences import get_divergence
+from learner.step import global_normaliser, merge_metrics
+from rollout.records import ScoredRollout
+
+
+@ray.remote
+class LearnerRank:
+    """One DeepSpeed rank in its own process; forwards to a `LearnerEngine`."""
+
+    def __init__(self, num_threads: int) -> None:
+        # Ray reserves CPUs but does not pin torch's intra-op pool; oversubscribing the cores
+        # that other actors (vLLM engines, the other ranks) reserved slows everyone down.
+        torch.set_num_threads(num_threads)
+        self.engine = None
+
+    def rendezvous_address(self) -> tuple[str, int]:
+        """This node's IP and a port free on it, for the process group's master."""
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return ray.util.get_node_ip_address(), port
+
+    def build(self, **engine_kwargs) -> None:
+        from learner.engine import LearnerEngine
+
+        self.engine = LearnerEngine(**engine_kwargs)
+
+    def train_step(self, batch, **kwargs) -> dict[str, float]:
+        return self.engine.train_step(batch, **kwargs)
+
+    def export_weights(self, keep_result: bool) -> list[tuple[str, torch.Tensor]]:
+        # Every rank takes part (ZeRO-3 gathers are collective); one copy travels back.
+        weights = self.engine.export_weights()
+        return weights if keep_result else []
+
+    def save_checkpoint(self, path: str, client_state: dict, keep: int | None) -> str:
+        return str(self.engine.save_checkpoint(path, client_state, keep=keep))
+
+    def load_checkpoint(self, path: str) -> dict:
+        return self.engine.load_checkpoint(path)
+
+    def save_hf(self, path: str) -> None:
+        self.engine.save_hf(path)
+
+
+class LearnerGroup:
+    """`num_ranks` data-parallel DeepSpeed ranks training the student.
+
+    model_path: HF folder of the initial student. pad_id: id used to right-pad batches (padding is
+    masked out, any valid id works). Ranks: num_ranks actors with cpus_per_rank CPUs (fractions
+    allowed) and gpus_per_rank GPUs each. Optimisation (see `LearnerEngine`): zero_stage, lr,
+    lr_schedule, warmup_steps, total_steps, weight_decay, betas, grad_clip, precision, seed.
+    Estimator (see `learner.step.compute_loss`): divergence (+ alpha for "alpha"), estimator,
+    discount, ratio_clip (0 = off), is_cap, aggregation.
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        pad_id: int = 0,
+        num_ranks: int = 1,
+        cpus_per_rank: float = 1.0,
+        gpus_per_rank: float = 0.0,
+        zero_stage: int = 1,
+        lr: float = 1e-3,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        grad_clip: float = 1.0,
+        precision: str = "auto",
+        seed: int = 0,
+        divergence: str = "reverse_kl",
+        alpha: float = 0.5,
+        estimator: str = "opd_plus",
+        discount: float = 0.0,
+        ratio_clip: float = 10.0,
+        is_cap: float = 2.0,
+        aggregation: str = "token_mean",
+    ) -> None:
+        if num_ranks < 1:
+            raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+        self.pad_id = pad_id
+        self.aggregation = aggregation
+        params = {"alpha": alpha} if divergence == "alpha" else {}
+        self._distill = {
+            "divergence": get_divergence(divergence, **params),
+            "estimator": estimator,
+            "discount": discount,
+            "ratio_clip": ratio_clip or None,
+            "is_cap": is_cap,
+            "aggregation": aggregation,
+        }
+        actor = LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank)
+        num_threads = max(1, int(cpus_per_rank))
+        self.ranks = [actor.remote(num_threads) for _ in range(num_ranks)]
+        master_addr, master_port = ray.get(self.ranks[0].rendezvous_address.remote())
+        engine_kwargs = dict(
+            model_path=model_path,
+            zero_stage=zero_stage,
+            lr=lr,
+            lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps,
+            total_steps=total_steps,
+            weight_decay=weight_decay,
+            betas=tuple(betas),
+            grad_clip=grad_clip,
+            precision=precision,
+            world_size=num_ranks,
+            master_addr=master_addr,
+            master_port=master_port,
+            seed=seed,
+        )
+        # All at once: process-group initialisation blocks until every rank has joined.
+        ray.get([r.build.remote(rank=i, **engine_kwargs) for i, r in enumerate(self.ranks)])
+
+    @property
+    def num_ranks(self) -> int:
+        return len(self.ranks)
+
+    def train_step(self, scored: list[ScoredRollout], policy_version: int) -> dict[str, float]:
+        """One optimizer step on `scored` (at least one sample per rank).
+
+        Returns the full batch's metrics: `learner/loss` (the full-batch surrogate loss),
+        token-weighted `distill/*` means, `distill/adv_abs_max` and `learner/staleness_max` as
+        maxima, `learner/tokens` / `learner/sequences` totals, and the global
+        `learner/grad_norm` and `learner/lr` (rank 0's; equal on every rank).
+        """
+        batch = collate(scored, pad_id=self.pad_id)
+        normaliser = global_normaliser(batch, self.aggregation)
+        shards = split(batch, self.num_ranks)
+        per_rank = ray.get(
+            [
+                r.train_step.remote(
+                    shard, normaliser=normaliser, policy_version=policy_version, **self._distill
+                )
+                for r, shard in zip(self.ranks, shards, strict=True)
+            ]
+        )
+        return merge_metrics(per_rank)
+
+    def export_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF name, CPU float32 tensor) for every parameter, ready for vLLM `reload_weights`."""
+        refs = [r.export_weights.remote(keep_result=i == 0) for i, r in enumerate(self.ranks)]
+        return ray.get(refs)[0]
+
+    def save_checkpoint(
+        self, path: str | Path, client_state: dict, *, keep: int | None = None
+    ) -> Path:
+        """Crash-safe DeepSpeed checkpoint under `path` (see `LearnerEngine.save_checkpoint`)."""
+        refs = [r.save_checkpoint.remote(str(path), client_state, keep) for r in self.ranks]
+        return Path(ray.get(refs)[0])
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restore the latest checkpoint under `path`; returns its client_state."""
+        return ray.get([r.load_checkpoint.remote(str(path)) for r in self.ranks])[0]
+
+    def save_hf(self, path: str | Path) -> None:
+        """Write the current student as a plain HF folder (with the source's tokenizer)."""
+        ray.get([r.save_hf.remote(str(path)) for r in self.ranks])
+
+    def shutdown(self) -> None:
+        """Kill the rank actors (their processes, and so the process group, end)."""
+        for r in self.ranks:
+            ray.kill(r)
+        self.ranks = []

@@ -1,0 +1,50 @@
+"""Shared fixtures: models built once per machine (cached under OPDPLUS_CACHE) and one local
+Ray instance per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def cache_root() -> Path:
+    from services.models import cache_dir
+
+    root = cache_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(cache_root) -> Path:
+    """A barely-trained tiny Llama with the project's char tokenizer (builds in seconds)."""
+    from rollout.toy_models import build_tiny_model
+
+    return Path(build_tiny_model(cache_root / "models" / "tiny", progress=False))
+
+
+@pytest.fixture(scope="session")
+def toy_pair(cache_root):
+    """The toy teacher/student pair the demo uses (built once per machine, then cached)."""
+    from rollout.toy_models import build_toy_models
+
+    return build_toy_models(cache_root / "models" / "toy", progress=False)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for every test that needs it (starting Ray costs seconds)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING",
+                                           "TOKENIZERS_PARALLELISM": "false"}})
+    yield ray
+    ray.shutdown()
