@@ -1,0 +1,1 @@
+"""The learner: OPD/OPD+ maths (pure torch) and the training engine."""

@@ -1,0 +1,156 @@
+"""Per-token OPD / OPD+ advantages (docs: opdplus-math.md §2).
+
+For a response sampled from the student, with ell_t = log π_student(y_t|s_t) − log π_teacher(y_t|s_t)
+and discount γ ∈ [0, 1],
+
+    A_t = −( c_t + Σ_{k>t} γ^{k−t} · g(r_k) ),   c_t = f'(r_t) (OPD+)  or  g(r_t) (OPD).
+
+With γ = 1 the OPD+ estimator E[Σ_t −A_t ∇log π_θ(y_t|s_t)] equals ∇ E_{y~π_θ}[Σ_t g(r_t)]
+exactly; with γ = 0 it equals Σ_t E_{s_t}[∇ D_f(π_θ(·|s_t) ‖ π_T(·|s_t))] with the state
+distribution held fixed. OPD (stop-gradient) drops r·g'(r) and is unbiased only for reverse KL.
+Advantages are never normalised per batch: that would erase what separates OPD from OPD+.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from learner.divergences import Divergence, get_divergence
+
+ESTIMATORS = ("opd_plus", "opd")
+
+
+@dataclass(frozen=True)
+class AdvantageStats:
+    """Batch diagnostics, all over masked (response) tokens.
+
+    clamped_frac: fraction of tokens whose |ell| exceeded ratio_clip.
+    max_abs_advantage: max |A_t|.
+    mean_ell: mean ell_t after clamping; its expectation is KL(student‖teacher) per token.
+    divergence_estimate: mean g(r_t) after clamping; unbiased for the per-token D_f.
+    """
+
+    clamped_frac: float
+    max_abs_advantage: float
+    mean_ell: float
+    divergence_estimate: float
+
+
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The promoted floating dtype of the inputs, at least float32."""
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    if not dtype.is_floating_point or dtype.itemsize < 4:
+        return torch.float32
+    return dtype
+
+
+def discounted_future_sum(x_BT: Tensor, discount: float) -> Tensor:
+    """S_t = Σ_{k>t} γ^{k−t} · x_k along the last dim; shape [B, T] → [B, T], O(B·T).
+
+    Distances k − t count positions, so zeros in x (masked tokens) contribute nothing but still
+    take a step of discount.
+    """
+    out_BT = torch.zeros_like(x_BT)
+    if discount == 0 or x_BT.shape[-1] < 2:
+        return out_BT
+    if discount == 1:
+        # Reverse cumulative sum shifted left by one, so position t sums k > t without the
+        # rounding of subtracting x_t back out.
+        out_BT[..., :-1] = x_BT.flip(-1).cumsum(-1).flip(-1)[..., 1:]
+        return out_BT
+    for t in range(x_BT.shape[-1] - 2, -1, -1):
+        out_BT[..., t] = discount * (x_BT[..., t + 1] + out_BT[..., t + 1])
+    return out_BT
+
+
+def token_advantages(
+    logp_student_BT: Tensor,
+    logp_teacher_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    divergence: Divergence | str,
+    estimator: str = "opd_plus",
+    discount: float = 0.0,
+    ratio_clip: float | None = 10.0,
+) -> Tensor:
+    """Detached advantages A_BT [B, T] (equation in the module docstring).
+
+    logp_student_BT, logp_teacher_BT: [B, T] log-probs of the sampled tokens.
+    mask_BT: [B, T], nonzero on response tokens; elsewhere A is 0 and the token adds nothing to
+        any suffix sum (its log-probs may be garbage, e.g. -inf or NaN).
+    divergence: a `Divergence` or a name for `get_divergence`.
+    estimator: "opd_plus" (c_t = f'(r_t)) or "opd" (c_t = g(r_t)).
+    discount: γ ∈ [0, 1].
+    ratio_clip: ell is clamped to ±ratio_clip before any exp; None disables clamping.
+    Returns A_BT in the inputs' promoted dtype, upcast to float32 if narrower.
+    """
+    adv_BT, *_ = _advantage_terms(
+        logp_student_BT, logp_teacher_BT, mask_BT, divergence, estimator, discount, ratio_clip
+    )
+    return adv_BT
+
+
+def token_advantages_with_stats(
+    logp_student_BT: Tensor,
+    logp_teacher_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    divergence: Divergence | str,
+    estimator: str = "opd_plus",
+    discount: float = 0.0,
+    ratio_clip: float | None = 10.0,
+) -> tuple[Tensor, AdvantageStats]:
+    """`token_advantages` plus its `AdvantageStats` (one host sync for the stats)."""
+    adv_BT, ell_BT, cost_BT, clamped_BT, keep_BT = _advantage_terms(
+        logp_student_BT, logp_teacher_BT, mask_BT, divergence, estimator, discount, ratio_clip
+    )
+    n = keep_BT.sum().clamp(min=1).to(adv_BT.dtype)
+    max_abs = adv_BT.abs().amax() if adv_BT.numel() else adv_BT.new_zeros(())
+    terms = [clamped_BT.sum().to(adv_BT.dtype) / n, max_abs, ell_BT.sum() / n, cost_BT.sum() / n]
+    return adv_BT, AdvantageStats(*torch.stack(terms).tolist())
+
+
+def _advantage_terms(
+    logp_student_BT: Tensor,
+    logp_teacher_BT: Tensor,
+    mask_BT: Tensor,
+    divergence: Divergence | str,
+    estimator: str,
+    discount: float,
+    ratio_clip: float | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(A_BT, clamped ell_BT, g_BT, clamped_BT, keep_BT), all zero off the mask."""
+    div = get_divergence(divergence)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must be in [0, 1], got {discount}")
+    if ratio_clip is not None and not ratio_clip > 0:
+        raise ValueError(f"ratio_clip must be positive or None, got {ratio_clip}")
+    if not logp_student_BT.shape == logp_teacher_BT.shape == mask_BT.shape:
+        raise ValueError(
+            f"shape mismatch: student {tuple(logp_student_BT.shape)}, "
+            f"teacher {tuple(logp_teacher_BT.shape)}, mask {tuple(mask_BT.shape)}"
+        )
+
+    dtype = compute_dtype(logp_student_BT, logp_teacher_BT)
+    with torch.no_grad():
+        keep_BT = mask_BT != 0
+        # Upcast before subtracting: a bf16 difference of two log-probs keeps only 8 bits.
+        ell_BT = logp_student_BT.detach().to(dtype) - logp_teacher_BT.detach().to(dtype)
+        ell_BT = torch.where(keep_BT, ell_BT, 0.0)
+        clamped_BT = torch.zeros_like(keep_BT)
+        if ratio_clip is not None:
+            clamped_BT = ell_BT.abs() > ratio_clip
+            ell_BT = ell_BT.clamp(-ratio_clip, ratio_clip)
+
+        cost_BT = torch.where(keep_BT, div.cost(ell_BT), 0.0)
+        immediate_BT = div.grad_cost(ell_BT) if estimator == "opd_plus" else cost_BT
+        adv_BT = -(immediate_BT + discounted_future_sum(cost_BT, discount))
+        adv_BT = torch.where(keep_BT, adv_BT, 0.0)
+    return adv_BT, ell_BT, cost_BT, clamped_BT, keep_BT
