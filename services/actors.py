@@ -32,6 +32,7 @@ class StudentSampler:
         from rollout.engine import StudentEngine
 
         self.engine = StudentEngine(settings)
+        self.nccl_receiver = None
 
     def version(self) -> int:
         return self.engine.version
@@ -70,6 +71,25 @@ class StudentSampler:
         """Load pushed weights; returns (version now served, seconds spent loading)."""
         seconds = self.engine.load_weights(named_tensors, version)
         return self.engine.version, seconds
+
+    # GPU path (services/nccl_sync.py): weights arrive by NCCL broadcast from learner rank 0.
+    def nccl_init_receiver(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+        """Join the learner's NCCL weight group as rank ``rank_offset`` (blocks until all ranks join)."""
+        from rollout.engine import NcclWeightReceiver
+
+        self.nccl_receiver = NcclWeightReceiver(self.engine, master_address, master_port, rank_offset, world_size)
+
+    def nccl_receive_weights(self, meta, version: int) -> tuple[int, float]:
+        """Receive one broadcast (meta: rollout.engine.WeightMeta); returns (version served, seconds)."""
+        if self.nccl_receiver is None:
+            raise RuntimeError("nccl_init_receiver was not called on this sampler")
+        seconds = self.nccl_receiver.receive(meta, version)
+        return self.engine.version, seconds
+
+    def nccl_close_receiver(self) -> None:
+        if self.nccl_receiver is not None:
+            self.nccl_receiver.close()
+            self.nccl_receiver = None
 
 
 @ray.remote

@@ -302,8 +302,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     )
     need(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
     if r.sync_backend == "nccl":
-        need(r.sampler_gpus > 0 and lr.gpus_per_rank > 0, "rollout.sync_backend",
-             "nccl needs GPUs on samplers and learner (rollout.sampler_gpus, learner.gpus_per_rank)")
+        need(
+            r.sampler_gpus >= 1 and lr.gpus_per_rank >= 1,
+            "rollout.sync_backend",
+            "nccl needs at least one whole GPU per sampler and per learner rank "
+            "(rollout.sampler_gpus, learner.gpus_per_rank): NCCL refuses two ranks on one device",
+        )
     if cfg.ray.address == "" and cfg.ray.num_cpus > 0:
         cpus = (
             r.num_samplers * r.sampler_cpus

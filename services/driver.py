@@ -36,6 +36,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
     from services.models import resolve_pair
     from services.parts import (
         build_learner,
+        build_publisher,
         build_rollout,
         build_source,
         checkpoint_dir,
@@ -54,14 +55,15 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
         if ray_info.dashboard_url:
             print(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}", flush=True)
         source = build_source(cfg)
-        learner = build_learner(cfg, pair.student)
+        learner = build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0)
         rollout = build_rollout(cfg, pair)
+        publisher = build_publisher(cfg, learner, rollout)
         first_step, state = 1, None
         if resume:
             state = learner.load_checkpoint(checkpoint_dir(run_dir))
             first_step = state["step"] + 1
             source.restore(state["source_state"])
-            rollout.push_weights(learner.export_weights(), version=state["step"], wait=True)
+            publisher.publish(state["step"], wait=True)
         metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
         eval_set = source.eval_set()[: cfg.task.eval_size]
         eval_before = state["eval_before"] if state else evaluate_student(rollout, eval_set, tokenizer, cfg)
@@ -77,13 +79,14 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
                 stats = learner.train_step(batch, policy_version=step - 1)        # train
                 t2 = time.perf_counter()
                 if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
-                    rollout.push_weights(learner.export_weights(), version=step)  # push weights
+                    publisher.publish(step)                                      # push weights
                 t3 = time.perf_counter()
                 row = step_metrics(batch, stats, rollout.take_times(), wait=t1 - t0, train=t2 - t1,
                                    sync=t3 - t2, step_time=time.perf_counter() - t0, step=step)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
                     row.update(eval_metrics(evaluate_student(rollout, eval_set, tokenizer, cfg, sync=True)))
                 metrics.log(step, row)                                            # log
+                metrics.log_samples(step, [s.sample_id for s in batch], [s.policy_version for s in batch])
                 bar.update(row)
                 if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
                     learner.save_checkpoint(checkpoint_dir(run_dir), {
@@ -96,6 +99,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
         finally:
             bar.close()
             metrics.close()
+            publisher.close()
             rollout.stop()
             learner.shutdown()
     return finish_run(run_dir, cfg, eval_before, eval_after, time.perf_counter() - t_start)

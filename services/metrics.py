@@ -26,9 +26,12 @@ class MetricsLogger:
         resume_from_step: int | None = None,
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.samples_path = Path(run_dir) / "samples.jsonl"
         if resume_from_step is not None:
-            self._truncate_after(resume_from_step)
+            _truncate_after(self.path, resume_from_step)
+            _truncate_after(self.samples_path, resume_from_step)
         self._file = self.path.open("a", buffering=1)
+        self._samples = self.samples_path.open("a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -42,24 +45,6 @@ class MetricsLogger:
             self._wandb = wandb_lib.init(
                 project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}
             )
-
-    def _truncate_after(self, step: int) -> None:
-        """Keep rows up to ``step``; rows a crashed run wrote after its last checkpoint are
-        moved to metrics.discarded.jsonl (kept, not deleted) so no step appears twice."""
-        if not self.path.exists():
-            return
-        keep, drop = [], []
-        for line in self.path.read_text().splitlines():
-            if not line.strip():
-                continue
-            row = json.loads(line)
-            (keep if row.get("step", 0) <= step else drop).append(line)
-        if drop:
-            with (self.path.parent / "metrics.discarded.jsonl").open("a") as f:
-                f.write("\n".join(drop) + "\n")
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in keep))
-        tmp.replace(self.path)
 
     def log(self, step: int, values: dict[str, Any]) -> None:
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
@@ -76,12 +61,35 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in values.items() if not isinstance(v, list)}, step=step)
 
+    def log_samples(self, step: int, sample_ids: list[str], versions: list[int]) -> None:
+        """Which samples each step trained on (the audit trail resume is checked against)."""
+        self._samples.write(json.dumps({"step": step, "sample_ids": sample_ids, "versions": versions}) + "\n")
+        self._samples.flush()
+
     def close(self) -> None:
         self._file.close()
+        self._samples.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """Keep rows up to ``step``. Rows a crashed run wrote after its last checkpoint move to
+    ``<name>.discarded.jsonl`` (kept, not deleted), so no step appears twice after a resume."""
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+    if drop:
+        with path.with_suffix(".discarded.jsonl").open("a") as f:
+            f.write("\n".join(drop) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def _jsonable(v: Any) -> Any:

@@ -37,7 +37,21 @@ def build_source(cfg: Config):
     )
 
 
-def engine_settings(cfg: Config, model_dir: Path, *, seed: int):
+def sync_backend(cfg: Config) -> str:
+    from services.nccl_sync import resolve_sync_backend
+
+    return resolve_sync_backend(cfg.rollout.sync_backend, sampler_gpus=cfg.rollout.sampler_gpus,
+                                learner_gpus=cfg.learner.gpus_per_rank)
+
+
+def build_publisher(cfg: Config, learner, rollout):
+    from services.weight_sync import make_publisher
+
+    return make_publisher(sync_backend(cfg), learner, rollout, timeout_s=cfg.rollout.sync_timeout_s,
+                          wire_dtype=cfg.models.dtype)
+
+
+def engine_settings(cfg: Config, model_dir: Path, *, seed: int, weight_transfer: str = "none"):
     from rollout.engine import EngineSettings
 
     r = cfg.rollout
@@ -48,6 +62,7 @@ def engine_settings(cfg: Config, model_dir: Path, *, seed: int):
         kv_cache_mb=r.kv_cache_mb,
         kv_cache_fraction=r.kv_cache_fraction,
         max_model_len=r.max_model_len,
+        weight_transfer=weight_transfer,
     )
 
 
@@ -66,7 +81,10 @@ def build_rollout(cfg: Config, pair):
         seed=cfg.run.seed,
     )
     return RolloutService(
-        student_settings=engine_settings(cfg, pair.student, seed=cfg.run.seed),
+        student_settings=engine_settings(
+            cfg, pair.student, seed=cfg.run.seed,
+            weight_transfer="nccl" if sync_backend(cfg) == "nccl" else "none",
+        ),
         teacher_settings=engine_settings(cfg, pair.teacher, seed=cfg.run.seed),
         num_samplers=r.num_samplers,
         num_scorers=r.num_scorers,
@@ -76,36 +94,33 @@ def build_rollout(cfg: Config, pair):
     )
 
 
-def build_learner(cfg: Config, student_dir: Path):
+def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
     from services.learner_group import LearnerGroup
 
     lr, d = cfg.learner, cfg.distill
     return LearnerGroup(
-        model_path=str(student_dir),
+        str(student_dir),
+        pad_id=pad_id,
         num_ranks=lr.num_ranks,
         cpus_per_rank=lr.cpus_per_rank,
         gpus_per_rank=lr.gpus_per_rank,
-        engine_kwargs=dict(
-            zero_stage=lr.zero_stage,
-            lr=lr.lr,
-            lr_schedule=lr.lr_schedule,
-            warmup_steps=lr.warmup_steps,
-            total_steps=cfg.run.steps,
-            weight_decay=lr.weight_decay,
-            betas=tuple(lr.betas),
-            grad_clip=lr.grad_clip,
-            precision=lr.precision,
-            seed=cfg.run.seed,
-        ),
-        distill_kwargs=dict(
-            divergence=d.divergence,
-            divergence_params={"alpha": d.alpha} if d.divergence == "alpha" else {},
-            estimator=d.estimator,
-            discount=d.discount,
-            ratio_clip=d.ratio_clip or None,
-            is_cap=d.is_cap,
-            aggregation=d.aggregation,
-        ),
+        zero_stage=lr.zero_stage,
+        lr=lr.lr,
+        lr_schedule=lr.lr_schedule,
+        warmup_steps=lr.warmup_steps,
+        total_steps=cfg.run.steps,
+        weight_decay=lr.weight_decay,
+        betas=tuple(lr.betas),
+        grad_clip=lr.grad_clip,
+        precision=lr.precision,
+        seed=cfg.run.seed,
+        divergence=d.divergence,
+        alpha=d.alpha,
+        estimator=d.estimator,
+        discount=d.discount,
+        ratio_clip=d.ratio_clip,
+        is_cap=d.is_cap,
+        aggregation=d.aggregation,
     )
 
 

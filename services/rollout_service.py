@@ -142,6 +142,7 @@ class RolloutService:
         self._times = RolloutTimes()
         self._times_lock = threading.Lock()
         self._source_states: dict[int, dict] = {}
+        self.batches_started = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._pool = ThreadPoolExecutor(max_workers=max(2, num_samplers))
@@ -149,6 +150,7 @@ class RolloutService:
     # ------------------------------------------------------------------ producer
 
     def start(self, source, encode, *, first_step: int, last_step: int) -> None:
+        self.batches_started = first_step - 1
         """Start producing batches first_step..last_step from ``source`` in the background.
 
         encode: prompt text → token ids (the one helper shared with evaluation).
@@ -165,14 +167,15 @@ class RolloutService:
                 self._wait_admission(step)
                 if self._stop.is_set():
                     return
-                self._source_states[step] = source.state()
                 problems = source.next_batch(self.plan.prompts_per_step)
+                # The state after drawing batch k is where a run resumed after step k starts.
+                self._source_states[step + 1] = source.state()
+                self.batches_started = step
                 items = [WorkItem(p.id, p.answer, tuple(encode(p.prompt))) for p in problems]
                 waited = time.perf_counter() - t0
                 self._produce_batch(step, items)
                 with self._times_lock:
                     self._times.producer_wait += waited
-            self._source_states[last_step + 1] = source.state()
         except BaseException as exc:  # handed to the learner thread, which raises it
             self._channel.fail(exc)
 
@@ -229,7 +232,8 @@ class RolloutService:
         return sorted(items, key=lambda s: s.sample_id)
 
     def source_state_before(self, step: int) -> dict | None:
-        """The prompt source's state just before it produced the batch for ``step``."""
+        """The prompt source's state just before the batch for ``step`` (known once step − 1's
+        batch has been drawn)."""
         return self._source_states.get(step)
 
     def take_times(self) -> RolloutTimes:
@@ -285,6 +289,12 @@ class RolloutService:
         self._pending_push = None
         with self._version_cond:
             self.served_version = min(versions)
+            self._version_cond.notify_all()
+
+    def mark_served(self, version: int) -> None:
+        """Record a version delivered by another path (NCCL broadcast)."""
+        with self._version_cond:
+            self.served_version = version
             self._version_cond.notify_all()
 
     def sampler_versions(self) -> list[int]:

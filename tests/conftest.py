@@ -37,14 +37,25 @@ def toy_pair(cache_root):
     return build_toy_models(cache_root / "models" / "toy", progress=False)
 
 
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray instance for every test that needs it (starting Ray costs seconds)."""
+def _ensure_ray():
     import ray
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"VLLM_LOGGING_LEVEL": "WARNING",
                                            "TOKENIZERS_PARALLELISM": "false"}})
-    yield ray
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _ray_session():
+    yield
+    import ray
+
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """A local Ray instance shared by the tests (started once; restarted if a test stopped it)."""
+    return _ensure_ray()

@@ -1,0 +1,339 @@
+"""GPU weight sync: the learner's rank 0 broadcasts new weights to every sampler engine over NCCL.
+
+The data plane is vLLM's NCCL weight-transfer engine (``rollout.engine.NcclWeightSender`` /
+``NcclWeightReceiver``); this module is the control plane. It makes one Ray call per side,
+each under a deadline, so a push that cannot finish raises ``WeightSyncError`` naming the side
+that did not finish, instead of hanging the driver.
+
+Group layout: rank 0 = learner rank 0 (sender); rank 1 + i = sampler i (one vLLM worker per
+engine). A push is two steps submitted together: every learner rank exports its weights (a
+collective under ZeRO-3; rank 0 keeps them and returns their ``WeightMeta``), then rank 0
+broadcasts while every sampler receives. The samplers get the metadata by Ray passing rank 0's
+export result straight into their call, so the driver never blocks between the two steps.
+
+Actor methods this module calls (the actor protocol):
+
+* learner rank 0: ``nccl_sender_address() -> (ip, port)``,
+  ``nccl_init_sender(master_address, master_port, world_size, dtype)``,
+  ``nccl_stage_weights(is_sender) -> WeightMeta | None``, ``nccl_send_weights() -> seconds``,
+  ``nccl_close_sender()``. Other learner ranks: ``nccl_stage_weights(False)``.
+* each sampler: ``nccl_init_receiver(master_address, master_port, rank_offset, world_size)``,
+  ``nccl_receive_weights(meta, version) -> (version served, seconds)``, ``nccl_close_receiver()``.
+
+An NCCL call that never meets its peer cannot be cancelled: after a failed setup or push the
+group (and the actors blocked in it) is unusable, and every later call here refuses at once.
+Recover by killing and restarting the learner and sampler actors.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import RayError
+
+from services.rollout_service import WeightSyncError
+
+# Mirrors rollout.engine.WIRE_DTYPES (checked by tests/test_nccl_sync.py); duplicated so the
+# driver does not import vLLM.
+WIRE_DTYPES = ("float32", "bfloat16", "float16")
+SYNC_BACKENDS = ("auto", "object_store", "nccl")
+SENDER = "learner rank 0 (sender)"
+RECOVERY_HINT = (
+    "the NCCL group is unusable now (a peer may be blocked inside NCCL); "
+    "kill and restart the learner and sampler actors"
+)
+
+
+def resolve_sync_backend(requested: str, *, sampler_gpus: float, learner_gpus: float) -> str:
+    """The weight-sync path the driver should use: "nccl" or "object_store".
+
+    requested: ``rollout.sync_backend``. sampler_gpus / learner_gpus: GPUs per sampler actor and
+    per learner rank. NCCL allows one rank per device, so the NCCL path needs whole GPUs on
+    both sides (a fraction lets Ray put two ranks on one GPU, which NCCL refuses at init).
+    "auto" picks NCCL exactly when that holds, the object store otherwise (CPU runs).
+    """
+    if requested not in SYNC_BACKENDS:
+        raise ValueError(f"sync backend must be one of {SYNC_BACKENDS}, got {requested!r}")
+    whole_gpus = sampler_gpus >= 1 and learner_gpus >= 1
+    if requested == "nccl" and not whole_gpus:
+        raise ValueError(
+            "rollout.sync_backend = 'nccl' needs at least one whole GPU per sampler and per "
+            f"learner rank (got sampler_gpus={sampler_gpus}, learner gpus_per_rank={learner_gpus}): "
+            "NCCL refuses two ranks on one device"
+        )
+    if requested == "auto":
+        return "nccl" if whole_gpus else "object_store"
+    return requested
+
+
+def sender_address() -> tuple[str, int]:
+    """This node's IP and a port free on it now, for the sender's TCP rendezvous (run it there).
+
+    The port is released before the sender binds it; another process could take it in between,
+    which makes setup fail loudly, not hang.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+@dataclass(frozen=True)
+class PushReport:
+    """A finished push: the version every sampler now serves and where the time went."""
+
+    version: int
+    sampler_versions: tuple[int, ...]
+    send_s: float
+    receive_s: tuple[float, ...]
+    wall_s: float
+
+
+def _check_timeout(timeout_s: float) -> None:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+
+
+class _Calls:
+    """Ray calls of one step, labelled by side; fails fast on the first error, or at the deadline."""
+
+    def __init__(
+        self,
+        what: str,
+        calls: dict[str, ray.ObjectRef],
+        timeout_s: float,
+        started: float | None = None,
+    ) -> None:
+        self.what = what
+        self.labels = {ref: label for label, ref in calls.items()}
+        self.order = list(calls.values())
+        self.timeout_s = timeout_s
+        # A step that continues an earlier one (setup's join after the address) shares its clock.
+        self.started = time.monotonic() if started is None else started
+        self.deadline = self.started + timeout_s
+        self.results: dict[str, Any] = {}
+
+    def poll(self, block: bool) -> bool:
+        """Collect finished calls; True once all are done. Raises WeightSyncError on failure."""
+        while True:
+            pending = [ref for ref in self.order if self.labels[ref] not in self.results]
+            if pending:
+                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
+                # In submission order: an export error is reported under the export's label
+                # rather than under the receivers whose arguments it also failed.
+                done = set(ready)
+                for ref in pending:
+                    if ref in done:
+                        self._collect(ref)
+                pending = [ref for ref in pending if ref not in done]
+            if not pending:
+                return True
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise WeightSyncError(self._timeout_message(pending))
+            if not block:
+                return False
+            ray.wait(pending, num_returns=1, timeout=remaining)
+
+    def _collect(self, ref: ray.ObjectRef) -> None:
+        label = self.labels[ref]
+        try:
+            self.results[label] = ray.get(ref)
+        except RayError as exc:
+            raise WeightSyncError(f"{self.what}: {label} failed: {exc}; {RECOVERY_HINT}") from exc
+
+    def _timeout_message(self, pending: list[ray.ObjectRef]) -> str:
+        waiting = [self.labels[ref] for ref in pending]
+        done = [label for label in self.labels.values() if label in self.results]
+        return (
+            f"{self.what} did not finish within {self.timeout_s:g} s: still waiting on "
+            f"{', '.join(waiting)}"
+            + (f" (finished: {', '.join(done)})" if done else "")
+            + f"; {RECOVERY_HINT}"
+        )
+
+
+class NcclPush:
+    """One push in flight. ``poll()`` returns None while it runs; both raise WeightSyncError."""
+
+    def __init__(
+        self, sync: NcclWeightSync, version: int, calls: _Calls, num_samplers: int
+    ) -> None:
+        self._sync = sync
+        self.version = version
+        self._calls = calls
+        self._num_samplers = num_samplers
+        self._report: PushReport | None = None
+
+    def poll(self) -> PushReport | None:
+        """The report if every side has finished, None if still within the deadline."""
+        return self._finish(block=False)
+
+    def wait(self) -> PushReport:
+        """Block until every side has finished (or the deadline passes)."""
+        report = self._finish(block=True)
+        assert report is not None  # a blocking poll returns only when done, else raises
+        return report
+
+    def _finish(self, *, block: bool) -> PushReport | None:
+        if self._report is not None:
+            return self._report
+        try:
+            if not self._calls.poll(block):
+                return None
+        except WeightSyncError as exc:
+            self._sync._fail(str(exc))
+            raise
+        results = self._calls.results
+        received = [results[f"sampler {i}"] for i in range(self._num_samplers)]
+        versions = tuple(int(v) for v, _ in received)
+        if any(v != self.version for v in versions):
+            message = f"weight push of version {self.version}: samplers report versions {versions}"
+            self._sync._fail(message)
+            raise WeightSyncError(message)
+        self._report = PushReport(
+            version=self.version,
+            sampler_versions=versions,
+            send_s=float(results[SENDER]),
+            receive_s=tuple(float(s) for _, s in received),
+            wall_s=time.monotonic() - self._calls.started,
+        )
+        self._sync._pushed(self)
+        return self._report
+
+
+class NcclWeightSync:
+    """Owns the NCCL weight group between the learner's rank 0 and the sampler engines.
+
+    ``setup`` once, then ``push`` (blocking) or ``start_push`` (returns an ``NcclPush`` to poll)
+    each time new weights should be served. One push is in flight at a time.
+    """
+
+    def __init__(self) -> None:
+        self._learner = None
+        self._peers: list = []
+        self._samplers: list = []
+        self._failure: str | None = None
+        self._pending: NcclPush | None = None
+        self.version = 0
+        self.address: tuple[str, int] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self._learner is not None and self._failure is None
+
+    def setup(
+        self,
+        learner_rank0,
+        sampler_actors: Sequence,
+        timeout_s: float,
+        *,
+        wire_dtype: str = "float32",
+        learner_peers: Sequence = (),
+    ) -> None:
+        """Form the group: rank 0 on ``learner_rank0``'s node, then every side joins at once.
+
+        wire_dtype: dtype on the wire (the samplers' engine dtype). learner_peers: the other
+        learner ranks, which must take part in every export (ZeRO-3 gathers are collective).
+        """
+        _check_timeout(timeout_s)
+        if self._learner is not None:
+            raise WeightSyncError("NCCL weight sync is already set up")
+        self._check_usable()
+        samplers = list(sampler_actors)
+        if not samplers:
+            raise ValueError("NCCL weight sync needs at least one sampler actor")
+        if wire_dtype not in WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
+        address = _Calls(
+            "NCCL setup (sender address)",
+            {"learner rank 0 (address)": learner_rank0.nccl_sender_address.remote()},
+            timeout_s,
+        )
+        try:
+            address.poll(block=True)
+        except WeightSyncError as exc:
+            self._fail(str(exc))
+            raise
+        host, port = address.results["learner rank 0 (address)"]
+        started = address.started
+        world_size = 1 + len(samplers)
+        calls = {SENDER: learner_rank0.nccl_init_sender.remote(host, port, world_size, wire_dtype)}
+        for i, sampler in enumerate(samplers):
+            calls[f"sampler {i}"] = sampler.nccl_init_receiver.remote(host, port, 1 + i, world_size)
+        join = _Calls(
+            f"NCCL setup ({world_size} ranks at {host}:{port})", calls, timeout_s, started
+        )
+        try:
+            join.poll(block=True)
+        except WeightSyncError as exc:
+            self._fail(str(exc))
+            raise
+        self._learner = learner_rank0
+        self._peers = list(learner_peers)
+        self._samplers = samplers
+        self.address = (host, port)
+
+    def start_push(self, version: int, timeout_s: float) -> NcclPush:
+        """Submit a push of the learner's current weights as ``version``; returns at once.
+
+        Waits first for the previous push, if any, to finish.
+        """
+        _check_timeout(timeout_s)
+        self._check_usable()
+        if self._learner is None:
+            raise WeightSyncError("NCCL weight sync is not set up: call setup() first")
+        if self._pending is not None:
+            self._pending.wait()
+        if version <= self.version:
+            raise ValueError(f"weight version {version} is not newer than {self.version}")
+        meta = self._learner.nccl_stage_weights.remote(True)
+        calls = {"learner rank 0 (export)": meta}
+        for k, peer in enumerate(self._peers, start=1):
+            calls[f"learner rank {k} (export)"] = peer.nccl_stage_weights.remote(False)
+        # Queued behind the export on the same actor; the samplers' calls start once `meta`
+        # (rank 0's export) is ready, because Ray resolves object refs passed as arguments.
+        calls[SENDER] = self._learner.nccl_send_weights.remote()
+        for i, sampler in enumerate(self._samplers):
+            calls[f"sampler {i}"] = sampler.nccl_receive_weights.remote(meta, version)
+        what = f"weight push of version {version} over NCCL"
+        self._pending = NcclPush(self, version, _Calls(what, calls, timeout_s), len(self._samplers))
+        return self._pending
+
+    def push(self, version: int, timeout_s: float) -> PushReport:
+        """Push the learner's current weights as ``version`` and wait until every sampler serves it."""
+        return self.start_push(version, timeout_s).wait()
+
+    def close(self, timeout_s: float) -> None:
+        """Leave the group on every side. After a failure the actors may be blocked, so nothing is called."""
+        _check_timeout(timeout_s)
+        if self._learner is None or self._failure is not None:
+            self._learner = None
+            return
+        if self._pending is not None:
+            self._pending.wait()
+        calls = {SENDER: self._learner.nccl_close_sender.remote()}
+        for i, sampler in enumerate(self._samplers):
+            calls[f"sampler {i}"] = sampler.nccl_close_receiver.remote()
+        self._learner = None
+        _Calls("NCCL teardown", calls, timeout_s).poll(block=True)
+
+    # ------------------------------------------------------------------ state
+
+    def _check_usable(self) -> None:
+        if self._failure is not None:
+            raise WeightSyncError(f"NCCL weight sync failed earlier ({self._failure})")
+
+    def _fail(self, message: str) -> None:
+        self._failure = message
+        self._pending = None
+
+    def _pushed(self, push: NcclPush) -> None:
+        self.version = push.version
+        if self._pending is push:
+            self._pending = None
