@@ -30,6 +30,7 @@ class LearnerRank:
         # that other actors (vLLM engines, the other ranks) reserved slows everyone down.
         torch.set_num_threads(num_threads)
         self.engine = None
+        self.nccl_sender = None
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it, for the process group's master."""
@@ -59,6 +60,32 @@ class LearnerRank:
 
     def save_hf(self, path: str) -> None:
         self.engine.save_hf(path)
+
+    # GPU weight sync (services/nccl_sync.py). Must stay a plain sequential actor: the send
+    # relies on running after the export on this same actor.
+    def nccl_sender_address(self) -> tuple[str, int]:
+        return self.rendezvous_address()
+
+    def nccl_init_sender(self, master_address: str, master_port: int, world_size: int, dtype: str) -> None:
+        from rollout.engine import NcclWeightSender
+
+        self.nccl_sender = NcclWeightSender(master_address, master_port, world_size, dtype=dtype)
+
+    def nccl_stage_weights(self, is_sender: bool):
+        weights = self.engine.export_weights()  # every rank: ZeRO-3 gathers are collective
+        if not is_sender:
+            return None
+        if self.nccl_sender is None:
+            raise RuntimeError("nccl_init_sender was not called on learner rank 0")
+        return self.nccl_sender.stage(weights)
+
+    def nccl_send_weights(self) -> float:
+        return self.nccl_sender.send_staged()
+
+    def nccl_close_sender(self) -> None:
+        if self.nccl_sender is not None:
+            self.nccl_sender.close()
+            self.nccl_sender = None
 
 
 class LearnerGroup:
@@ -100,6 +127,10 @@ class LearnerGroup:
     ) -> None:
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
+        if not (Path(model_path) / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{model_path} is not a Hugging Face model folder (no config.json)"
+            )
         self.pad_id = pad_id
         self.aggregation = aggregation
         params = {"alpha": alpha} if divergence == "alpha" else {}
@@ -107,7 +138,7 @@ class LearnerGroup:
             "divergence": get_divergence(divergence, **params),
             "estimator": estimator,
             "discount": discount,
-            "ratio_clip": ratio_clip or None,
+            "ratio_clip": ratio_clip,
             "is_cap": is_cap,
             "aggregation": aggregation,
         }
@@ -132,7 +163,7 @@ class LearnerGroup:
             seed=seed,
         )
         # All at once: process-group initialisation blocks until every rank has joined.
-        ray.get([r.build.remote(rank=i, **engine_kwargs) for i, r in enumerate(self.ranks)])
+        _get_all([r.build.remote(rank=i, **engine_kwargs) for i, r in enumerate(self.ranks)])
 
     @property
     def num_ranks(self) -> int:
@@ -149,7 +180,7 @@ class LearnerGroup:
         batch = collate(scored, pad_id=self.pad_id)
         normaliser = global_normaliser(batch, self.aggregation)
         shards = split(batch, self.num_ranks)
-        per_rank = ray.get(
+        per_rank = _get_all(
             [
                 r.train_step.remote(
                     shard, normaliser=normaliser, policy_version=policy_version, **self._distill
@@ -162,25 +193,38 @@ class LearnerGroup:
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(HF name, CPU float32 tensor) for every parameter, ready for vLLM `reload_weights`."""
         refs = [r.export_weights.remote(keep_result=i == 0) for i, r in enumerate(self.ranks)]
-        return ray.get(refs)[0]
+        return _get_all(refs)[0]
 
     def save_checkpoint(
         self, path: str | Path, client_state: dict, *, keep: int | None = None
     ) -> Path:
         """Crash-safe DeepSpeed checkpoint under `path` (see `LearnerEngine.save_checkpoint`)."""
         refs = [r.save_checkpoint.remote(str(path), client_state, keep) for r in self.ranks]
-        return Path(ray.get(refs)[0])
+        return Path(_get_all(refs)[0])
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore the latest checkpoint under `path`; returns its client_state."""
-        return ray.get([r.load_checkpoint.remote(str(path)) for r in self.ranks])[0]
+        return _get_all([r.load_checkpoint.remote(str(path)) for r in self.ranks])[0]
 
     def save_hf(self, path: str | Path) -> None:
         """Write the current student as a plain HF folder (with the source's tokenizer)."""
-        ray.get([r.save_hf.remote(str(path)) for r in self.ranks])
+        _get_all([r.save_hf.remote(str(path)) for r in self.ranks])
 
     def shutdown(self) -> None:
         """Kill the rank actors (their processes, and so the process group, end)."""
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
+
+
+def _get_all(refs: list[ray.ObjectRef]) -> list:
+    """Results of a collective call on every rank, raising the first rank's error at once.
+
+    A plain ray.get waits in list order, so a failure on rank 1 would hide behind rank 0 blocking
+    in the collective until DeepSpeed's timeout (30 min).
+    """
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)
+    return ray.get(refs)

@@ -1,0 +1,120 @@
+"""The learner's padded batch: scored rollouts laid out in full-sequence coordinates.
+
+Each row is prompt + response, right-padded to the longest row. Per-token values use the
+alignment convention of `rollout.alignment`: column i of a per-token tensor belongs to token
+x_i and holds log π(x_i | x_<i). For a row with prompt length P and response length R the
+response occupies columns P .. P+R−1 (`response_positions(P, R)`), which is where the
+response mask is 1 and the teacher / sampler log-probs are placed; every other column is 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+from torch import Tensor
+
+from rollout.alignment import response_positions
+from rollout.records import ScoredRollout
+
+
+@dataclass(frozen=True)
+class TrainBatch:
+    """Padded tensors for B sequences of padded length T.
+
+    input_ids_BT:      [B, T] int64, prompt + response ids, right-padded with pad_id.
+    attention_mask_BT: [B, T] int64, 1 on real tokens (prompt and response), 0 on padding.
+    response_mask_BT:  [B, T] float32, 1.0 at response-token columns, else 0.
+    logp_teacher_BT:   [B, T] float32, log π_teacher(x_i | x_<i) at response columns, else 0.
+    logp_sampler_BT:   [B, T] float32, log π_sampler(x_i | x_<i) at response columns, else 0.
+    versions_B:        [B] int64, policy version that sampled each row.
+    sample_ids:        B sample ids, in row order.
+    """
+
+    input_ids_BT: Tensor
+    attention_mask_BT: Tensor
+    response_mask_BT: Tensor
+    logp_teacher_BT: Tensor
+    logp_sampler_BT: Tensor
+    versions_B: Tensor
+    sample_ids: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        shape = tuple(self.input_ids_BT.shape)
+        if len(shape) != 2:
+            raise ValueError(f"input_ids_BT must be [B, T], got {shape}")
+        for name in ("attention_mask_BT", "response_mask_BT", "logp_teacher_BT", "logp_sampler_BT"):
+            got = tuple(getattr(self, name).shape)
+            if got != shape:
+                raise ValueError(f"{name} has shape {got}, expected {shape}")
+        if tuple(self.versions_B.shape) != shape[:1]:
+            raise ValueError(
+                f"versions_B has shape {tuple(self.versions_B.shape)}, expected {shape[:1]}"
+            )
+        if len(self.sample_ids) != shape[0]:
+            raise ValueError(f"{len(self.sample_ids)} sample_ids for {shape[0]} rows")
+
+    @property
+    def num_sequences(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask_BT.sum().item())
+
+    def to(self, device: torch.device | str) -> TrainBatch:
+        """The same batch with every tensor on `device`."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TrainBatch(
+            **{k: v.to(device) if isinstance(v, Tensor) else v for k, v in values.items()}
+        )
+
+
+def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
+    """Concatenate prompt + response per sample and right-pad to a [B, T] `TrainBatch`."""
+    if not scored:
+        raise ValueError("cannot collate an empty list of rollouts")
+    T = max(s.rollout.num_tokens for s in scored)
+    B = len(scored)
+    input_ids_BT = torch.full((B, T), pad_id, dtype=torch.int64)
+    attention_mask_BT = torch.zeros((B, T), dtype=torch.int64)
+    response_mask_BT = torch.zeros((B, T), dtype=torch.float32)
+    logp_teacher_BT = torch.zeros((B, T), dtype=torch.float32)
+    logp_sampler_BT = torch.zeros((B, T), dtype=torch.float32)
+    for b, s in enumerate(scored):
+        r = s.rollout
+        P, R = len(r.prompt_ids), len(r.response_ids)
+        span = response_positions(P, R)
+        input_ids_BT[b, : P + R] = torch.tensor(r.prompt_ids + r.response_ids, dtype=torch.int64)
+        attention_mask_BT[b, : P + R] = 1
+        response_mask_BT[b, span] = 1.0
+        logp_teacher_BT[b, span] = torch.tensor(s.logp_teacher, dtype=torch.float32)
+        logp_sampler_BT[b, span] = torch.tensor(r.logp_sampler, dtype=torch.float32)
+    versions_B = torch.tensor([s.policy_version for s in scored], dtype=torch.int64)
+    return TrainBatch(
+        input_ids_BT=input_ids_BT,
+        attention_mask_BT=attention_mask_BT,
+        response_mask_BT=response_mask_BT,
+        logp_teacher_BT=logp_teacher_BT,
+        logp_sampler_BT=logp_sampler_BT,
+        versions_B=versions_B,
+        sample_ids=tuple(s.sample_id for s in scored),
+    )
+
+
+def split(batch: TrainBatch, n: int) -> list[TrainBatch]:
+    """n contiguous row shards (sizes differ by at most one), one per data-parallel rank.
+
+    Shards keep the full padded length T, so concatenating them gives back `batch`. Every shard
+    must be non-empty: an empty rank would have no gradient to contribute to the all-reduce.
+    """
+    if not 1 <= n <= batch.num_sequences:
+        raise ValueError(f"cannot split {batch.num_sequences} sequences into {n} non-empty shards")
+    bounds = torch.linspace(0, batch.num_sequences, n + 1).round().long().tolist()
+    names = [f.name for f in fields(batch) if f.name != "sample_ids"]
+    shards = []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        # clone(): a pickled view (e.g. sent to a Ray actor) would carry the whole storage.
+        rows = {name: getattr(batch, name)[lo:hi].clone() for name in names}
+        shards.append(TrainBatch(**rows, sample_ids=batch.sample_ids[lo:hi]))
+    return shards

@@ -1,0 +1,332 @@
+"""The DeepSpeed training engine for the student (the only module that imports deepspeed).
+
+One `LearnerEngine` is one data-parallel rank. Every rank holds a full model replica (ZeRO
+0–2) or a shard of it (ZeRO 3) and receives a contiguous shard of the step's batch
+(`learner.batch.split`). Each shard's loss is normalised by the GLOBAL token (or sequence)
+count, so the shards' gradients sum to the full batch's gradient; DeepSpeed all-reduces
+gradients as a MEAN over ranks, so each rank backpropagates world_size × its loss share.
+
+Works on CPU (DeepSpeed's `cpu` accelerator, gloo collectives) and on CUDA. Process-level
+distributed settings (MASTER_ADDR, ranks) are passed in by the caller; see
+`services.learner_group`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import deepspeed
+import torch
+from deepspeed import comm as ds_comm
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from learner.batch import TrainBatch
+from learner.divergences import Divergence
+from learner.step import compute_loss
+
+# DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
+# warnings say nothing actionable and would flood the Ray logs.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+)
+
+PRECISIONS = ("auto", "bf16", "fp32")
+LR_SCHEDULES = ("constant", "cosine")
+_TAG_PREFIX = "step_"
+_PARTIAL = ".partial"
+
+
+def resolve_precision(precision: str) -> str:
+    """Resolve "auto" to "bf16" on a CUDA device that supports it, else "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak lr before optimizer step `step` (0-based).
+
+    Linear warm-up (step+1)/warmup_steps for step < warmup_steps, then 1 (constant) or
+    ½(1 + cos(π·p)) with p = (step − warmup)/(total − warmup) clipped to [0, 1] (cosine to 0).
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class LearnerEngine:
+    """One DeepSpeed data-parallel rank training a Hugging Face causal LM.
+
+    model_path: HF folder of the initial student (weights, config, maybe tokenizer).
+    zero_stage: DeepSpeed ZeRO stage 0–3. lr, betas, weight_decay: AdamW (weight decay on
+        matrices only, not on norms or biases). lr_schedule: "constant" | "cosine" after
+        `warmup_steps` of linear warm-up, over `total_steps`. grad_clip: global gradient-norm clip
+        (0 = off). precision: "auto" | "bf16" | "fp32" (`resolve_precision`).
+    rank, world_size, master_addr, master_port: the data-parallel group (every rank must be
+        constructed concurrently: process-group set-up is a collective).
+    seed: torch seed, set before the model is loaded.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_path: str,
+        zero_stage: int = 1,
+        lr: float = 1e-3,
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        total_steps: int = 1,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.99),
+        grad_clip: float = 1.0,
+        precision: str = "auto",
+        rank: int = 0,
+        world_size: int = 1,
+        master_addr: str = "127.0.0.1",
+        master_port: int = 29500,
+        seed: int = 0,
+    ) -> None:
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}"
+            )
+        self.model_path = model_path
+        self.rank = rank
+        self.world_size = world_size
+        self.zero_stage = zero_stage
+        self.precision = resolve_precision(precision)
+
+        # DeepSpeed reads the process group from the environment (env:// rendezvous). On GPU the
+        # actor sees exactly one device (CUDA_VISIBLE_DEVICES), so the local rank is always 0.
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0",
+        )
+        deepspeed.init_distributed(verbose=False)
+        torch.manual_seed(seed)
+
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        decay = [p for p in model.parameters() if p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=lr,
+            betas=tuple(betas),
+        )
+
+        def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(
+                opt,
+                lambda step: lr_factor(
+                    step, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps
+                ),
+            )
+
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": grad_clip,
+            "zero_optimization": {"stage": zero_stage},
+            "bf16": {"enabled": self.precision == "bf16"},
+            "steps_per_print": 2**31 - 1,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
+        )
+        self.device = self.engine.device
+        self._norm_from_grads = zero_stage == 0 and self.precision == "fp32"
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(
+        self,
+        batch: TrainBatch,
+        *,
+        normaliser: float,
+        policy_version: int,
+        divergence: Divergence | str,
+        estimator: str,
+        discount: float,
+        ratio_clip: float | None,
+        is_cap: float | None,
+        aggregation: str,
+    ) -> dict[str, float]:
+        """Forward, backward and one optimizer step on this rank's shard.
+
+        normaliser: `learner.step.global_normaliser` of the whole step batch (all ranks).
+        divergence ... aggregation: as in `learner.step.compute_loss`.
+        Returns `StepStats.metrics()` of this shard (its `learner/loss` is this shard's share of
+        the global loss) plus `learner/grad_norm` (global, before clipping), `learner/lr` (the
+        lr this step used) and `learner/step_time_s`.
+        """
+        start = time.perf_counter()
+        self.engine.train()
+        lr = self.engine.get_lr()[0]
+        loss, stats = compute_loss(
+            self.engine,
+            batch.to(self.device),
+            divergence=divergence,
+            estimator=estimator,
+            discount=discount,
+            ratio_clip=ratio_clip,
+            is_cap=is_cap,
+            aggregation=aggregation,
+            normaliser=normaliser,
+            policy_version=policy_version,
+        )
+        # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.
+        self.engine.backward(loss * self.world_size)
+        # DeepSpeed reports the norm only from its ZeRO / bf16 optimizers; without them the
+        # reduced gradients are still in .grad here (step() clears them).
+        grads_norm = self._reduced_grad_norm() if self._norm_from_grads else None
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        metrics = stats.metrics()
+        metrics["learner/grad_norm"] = float(norm if norm is not None else grads_norm)
+        metrics["learner/lr"] = lr
+        metrics["learner/step_time_s"] = time.perf_counter() - start
+        return metrics
+
+    def _reduced_grad_norm(self) -> float:
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads).item()
+
+    # ------------------------------------------------------------------ weights
+
+    def export_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """(HF parameter name, contiguous CPU float32 tensor) for every parameter.
+
+        Names are those of the HF model's `named_parameters()`, i.e. its checkpoint names (a
+        tied lm_head appears once, as the embedding), which vLLM's `reload_weights` accepts.
+        Under ZeRO-3 the shards are gathered first: a collective, so every rank must call this.
+        """
+        module = self.engine.module
+        params = list(module.named_parameters())
+        gather = deepspeed.zero.GatheredParameters(
+            [p for _, p in params], modifier_rank=None, enabled=self.zero_stage == 3
+        )
+        with gather, torch.no_grad():
+            return [
+                (name, p.detach().to("cpu", torch.float32, copy=True).contiguous())
+                for name, p in params
+            ]
+
+    def save_hf(self, path: str | Path) -> None:
+        """Write a plain HF folder (config, safetensors, tokenizer if the source had one).
+
+        Collective under ZeRO-3 (the weights are gathered); only rank 0 writes.
+        """
+        weights = dict(self.export_weights())
+        if self.rank != 0:
+            return
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.engine.module.save_pretrained(path, state_dict=weights)
+        source = Path(self.model_path)
+        if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():
+            AutoTokenizer.from_pretrained(source).save_pretrained(path)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (restored by `load_checkpoint`)."""
+        return self.engine.global_steps
+
+    def save_checkpoint(
+        self, path: str | Path, client_state: dict, *, keep: int | None = None
+    ) -> Path:
+        """Save weights, optimizer and scheduler state as tag `step_<N>` under `path`.
+
+        Crash-safe: DeepSpeed writes into `<tag>.partial`, which rank 0 renames to `<tag>` once
+        every rank has finished; only then is `path/latest` replaced (atomically) with the new
+        tag. A crash at any point leaves `latest` naming the previous complete checkpoint.
+        keep: afterwards delete all but the newest `keep` complete checkpoints.
+        Collective: every rank must call it. Returns the checkpoint folder.
+        """
+        if keep is not None and keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        root = Path(path)
+        tag = f"{_TAG_PREFIX}{self.global_steps:08d}"
+        final, partial = root / tag, root / f"{tag}{_PARTIAL}"
+        # Checked on every rank (a read of the shared folder), so that all ranks raise together
+        # instead of the others waiting at the barrier for rank 0.
+        if final.exists() and _read_latest(root) == tag:
+            raise FileExistsError(f"checkpoint {final} exists and is the latest")
+        if self.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            # Leftovers of a save that crashed before `latest` named them.
+            for stale in (final, partial):
+                if stale.exists():
+                    shutil.rmtree(stale)
+        ds_comm.barrier()
+        self.engine.save_checkpoint(
+            str(root), tag=partial.name, client_state={"client": client_state}, save_latest=False
+        )
+        ds_comm.barrier()
+        if self.rank == 0:
+            partial.rename(final)
+            _write_latest(root, tag)
+            if keep is not None:
+                _prune(root, keep)
+        ds_comm.barrier()
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        """Restore the checkpoint `path/latest` names; returns the saved client_state.
+
+        Call on a freshly built engine (DeepSpeed cannot load into a ZeRO-3 engine that has
+        already saved). Collective: every rank must call it.
+        """
+        root = Path(path)
+        tag = _read_latest(root)
+        if tag is None:
+            raise FileNotFoundError(f"{root} has no 'latest' checkpoint marker")
+        load_path, state = self.engine.load_checkpoint(str(root), tag=tag)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")
+        return state["client"]
+
+
+def _read_latest(root: Path) -> str | None:
+    marker = root / "latest"
+    return marker.read_text().strip() if marker.is_file() else None
+
+
+def _write_latest(root: Path, tag: str) -> None:
+    # Write-then-rename: readers see the old marker or the new one, never a torn file.
+    tmp = root / "latest.tmp"
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / "latest")
+
+
+def _prune(root: Path, keep: int) -> None:
+    tags = sorted(
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith(_TAG_PREFIX) and not p.name.endswith(_PARTIAL)
+    )
+    for old in tags[:-keep]:
+        shutil.rmtree(old)

@@ -1,0 +1,189 @@
+"""One learner step's loss on a (shard of a) `TrainBatch`, in pure torch.
+
+The learner recomputes logp_learner = log π_θ(y_t|s_t) with a forward pass of the causal LM
+(`rollout.alignment.token_logprobs`, the one home of the off-by-one), then
+
+    ell_t = sg(logp_learner_t) − logp_teacher_t            (docs/opdplus-math.md §1)
+    A_t   = −( c_t + Σ_{k>t} γ^{k−t} g(r_k) )              (`learner.advantages`, §2)
+    loss  = Σ_t −A_t · w_t · logp_learner_t / N            (`learner.loss`, §2 and §5)
+
+with w_t = min(exp(logp_learner_t − logp_sampler_t), is_cap). N is the GLOBAL normaliser of the
+whole step's batch (`global_normaliser`), so the losses and gradients of data-parallel shards
+sum to those of the full batch. Imports no deepspeed, ray or vllm.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from learner.advantages import token_advantages_with_stats
+from learner.batch import TrainBatch
+from learner.divergences import Divergence
+from learner.loss import surrogate_loss
+from rollout.alignment import token_logprobs
+from rollout.records import staleness
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """Diagnostics of one shard's loss; per-token means are over its response tokens.
+
+    loss:              this shard's share of the global loss (shares sum to the batch loss).
+    divergence:        mean g(r_t) = cost(ell_t); unbiased for the per-token D_f(student‖teacher).
+    ell_mean:          mean ell_t (after clamping); estimates KL(student‖teacher) per token.
+    clamped_frac:      fraction of tokens with |ell_t| > ratio_clip.
+    adv_abs_max:       max |A_t|.
+    is_truncated_frac: fraction of tokens whose importance ratio exceeded is_cap.
+    is_weight_mean:    mean truncated importance weight w_t.
+    mismatch:          mean |logp_learner − logp_sampler| (learner vs sampler numerics).
+    num_tokens:        response tokens in the shard; num_sequences: rows in the shard.
+    staleness:         policy_version − version, per row.
+    """
+
+    loss: float
+    divergence: float
+    ell_mean: float
+    clamped_frac: float
+    adv_abs_max: float
+    is_truncated_frac: float
+    is_weight_mean: float
+    mismatch: float
+    num_tokens: int
+    num_sequences: int
+    staleness: tuple[int, ...]
+
+    def metrics(self) -> dict[str, float]:
+        """Flat metric names as the trainer logs them."""
+        stale = self.staleness or (0,)
+        return {
+            "learner/loss": self.loss,
+            "learner/tokens": float(self.num_tokens),
+            "learner/sequences": float(self.num_sequences),
+            "learner/staleness_mean": sum(stale) / len(stale),
+            "learner/staleness_max": float(max(stale)),
+            "distill/divergence": self.divergence,
+            "distill/ell_mean": self.ell_mean,
+            "distill/clamped_frac": self.clamped_frac,
+            "distill/adv_abs_max": self.adv_abs_max,
+            "distill/is_truncated_frac": self.is_truncated_frac,
+            "distill/is_weight_mean": self.is_weight_mean,
+            "distill/mismatch": self.mismatch,
+        }
+
+
+# How `merge_metrics` combines a metric across data-parallel shards; anything not listed is a
+# per-token mean of a distill statistic (token-weighted) or a global value equal on every rank.
+_SUMMED = ("learner/loss", "learner/tokens", "learner/sequences")
+_MAXED = ("learner/staleness_max", "distill/adv_abs_max", "learner/step_time_s")
+_SEQUENCE_WEIGHTED = ("learner/staleness_mean",)
+
+
+def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
+    """Combine the shards' `metrics()` into the full batch's.
+
+    Losses and counts add (the losses are shares of one global loss), per-token means are
+    weighted by each shard's token count, maxima take the max; other values (grad norm, lr)
+    are global and taken from rank 0.
+    """
+    tokens = [m["learner/tokens"] for m in per_rank]
+    seqs = [m["learner/sequences"] for m in per_rank]
+    merged = {}
+    for key, first in per_rank[0].items():
+        values = [m[key] for m in per_rank]
+        if key in _SUMMED:
+            merged[key] = sum(values)
+        elif key in _MAXED:
+            merged[key] = max(values)
+        elif key in _SEQUENCE_WEIGHTED:
+            merged[key] = _weighted_mean(values, seqs)
+        elif key.startswith("distill/"):
+            merged[key] = _weighted_mean(values, tokens)
+        else:
+            merged[key] = first
+    return merged
+
+
+def _weighted_mean(values: list[float], weights: list[float]) -> float:
+    total = sum(weights)
+    if total == 0:
+        return 0.0
+    return sum(v * w for v, w in zip(values, weights, strict=True)) / total
+
+
+def global_normaliser(batch: TrainBatch, aggregation: str) -> float:
+    """N for `surrogate_loss` over the FULL step batch (before splitting across ranks).
+
+    token_mean: number of response tokens; seq_mean: number of rows with a response token.
+    At least 1, so an all-empty batch gives a zero loss rather than NaN.
+    """
+    if aggregation == "token_mean":
+        n = batch.response_mask_BT.sum().item()
+    elif aggregation == "seq_mean":
+        n = (batch.response_mask_BT.sum(-1) > 0).sum().item()
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}")
+    return float(max(n, 1))
+
+
+def compute_loss(
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    *,
+    divergence: Divergence | str,
+    estimator: str,
+    discount: float,
+    ratio_clip: float | None,
+    is_cap: float | None,
+    aggregation: str,
+    normaliser: float,
+    policy_version: int,
+) -> tuple[Tensor, StepStats]:
+    """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
+
+    model: a causal LM returning `.logits` [B, T, V] for input_ids / attention_mask.
+    batch: tensors already on the model's device.
+    ratio_clip / is_cap: None (or 0 for ratio_clip, the config's "off") disables them.
+    normaliser: `global_normaliser` of the whole step batch, not of this shard.
+    policy_version: the learner's current version, for the staleness stats.
+    Returns the scalar loss (with gradient) and `StepStats`.
+    """
+    logits_BTV = model(
+        input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
+    ).logits
+    logp_learner_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
+    mask_BT = batch.response_mask_BT
+    adv_BT, adv_stats = token_advantages_with_stats(
+        logp_learner_BT.detach(),
+        batch.logp_teacher_BT,
+        mask_BT,
+        divergence=divergence,
+        estimator=estimator,
+        discount=discount,
+        ratio_clip=ratio_clip or None,
+    )
+    loss, loss_stats = surrogate_loss(
+        logp_learner_BT,
+        adv_BT,
+        batch.logp_sampler_BT,
+        mask_BT,
+        is_cap=is_cap,
+        aggregation=aggregation,
+        normaliser=normaliser,
+    )
+    stats = StepStats(
+        loss=loss.item(),
+        divergence=adv_stats.divergence_estimate,
+        ell_mean=adv_stats.mean_ell,
+        clamped_frac=adv_stats.clamped_frac,
+        adv_abs_max=adv_stats.max_abs_advantage,
+        is_truncated_frac=loss_stats.is_truncated_frac,
+        is_weight_mean=loss_stats.is_weight_mean,
+        mismatch=loss_stats.mismatch,
+        num_tokens=batch.num_response_tokens,
+        num_sequences=batch.num_sequences,
+        staleness=tuple(staleness(policy_version, v) for v in batch.versions_B.tolist()),
+    )
+    return loss, stats

@@ -1,0 +1,156 @@
+"""compute_loss on a tiny real HF Llama: invariants, and data-parallel shard invariance."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from learner.batch import collate, split
+from learner.step import compute_loss, global_normaliser, merge_metrics
+from rollout.alignment import response_positions, token_logprobs
+from rollout.records import Rollout, ScoredRollout
+
+VOCAB = 32
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def random_scored(n, seed=0, version=0):
+    """n rollouts of uneven prompt/response lengths with random sampler/teacher log-probs."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        P, R = 2 + i % 3, 3 + (2 * i) % 5
+        ids = torch.randint(0, VOCAB, (P + R,), generator=g).tolist()
+        logp = (-3.5 + 0.5 * torch.randn(2 * R, generator=g)).clamp(max=0).tolist()
+        rollout = Rollout(
+            sample_id=f"p{i}/0",
+            problem_id=f"p{i}",
+            answer="",
+            prompt_ids=tuple(ids[:P]),
+            response_ids=tuple(ids[P:]),
+            logp_sampler=tuple(logp[:R]),
+            policy_version=version + i % 2,
+            finish_reason="stop",
+        )
+        out.append(ScoredRollout(rollout=rollout, logp_teacher=tuple(logp[R:])))
+    return out
+
+
+def with_own_logprobs(model, scored):
+    """The same rollouts with sampler and teacher log-probs replaced by the model's own."""
+    batch = collate(scored, pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT).logits
+        logp_BT = token_logprobs(logits, batch.input_ids_BT)
+    out = []
+    for b, s in enumerate(scored):
+        r = s.rollout
+        own = tuple(logp_BT[b, response_positions(len(r.prompt_ids), len(r.response_ids))].tolist())
+        rollout = Rollout(**{**{f: getattr(r, f) for f in r.__slots__}, "logp_sampler": own})
+        out.append(ScoredRollout(rollout=rollout, logp_teacher=own))
+    return out
+
+
+DISTILL = dict(estimator="opd_plus", discount=0.0, ratio_clip=10.0, is_cap=2.0)
+
+
+def test_student_equals_teacher_and_sampler_invariants():
+    model = tiny_llama()
+    batch = collate(with_own_logprobs(model, random_scored(5)), pad_id=0)
+    n = global_normaliser(batch, "token_mean")
+    loss, stats = compute_loss(
+        model, batch, divergence="forward_kl", aggregation="token_mean", normaliser=n,
+        policy_version=4, **DISTILL,
+    )  # fmt: skip
+    assert stats.mismatch == pytest.approx(0.0, abs=1e-6)
+    assert stats.is_weight_mean == pytest.approx(1.0, abs=1e-6)
+    assert stats.is_truncated_frac == 0.0
+    assert stats.divergence == pytest.approx(0.0, abs=1e-6)
+    assert stats.ell_mean == pytest.approx(0.0, abs=1e-6)
+    assert stats.clamped_frac == 0.0
+    # Forward KL OPD+ at r = 1: A_t = −f'(1) = 1 on every token.
+    assert stats.adv_abs_max == pytest.approx(1.0, abs=1e-5)
+    assert stats.num_tokens == batch.num_response_tokens
+    assert stats.num_sequences == 5
+    assert stats.staleness == (4, 3, 4, 3, 4)
+    # loss = Σ −A·w·logp / N = −mean logp over response tokens.
+    mean_logp = (batch.logp_sampler_BT.sum() / n).item()
+    assert loss.item() == pytest.approx(-mean_logp, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "divergence,aggregation,discount",
+    [("reverse_kl", "token_mean", 0.0), ("forward_kl", "seq_mean", 0.5), ("js", "token_mean", 1.0)],
+)
+def test_shards_with_global_normaliser_sum_to_full_batch(divergence, aggregation, discount):
+    model = tiny_llama(seed=1)
+    batch = collate(random_scored(7, seed=2), pad_id=0)
+    kw = dict(
+        divergence=divergence, estimator="opd_plus", discount=discount, ratio_clip=10.0,
+        is_cap=2.0, aggregation=aggregation, normaliser=global_normaliser(batch, aggregation),
+        policy_version=3,
+    )  # fmt: skip
+
+    model.zero_grad()
+    loss_full, stats_full = compute_loss(model, batch, **kw)
+    loss_full.backward()
+    grads_full = [p.grad.clone() for p in model.parameters()]
+
+    model.zero_grad()
+    loss_sum, shard_metrics = 0.0, []
+    for shard in split(batch, 2):
+        loss, stats = compute_loss(model, shard, **kw)
+        loss.backward()  # accumulates: the shards' gradients add up
+        loss_sum += loss.item()
+        shard_metrics.append(stats.metrics())
+
+    assert loss_sum == pytest.approx(loss_full.item(), rel=1e-5)
+    for g_full, p in zip(grads_full, model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g_full, rtol=1e-5, atol=1e-7)
+
+    merged, full = merge_metrics(shard_metrics), stats_full.metrics()
+    assert merged.keys() == full.keys()
+    for key in full:
+        assert merged[key] == pytest.approx(full[key], rel=1e-5, abs=1e-7), key
+
+
+def test_global_normaliser_counts():
+    scored = random_scored(3)
+    empty = ScoredRollout(
+        rollout=Rollout("e/0", "e", "", (1, 2), (), (), 0, "length"), logp_teacher=()
+    )
+    batch = collate([*scored, empty], pad_id=0)
+    assert global_normaliser(batch, "token_mean") == batch.num_response_tokens
+    assert global_normaliser(batch, "seq_mean") == 3.0  # the empty response does not count
+    only_empty = collate([empty], pad_id=0)
+    assert global_normaliser(only_empty, "token_mean") == 1.0
+    with pytest.raises(ValueError, match="aggregation"):
+        global_normaliser(batch, "sum")
+
+
+def test_merge_metrics_rules():
+    a = {"learner/loss": 1.0, "learner/tokens": 3.0, "learner/sequences": 1.0,
+         "distill/divergence": 0.3, "distill/adv_abs_max": 2.0, "learner/staleness_mean": 1.0,
+         "learner/staleness_max": 1.0, "learner/grad_norm": 5.0}  # fmt: skip
+    b = {"learner/loss": 2.0, "learner/tokens": 1.0, "learner/sequences": 3.0,
+         "distill/divergence": 0.7, "distill/adv_abs_max": 1.0, "learner/staleness_mean": 0.0,
+         "learner/staleness_max": 0.0, "learner/grad_norm": 5.0}  # fmt: skip
+    m = merge_metrics([a, b])
+    assert m["learner/loss"] == 3.0
+    assert m["learner/tokens"] == 4.0
+    assert m["distill/divergence"] == pytest.approx((0.3 * 3 + 0.7 * 1) / 4)
+    assert m["distill/adv_abs_max"] == 2.0
+    assert m["learner/staleness_mean"] == pytest.approx(0.25)
+    assert m["learner/staleness_max"] == 1.0
+    assert m["learner/grad_norm"] == 5.0
