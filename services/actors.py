@@ -102,16 +102,19 @@ class TeacherScorer:
         self.engine = TeacherEngine(settings)
         self.busy_s = 0.0
 
-    def score(self, rollouts: list[Rollout]) -> list[ScoredRollout]:
+    def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], float]:
+        """Teacher log-probs for each rollout; also returns the seconds spent scoring."""
         t0 = time.perf_counter()
         logps = self.engine.score(
             [list(r.prompt_ids) for r in rollouts], [list(r.response_ids) for r in rollouts]
         )
-        self.busy_s += time.perf_counter() - t0
-        return [
+        seconds = time.perf_counter() - t0
+        self.busy_s += seconds
+        scored = [
             ScoredRollout(rollout=r, logp_teacher=tuple(lp))
             for r, lp in zip(rollouts, logps, strict=True)
         ]
+        return scored, seconds
 
     def busy_seconds(self) -> float:
         return self.busy_s

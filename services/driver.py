@@ -66,7 +66,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
             publisher.publish(state["step"], wait=True)
         metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
         eval_set = source.eval_set()[: cfg.task.eval_size]
-        eval_before = state["eval_before"] if state else evaluate_student(rollout, eval_set, tokenizer, cfg)
+        eval_before = state["eval_before"] if state else evaluate_student(rollout, eval_set, pair.student, cfg)
         if not resume:
             metrics.log(0, {f"eval/{k}": v for k, v in eval_before.items() if isinstance(v, (int, float))})
         rollout.start(source, tokenizer_encode(tokenizer), first_step=first_step, last_step=cfg.run.steps)
@@ -84,7 +84,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
                 row = step_metrics(batch, stats, rollout.take_times(), wait=t1 - t0, train=t2 - t1,
                                    sync=t3 - t2, step_time=time.perf_counter() - t0, step=step)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
-                    row.update(eval_metrics(evaluate_student(rollout, eval_set, tokenizer, cfg, sync=True)))
+                    row.update(eval_metrics(evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)))
                 metrics.log(step, row)                                            # log
                 metrics.log_samples(step, [s.sample_id for s in batch], [s.policy_version for s in batch])
                 bar.update(row)
@@ -93,7 +93,7 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
                         "step": step, "policy_version": step, "eval_before": eval_before,
                         "source_state": rollout.source_state_before(step + 1),
                     }, keep=cfg.run.keep_checkpoints)
-            eval_after = evaluate_student(rollout, eval_set, tokenizer, cfg, sync=True)
+            eval_after = evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
             metrics.log(cfg.run.steps, eval_metrics(eval_after))
             learner.save_hf(run_dir / "student")
         finally:

@@ -20,23 +20,35 @@ def resolve_model_arg(model: str) -> Path:
     return check_model_dir(path, "evaluated")
 
 
+def flatten_eval(report: dict) -> dict:
+    """rollout.evaluate's report → the flat summary the driver logs and the demo prints."""
+    out = {
+        "n_problems": report["n_problems"],
+        "k": report["k"],
+        "greedy_acc": report["greedy"]["accuracy"],
+        "greedy_ci": report["greedy"]["ci95"],
+        "greedy_truncated_frac": report["greedy"]["truncated_fraction"],
+    }
+    if "avg_at_k" in report:
+        out["avg_at_k"] = report["avg_at_k"]["accuracy"]
+        out["avg_at_k_ci"] = report["avg_at_k"]["ci95"]
+        out["pass_at_k"] = report["pass_at_k"]
+    out["examples"] = report.get("examples", [])[:3]
+    return out
+
+
 def evaluate_model_dir(model_dir: Path, problems, *, k: int, max_tokens: int, dtype: str = "float32",
                        seed: int = 0, max_model_len: int = 256) -> dict:
-    """Greedy accuracy and avg@k of the model in ``model_dir`` on ``problems``."""
-    from transformers import AutoTokenizer
-
+    """Greedy accuracy and avg@k of the model in ``model_dir`` (a vLLM engine in this process)."""
     from rollout.engine import EngineSettings, StudentEngine
-    from rollout.evaluate import evaluate_with_engine
+    from rollout.evaluate import evaluate
 
-    engine = StudentEngine(EngineSettings(model_path=str(model_dir), dtype=dtype, seed=seed,
-                                          max_model_len=max_model_len))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        result = evaluate_with_engine(engine, tokenizer, problems, k=k, max_tokens=max_tokens, seed=seed)
-    finally:
-        engine.close()
-    result["model"] = str(model_dir)
-    return result
+    def factory(path):
+        return StudentEngine(EngineSettings(model_path=str(path), dtype=dtype, seed=seed,
+                                            max_model_len=max_model_len))
+
+    report = evaluate(model_dir, problems, engine_factory=factory, k=k, max_tokens=max_tokens, seed=seed)
+    return {**flatten_eval(report), "model": str(model_dir), "full_report": report}
 
 
 def cached_teacher_eval(model_dir: Path, problems, *, k: int, max_tokens: int) -> dict:

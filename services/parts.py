@@ -134,20 +134,16 @@ class _ActorEngine:
         return ray.get(self.actor.generate.remote(prompt_ids, **kwargs))
 
 
-def evaluate_student(rollout, problems, tokenizer, cfg: Config, *, sync: bool = False) -> dict:
+def evaluate_student(rollout, problems, model_dir: Path, cfg: Config, *, sync: bool = False) -> dict:
     """Greedy accuracy and sampled avg@k of the student as the samplers now serve it."""
-    from rollout.evaluate import evaluate_with_engine
+    from rollout.evaluate import evaluate
+    from services.evaluation import flatten_eval
 
     if sync:
         rollout.wait_for_push()
-    result = evaluate_with_engine(
-        _ActorEngine(rollout.samplers[0]),
-        tokenizer,
-        problems,
-        k=cfg.eval.samples,
-        max_tokens=cfg.eval.max_tokens,
-        seed=cfg.run.seed,
-    )
+    report = evaluate(model_dir, problems, engine=_ActorEngine(rollout.samplers[0]),
+                      k=cfg.eval.samples, max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed)
+    result = flatten_eval(report)
     result["policy_version"] = rollout.served_version
     return result
 

@@ -209,16 +209,21 @@ class RolloutService:
             temperature=p.temperature,
             seed=p.seed * 1_000_003 + step * 1009 + index,
         )
-        score_s = 0.0
+        # Each finished prompt group goes to a scorer at once; the scorer works while the
+        # sampler keeps generating. Results are collected in order once the stream ends.
+        pending = []
         for ref in gen:
             with self._scorer_lock:
                 scorer = next(self._scorer_cycle)
-            t1 = time.perf_counter()
-            scored = ray.get(scorer.score.remote(ref))
-            score_s += time.perf_counter() - t1
+            pending.append(scorer.score.remote(ref))
+        sample_s = time.perf_counter() - t0
+        score_s = 0.0
+        for ref in pending:
+            scored, seconds = ray.get(ref)
+            score_s += seconds
             self._channel.put(step, scored)
         with self._times_lock:
-            self._times.sample += time.perf_counter() - t0
+            self._times.sample += sample_s
             self._times.score += score_s
             self._times.samples += len(chunk) * p.samples_per_prompt
 

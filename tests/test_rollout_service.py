@@ -77,7 +77,8 @@ def test_sampler_and_teacher_logprobs_match_transformers(actors, hf_model, token
     sampler, scorer = actors
     rollouts = _stream(sampler, _items(tokenizer, 6))
     assert len(rollouts) == 12
-    scored = ray.get(scorer.score.remote(rollouts))
+    scored, seconds = ray.get(scorer.score.remote(rollouts))
+    assert seconds > 0
     worst_s = worst_t = 0.0
     for s in scored:
         r = s.rollout
