@@ -19,12 +19,12 @@ Figures, per run:
 1. **samples/s** = samples trained on in the steady-state steps / ``W``. The headline is the
    ratio overlapped / sequential (goal >= 1.3x).
 2. **Busy fraction of each role** over ``W`` (seconds the role was busy / ``W``):
+   (``time/sample`` and ``time/score`` as ``services/rollout_service.py`` books them:)
    - sampling: ``time/sample`` per sampler: wall time of each sampler stream from launch to
-     its last chunk being scored and queued. The driver-side loop waits for each chunk's
-     scoring, so this *includes* the scoring waits and channel back-pressure; the student
-     engine itself keeps generating while a chunk is scored;
-   - scoring: ``time/score`` per scorer: time spent waiting for teacher results (overlaps
-     with sampling: the two are not additive);
+     its last chunk (the student engine generating);
+   - scoring: ``time/score`` per scorer: seconds the teacher engine spent inside
+     ``TeacherScorer.score``. Chunks are scored while the sampler keeps generating, so
+     sampling and scoring overlap and their fractions are not additive;
    - training: ``time/train`` (the driver's ``learner.train_step`` call: collate, send,
      compute, merge) and its pure-compute part ``learner/step_time_s`` (forward, backward and
      optimizer step measured inside the rank; the slowest rank when there are several);
@@ -37,7 +37,9 @@ Figures, per run:
 3. **Where the learner's step goes** (these add up to 100 % of ``W``): waiting for its batch
    (``time/wait``), training compute (``learner/step_time_s``), actor-call / serialisation
    overhead (``time/train`` - ``learner/step_time_s``), weight sync (``time/sync``), other
-   (the rest of ``time/step``: building the metrics row).
+   (the rest of ``time/step``: building the metrics row). In the sequential run the wait is
+   the whole rollout of the batch plus the samplers' weight load and the producer noticing
+   it (admission control).
 4. **Goals**: learner busy (training compute, ``learner/step_time_s``) >= 80 % of wall time;
    weight sync <= 5 % of step time.
 5. **What a GPU cluster changes**: on this 2-core machine all roles share the same CPUs, so
@@ -295,7 +297,7 @@ def print_report(report: dict) -> None:
         f"cores" + ("  -- BUSY MACHINE, figures are skewed" if max(loads) > cores else "")
     )
 
-    w = 44
+    w = 46
     print(f"\n{'figure':<{w}}  {'overlapped':>11}  {'sequential':>11}  goal")
     print(f"{'max_staleness':<{w}}  {ov['max_staleness']:>11}  {sq['max_staleness']:>11}")
     print(
@@ -327,7 +329,7 @@ def print_report(report: dict) -> None:
     split_rows = [
         ("learner_wait", "waiting for its batch (time/wait)"),
         ("train_compute", "training compute (learner/step_time_s)"),
-        ("train_overhead", "actor call / serialisation (train - compute)"),
+        ("train_overhead", "actor call / serialisation (train-compute)"),
         ("weight_sync", "weight sync (time/sync)"),
         ("other", "other (rest of time/step)"),
     ]

@@ -7,6 +7,7 @@ parts themselves never see the config object.
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import ray
@@ -160,6 +161,9 @@ def step_metrics(batch, stats: dict, times, *, wait: float, train: float, sync: 
         "rollout/staleness_max": max(staleness),
         "rollout/response_len_mean": tokens / len(batch),
         "rollout/truncated_frac": sum(s.rollout.finish_reason == "length" for s in batch) / len(batch),
+        "time/wall": time.time(),
+        "rollout/producer_wait": times.producer_wait,
+        "rollout/timed_samples": times.samples,
         "time/sample": times.sample,
         "time/score": times.score,
         "time/train": train,

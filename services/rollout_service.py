@@ -16,7 +16,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import ray
 
@@ -54,7 +54,6 @@ class RolloutTimes:
     score: float = 0.0
     producer_wait: float = 0.0
     samples: int = 0
-    per_batch: dict = field(default_factory=dict)
 
 
 class _Channel:
@@ -150,11 +149,11 @@ class RolloutService:
     # ------------------------------------------------------------------ producer
 
     def start(self, source, encode, *, first_step: int, last_step: int) -> None:
-        self.batches_started = first_step - 1
         """Start producing batches first_step..last_step from ``source`` in the background.
 
         encode: prompt text → token ids (the one helper shared with evaluation).
         """
+        self.batches_started = first_step - 1
         self._thread = threading.Thread(
             target=self._produce, args=(source, encode, first_step, last_step), daemon=True
         )
@@ -186,7 +185,13 @@ class RolloutService:
             with self._version_cond:
                 if self.served_version >= need:
                     return
-                self._version_cond.wait(timeout=0.2)
+            pending = self._pending_push
+            if pending:
+                # Wake the moment the samplers finish loading, not on a polling tick.
+                ray.wait(pending, num_returns=len(pending), timeout=0.2)
+            else:
+                with self._version_cond:
+                    self._version_cond.wait(timeout=0.2)
 
     def _produce_batch(self, step: int, items: list[WorkItem]) -> None:
         n = len(self.samplers)
