@@ -169,6 +169,7 @@ class LearnerEngine:
         ratio_clip: float | None,
         is_cap: float | None,
         aggregation: str,
+        center_cost: bool = False,
     ) -> dict[str, float]:
         """Forward, backward and one optimizer step on this rank's shard.
 
@@ -190,6 +191,7 @@ class LearnerEngine:
             ratio_clip=ratio_clip,
             is_cap=is_cap,
             aggregation=aggregation,
+            center_cost=center_cost,
             normaliser=normaliser,
             policy_version=policy_version,
         )

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from learner.advantages import token_advantages_with_stats
 from learner.batch import TrainBatch
-from learner.divergences import Divergence
+from learner.divergences import Divergence, get_divergence
 from learner.loss import surrogate_loss
 from rollout.alignment import token_logprobs
 from rollout.records import staleness
@@ -140,6 +140,7 @@ def compute_loss(
     aggregation: str,
     normaliser: float,
     policy_version: int,
+    center_cost: bool = False,
 ) -> tuple[Tensor, StepStats]:
     """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
 
@@ -148,6 +149,12 @@ def compute_loss(
     ratio_clip / is_cap: None (or 0 for ratio_clip, the config's "off") disables them.
     normaliser: `global_normaliser` of the whole step batch, not of this shard.
     policy_version: the learner's current version, for the staleness stats.
+    center_cost: for OPD+, subtract the constant f'(1) from every immediate cost, i.e. use the
+        generator f − f'(1)·(r − 1), which defines the same divergence. A constant times
+        E[∇log π] is zero, so the expected gradient is unchanged; the variance is not: for
+        reverse KL the raw cost ell + 1 pushes every sampled token down by 1 in a single
+        sample. Centred, reverse-KL OPD+ is exactly the usual ell cost. (f'(1) = 0 already
+        for every divergence here except reverse and forward KL.)
     Returns the scalar loss (with gradient) and `StepStats`.
     """
     logits_BTV = model(
@@ -164,6 +171,9 @@ def compute_loss(
         discount=discount,
         ratio_clip=ratio_clip or None,
     )
+    if center_cost and estimator == "opd_plus":
+        f_prime_at_1 = get_divergence(divergence).grad_cost(torch.zeros((), dtype=adv_BT.dtype))
+        adv_BT = adv_BT + f_prime_at_1 * mask_BT.to(adv_BT.dtype)
     loss, loss_stats = surrogate_loss(
         logp_learner_BT,
         adv_BT,

@@ -97,6 +97,7 @@ class DistillConfig:
     ratio_clip: float = _f(10.0, "clamp ell = log π_s − log π_T to ±ratio_clip before any exp (0 = off)")
     is_cap: float = _f(2.0, "truncate importance weights exp(logp_learner − logp_sampler) at this value")
     aggregation: Literal["token_mean", "seq_mean"] = _f("token_mean", "loss aggregation")
+    center_cost: bool = _f(True, "OPD+: subtract the constant f'(1) from the immediate cost (same expected gradient, lower variance)")
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,7 @@ class LearnerGroup:
         ratio_clip: float = 10.0,
         is_cap: float = 2.0,
         aggregation: str = "token_mean",
+        center_cost: bool = True,
     ) -> None:
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -141,6 +142,7 @@ class LearnerGroup:
             "ratio_clip": ratio_clip,
             "is_cap": is_cap,
             "aggregation": aggregation,
+            "center_cost": center_cost,
         }
         actor = LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank)
         num_threads = max(1, int(cpus_per_rank))

@@ -122,6 +122,7 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
         ratio_clip=d.ratio_clip,
         is_cap=d.is_cap,
         aggregation=d.aggregation,
+        center_cost=d.center_cost,
     )
 
 

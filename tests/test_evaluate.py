@@ -24,7 +24,9 @@ def test_wilson_interval_known_values():
 
 def test_mean_interval():
     lo, hi = mean_interval([0.0, 1.0] * 50)
-    assert (lo, hi) == pytest.approx((0.5 - 1.96 * 0.50252 / 10, 0.5 + 1.96 * 0.50252 / 10), abs=1e-3)
+    assert (lo, hi) == pytest.approx(
+        (0.5 - 1.96 * 0.50252 / 10, 0.5 + 1.96 * 0.50252 / 10), abs=1e-3
+    )
     assert mean_interval([1.0] * 10) == (1.0, 1.0)
     assert mean_interval([0.3]) == (0.0, 1.0)
 
@@ -60,7 +62,12 @@ def test_evaluate_accounting_with_a_scripted_engine(tmp_path):
     problems = make_source("arithmetic").eval_set()[:4]
     right = [f"#{p.answer}" for p in problems]
     greedy = [right[0], right[1], "#1", "7+5"]  # 2 of 4 correct
-    samples = [[right[0]] * 4, [right[1], "#x", "#x", "#x"], ["#x"] * 4, ["", right[3], right[3], "#"]]
+    samples = [
+        [right[0]] * 4,
+        [right[1], "#x", "#x", "#x"],
+        ["#x"] * 4,
+        ["", right[3], right[3], "#"],
+    ]
     engine = _ScriptedEngine(tok, greedy, samples)
 
     report = evaluate(tmp_path, problems, engine=engine, k=4, seed=3)
@@ -87,7 +94,9 @@ def test_evaluate_through_vllm_on_the_tiny_model(tiny_model):
     from rollout.engine import EngineSettings, StudentEngine
 
     problems = make_source("arithmetic").eval_set()[:40]
-    engine = StudentEngine(EngineSettings(model_path=str(tiny_model), dtype="float32", seed=0, kv_cache_mb=64))
+    engine = StudentEngine(
+        EngineSettings(model_path=str(tiny_model), dtype="float32", seed=0, kv_cache_mb=64)
+    )
     try:
         first = evaluate(tiny_model, problems, engine=engine, k=3, max_tokens=40)
         again = evaluate(tiny_model, problems, engine=engine, k=0, max_tokens=40)

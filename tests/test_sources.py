@@ -18,8 +18,9 @@ def _write_jsonl(path, records_or_lines):
 
 @pytest.fixture
 def jsonl_file(tmp_path):
-    return _write_jsonl(tmp_path / "probs.jsonl",
-                        [{"prompt": f"{i}+1=", "answer": i + 1} for i in range(30)])
+    return _write_jsonl(
+        tmp_path / "probs.jsonl", [{"prompt": f"{i}+1=", "answer": i + 1} for i in range(30)]
+    )
 
 
 def _sources(jsonl_file):
@@ -105,8 +106,14 @@ def test_malformed_line_names_file_line_and_why(tmp_path, bad_line, why):
 
 
 def test_long_prompts_are_skipped_and_counted(tmp_path):
-    records = [{"prompt": "1+1=", "answer": 2}, {"prompt": "x" * 50, "answer": 1}, {"prompt": "2+2=", "answer": 4}]
-    src = make_source("jsonl", path=_write_jsonl(tmp_path / "p.jsonl", records), max_prompt_chars=10)
+    records = [
+        {"prompt": "1+1=", "answer": 2},
+        {"prompt": "x" * 50, "answer": 1},
+        {"prompt": "2+2=", "answer": 4},
+    ]
+    src = make_source(
+        "jsonl", path=_write_jsonl(tmp_path / "p.jsonl", records), max_prompt_chars=10
+    )
     assert src.skipped == 1
     assert {p.prompt for p in src.next_batch(10)} == {"1+1=", "2+2="}
 
@@ -123,7 +130,9 @@ def test_long_prompts_are_skipped_and_counted(tmp_path):
     batch = rg.next_batch(20)
     assert all(len(p.prompt) <= 140 for p in batch) and rg.skipped > 0
 
-    with pytest.raises(SourceError, match="consecutive prompts were longer than max_prompt_chars=3"):
+    with pytest.raises(
+        SourceError, match="consecutive prompts were longer than max_prompt_chars=3"
+    ):
         make_source("arithmetic", max_prompt_chars=3).next_batch(1)
 
 
@@ -163,7 +172,11 @@ def test_score_each_source(jsonl_file):
 
 
 def test_reasoning_gym_task_config_reaches_the_task():
-    src = make_source("reasoning_gym", task="chain_sum", task_config={"min_terms": 2, "max_terms": 2, "max_digits": 1})
+    src = make_source(
+        "reasoning_gym",
+        task="chain_sum",
+        task_config={"min_terms": 2, "max_terms": 2, "max_digits": 1},
+    )
     for p in src.next_batch(10):
         expr = p.prompt.split(":")[-1].split("=")[0]
         assert len(expr.replace("-", "+").split("+")) == 2

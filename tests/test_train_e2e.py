@@ -33,7 +33,7 @@ def _overrides(toy_pair, out_dir: Path, name: str, steps: int, **extra) -> list[
         "models.student": f'"{toy_pair.student_dir}"', "rollout.prompts_per_step": 16,
         "rollout.samples_per_prompt": 4, "rollout.max_tokens": 40, "rollout.channel_capacity": 128,
         "task.eval_size": 100, "eval.samples": 2, "eval.max_tokens": 40, "log.progress": "false",
-        "learner.lr": 2e-3, "ray.num_cpus": 2,
+        "learner.lr": 1.5e-4, "ray.num_cpus": 2,
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
@@ -47,19 +47,20 @@ def test_short_run_learns_and_writes_everything(ray_local, toy_pair, tmp_path):
     from services.config import load_config
     from services.driver import train
 
-    cfg = load_config(REPO / "deploy/configs/demo.toml", _overrides(toy_pair, tmp_path, "e2e", 12))
+    cfg = load_config(REPO / "deploy/configs/demo.toml", _overrides(toy_pair, tmp_path, "e2e", 20))
     summary = train(cfg, progress=False)
     run_dir = Path(summary.run_dir)
     rows = [r for r in _rows(run_dir) if "learner/loss" in r]
-    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert [r["step"] for r in rows] == list(range(1, 21))
     for key in REQUIRED_METRICS:
         assert all(key in r for r in rows), key
     div = [r["distill/divergence"] for r in rows]
-    first, last = statistics.fmean(div[:3]), statistics.fmean(div[-3:])
-    assert last < 0.8 * first, f"divergence did not fall: {first:.4f} → {last:.4f}"
+    # one batch's estimate is noisy (±0.1); five-step means separate by ~0.15 here
+    first, last = statistics.fmean(div[:5]), statistics.fmean(div[-5:])
+    assert last < 0.9 * first, f"divergence did not fall: {first:.4f} → {last:.4f}"
     samples = _rows(run_dir, "samples.jsonl")
     versions = [max(r["versions"]) for r in samples]
-    assert versions == sorted(versions) and versions[-1] >= 10  # policy versions advance
+    assert versions == sorted(versions) and versions[-1] >= 18  # policy versions advance
     assert all(0 <= r["step"] - 1 - v <= 1 for r in samples for v in r["versions"])
     for name in ("config.toml", "summary.json", "divergence.png", "loss.png"):
         assert (run_dir / name).is_file(), name
