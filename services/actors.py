@@ -73,11 +73,15 @@ class StudentSampler:
         return self.engine.version, seconds
 
     # GPU path (services/nccl_sync.py): weights arrive by NCCL broadcast from learner rank 0.
-    def nccl_init_receiver(self, master_address: str, master_port: int, rank_offset: int, world_size: int) -> None:
+    def nccl_init_receiver(
+        self, master_address: str, master_port: int, rank_offset: int, world_size: int
+    ) -> None:
         """Join the learner's NCCL weight group as rank ``rank_offset`` (blocks until all ranks join)."""
         from rollout.engine import NcclWeightReceiver
 
-        self.nccl_receiver = NcclWeightReceiver(self.engine, master_address, master_port, rank_offset, world_size)
+        self.nccl_receiver = NcclWeightReceiver(
+            self.engine, master_address, master_port, rank_offset, world_size
+        )
 
     def nccl_receive_weights(self, meta, version: int) -> tuple[int, float]:
         """Receive one broadcast (meta: rollout.engine.WeightMeta); returns (version served, seconds)."""

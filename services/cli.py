@@ -20,13 +20,25 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="run OPD+ training from a TOML config")
     t.add_argument("--config", required=True, help="run config, e.g. deploy/configs/toy.toml")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set distill.divergence=js (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    t.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set distill.divergence=js (repeatable)",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run from its last checkpoint"
+    )
 
     d = sub.add_parser("demo", help="the main job: build toy models, distil, report before/after")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key of deploy/configs/demo.toml")
+    d.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key of deploy/configs/demo.toml",
+    )
 
     e = sub.add_parser("eval", help="held-out accuracy of a model with the vLLM engine (JSON)")
     e.add_argument("--model", required=True, help="model folder, or toy-teacher / toy-student")
@@ -60,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
-        print("opdplus: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr)
+        print(
+            "opdplus: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr
+        )
         return 130
     except Exception as exc:
         if _is_user_error(exc):
@@ -71,8 +85,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_user_error(exc: BaseException) -> bool:
     """Errors of our own making carry a message meant for the user; print it, no traceback."""
-    names = {"ConfigError", "SourceError", "ModelPairError", "EngineError", "RunError",
-             "WeightSyncError", "RolloutError", "RecordError", "ModelBuildError"}
+    names = {
+        "ConfigError",
+        "SourceError",
+        "ModelPairError",
+        "EngineError",
+        "RunError",
+        "WeightSyncError",
+        "RolloutError",
+        "RecordError",
+        "ModelBuildError",
+    }
     return type(exc).__name__ in names
 
 
@@ -114,7 +137,9 @@ def _cmd_toy_models(args) -> int:
 
     out = Path(args.out) if args.out else cache_dir() / "models" / "toy"
     pair = build_toy_models(out, force=args.force)
-    print(json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2))
+    print(
+        json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2)
+    )
     return 0
 
 
@@ -124,7 +149,9 @@ def _cmd_smollm2(args) -> int:
 
     out = Path(args.out) if args.out else cache_dir() / "models" / "smollm2"
     pair = build_smollm_pair(out, student_layers=args.student_layers, force=args.force)
-    print(json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2))
+    print(
+        json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2)
+    )
     return 0
 
 

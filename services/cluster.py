@@ -16,13 +16,19 @@ class RayInfo:
 
 
 @contextlib.contextmanager
-def ray_session(*, address: str = "", num_cpus: int = 0, dashboard: bool = True) -> Iterator[RayInfo]:
+def ray_session(
+    *, address: str = "", num_cpus: int = 0, dashboard: bool = True
+) -> Iterator[RayInfo]:
     """Join ``address`` or start a local Ray instance (dashboard on 127.0.0.1) for the block."""
     import ray
 
     # Ray 2.60 runs workers with the driver's interpreter; keep vLLM quiet in them.
-    env = {"env_vars": {"VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-                        "TOKENIZERS_PARALLELISM": "false"}}
+    env = {
+        "env_vars": {
+            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    }
     if ray.is_initialized():
         yield RayInfo(address="(already initialised)", dashboard_url=None, started_here=False)
         return
@@ -39,8 +45,11 @@ def ray_session(*, address: str = "", num_cpus: int = 0, dashboard: bool = True)
     url = getattr(ctx, "dashboard_url", None) or None
     if url and not url.startswith("http"):
         url = "http://" + url
-    info = RayInfo(address=ctx.address_info.get("gcs_address", address or "local"),
-                   dashboard_url=url, started_here=not address)
+    info = RayInfo(
+        address=ctx.address_info.get("gcs_address", address or "local"),
+        dashboard_url=url,
+        started_here=not address,
+    )
     try:
         yield info
     finally:

@@ -60,9 +60,14 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    source: Literal["arithmetic", "jsonl", "reasoning_gym"] = _f("arithmetic", "prompt source: the built-in arithmetic task, a JSONL file, or a reasoning-gym task")
+    source: Literal["arithmetic", "jsonl", "reasoning_gym"] = _f(
+        "arithmetic",
+        "prompt source: the built-in arithmetic task, a JSONL file, or a reasoning-gym task",
+    )
     path: str = _f("", "JSONL file of {prompt, answer} records (source = 'jsonl')")
-    name: str = _f("", "reasoning-gym task name, e.g. 'basic_arithmetic' (source = 'reasoning_gym')")
+    name: str = _f(
+        "", "reasoning-gym task name, e.g. 'basic_arithmetic' (source = 'reasoning_gym')"
+    )
     max_prompt_chars: int = _f(512, "prompts longer than this are skipped and counted")
     eval_size: int = _f(200, "held-out problems used by evaluation")
 
@@ -79,25 +84,44 @@ class RolloutConfig:
     samples_per_prompt: int = _f(4, "samples drawn per prompt")
     max_tokens: int = _f(48, "maximum response tokens per sample")
     temperature: float = _f(1.0, "sampling temperature (1.0 = on-policy)")
-    max_staleness: int = _f(1, "samplers run at most this many policy versions ahead; 0 = strictly on-policy")
-    channel_capacity: int = _f(256, "scored samples buffered between scorers and learner (backpressure)")
+    max_staleness: int = _f(
+        1, "samplers run at most this many policy versions ahead; 0 = strictly on-policy"
+    )
+    channel_capacity: int = _f(
+        256, "scored samples buffered between scorers and learner (backpressure)"
+    )
     kv_cache_mb: int = _f(256, "KV-cache size per engine on CPU, in MiB")
-    kv_cache_fraction: float = _f(0.3, "fraction of GPU memory per engine for weights + KV cache (GPU only)")
+    kv_cache_fraction: float = _f(
+        0.3, "fraction of GPU memory per engine for weights + KV cache (GPU only)"
+    )
     max_model_len: int = _f(256, "longest prompt+response the engines accept")
     sync_timeout_s: float = _f(120.0, "a weight push that takes longer fails with an error")
-    sync_backend: Literal["auto", "object_store", "nccl"] = _f("auto", "weight-sync path; auto = nccl on GPU, object store on CPU")
+    sync_backend: Literal["auto", "object_store", "nccl"] = _f(
+        "auto", "weight-sync path; auto = nccl on GPU, object store on CPU"
+    )
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    divergence: str = _f("reverse_kl", "f-divergence to the teacher: " + ", ".join(DIVERGENCE_NAMES))
+    divergence: str = _f(
+        "reverse_kl", "f-divergence to the teacher: " + ", ".join(DIVERGENCE_NAMES)
+    )
     alpha: float = _f(0.5, "Amari alpha (divergence = 'alpha' only)")
-    estimator: Literal["opd_plus", "opd"] = _f("opd_plus", "immediate cost: f'(r) (opd_plus) or f(r)/r (opd)")
+    estimator: Literal["opd_plus", "opd"] = _f(
+        "opd_plus", "immediate cost: f'(r) (opd_plus) or f(r)/r (opd)"
+    )
     discount: float = _f(0.0, "discount on future costs, 0 = per-token, 1 = sequence objective")
-    ratio_clip: float = _f(10.0, "clamp ell = log π_s − log π_T to ±ratio_clip before any exp (0 = off)")
-    is_cap: float = _f(2.0, "truncate importance weights exp(logp_learner − logp_sampler) at this value")
+    ratio_clip: float = _f(
+        10.0, "clamp ell = log π_s − log π_T to ±ratio_clip before any exp (0 = off)"
+    )
+    is_cap: float = _f(
+        2.0, "truncate importance weights exp(logp_learner − logp_sampler) at this value"
+    )
     aggregation: Literal["token_mean", "seq_mean"] = _f("token_mean", "loss aggregation")
-    center_cost: bool = _f(True, "OPD+: subtract the constant f'(1) from the immediate cost (same expected gradient, lower variance)")
+    center_cost: bool = _f(
+        True,
+        "OPD+: subtract the constant f'(1) from the immediate cost (same expected gradient, lower variance)",
+    )
 
 
 @dataclass(frozen=True)
@@ -107,12 +131,16 @@ class LearnerConfig:
     gpus_per_rank: float = _f(0.0, "GPUs per learner rank")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
     lr: float = _f(1e-3, "peak AdamW learning rate")
-    lr_schedule: Literal["constant", "cosine"] = _f("constant", "learning-rate schedule after warm-up")
+    lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "learning-rate schedule after warm-up"
+    )
     warmup_steps: int = _f(0, "linear warm-up steps")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     betas: list = _f([0.9, 0.99], "AdamW betas")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this value (0 = off)")
-    precision: Literal["auto", "bf16", "fp32"] = _f("auto", "training precision; auto = bf16 on GPUs that support it, else fp32")
+    precision: Literal["auto", "bf16", "fp32"] = _f(
+        "auto", "training precision; auto = bf16 on GPUs that support it, else fp32"
+    )
     sync_every: int = _f(1, "push weights to the samplers every N learner steps")
 
 
@@ -268,7 +296,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(d.ratio_clip >= 0, "distill.ratio_clip", "must be >= 0 (0 disables clamping)")
     need(d.is_cap >= 1.0, "distill.is_cap", f"must be >= 1, got {d.is_cap}")
     if d.divergence == "alpha":
-        need(d.alpha not in (0.0, 1.0), "distill.alpha", "0 and 1 are forward/reverse KL; use those names")
+        need(
+            d.alpha not in (0.0, 1.0),
+            "distill.alpha",
+            "0 and 1 are forward/reverse KL; use those names",
+        )
     need(run.steps >= 1, "run.steps", "must be >= 1")
     need(run.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
     need(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
@@ -281,7 +313,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(r.temperature > 0, "rollout.temperature", "must be > 0 (on-policy sampling)")
     need(0 < r.kv_cache_fraction < 1, "rollout.kv_cache_fraction", "must be in (0, 1)")
     need(r.kv_cache_mb >= 16, "rollout.kv_cache_mb", "must be >= 16")
-    need(r.max_tokens < r.max_model_len, "rollout.max_tokens", f"must be < rollout.max_model_len ({r.max_model_len})")
+    need(
+        r.max_tokens < r.max_model_len,
+        "rollout.max_tokens",
+        f"must be < rollout.max_model_len ({r.max_model_len})",
+    )
     need(r.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
     batch = r.prompts_per_step * r.samples_per_prompt
     need(
@@ -291,9 +327,17 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     )
     need(lr.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
     need(batch % lr.num_ranks == 0, "learner.num_ranks", f"must divide the step's {batch} samples")
-    need(lr.zero_stage in (0, 1, 2, 3), "learner.zero_stage", f"must be 0, 1, 2 or 3, got {lr.zero_stage}")
+    need(
+        lr.zero_stage in (0, 1, 2, 3),
+        "learner.zero_stage",
+        f"must be 0, 1, 2 or 3, got {lr.zero_stage}",
+    )
     need(lr.lr > 0, "learner.lr", "must be > 0")
-    need(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas", "must be two numbers in [0, 1)")
+    need(
+        len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas),
+        "learner.betas",
+        "must be two numbers in [0, 1)",
+    )
     need(lr.sync_every >= 1, "learner.sync_every", "must be >= 1")
     need(
         r.max_staleness >= lr.sync_every - 1,
@@ -326,7 +370,11 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.task.source == "jsonl":
         need(cfg.task.path != "", "task.path", "source 'jsonl' needs a file path")
     if cfg.task.source == "reasoning_gym":
-        need(cfg.task.name != "", "task.name", "source 'reasoning_gym' needs a task name, e.g. basic_arithmetic")
+        need(
+            cfg.task.name != "",
+            "task.name",
+            "source 'reasoning_gym' needs a task name, e.g. basic_arithmetic",
+        )
 
 
 def to_toml(cfg: Any, prefix: str = "") -> str:
@@ -366,4 +414,3 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             rows.append((f"{prefix}{f.name}", _toml_value(default), f.metadata.get("doc", "")))
     return rows
-

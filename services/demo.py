@@ -17,11 +17,16 @@ def run_demo(cfg: Config) -> None:
     t0 = time.perf_counter()
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
-    print(f"[opdplus] demo: toy teacher → toy student, {cfg.distill.divergence} with "
-          f"{cfg.distill.estimator}, {cfg.run.steps} steps; run dir {cfg.run.out_dir}/{name}", flush=True)
+    print(
+        f"[opdplus] demo: toy teacher → toy student, {cfg.distill.divergence} with "
+        f"{cfg.distill.estimator}, {cfg.run.steps} steps; run dir {cfg.run.out_dir}/{name}",
+        flush=True,
+    )
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=cfg.log.progress)
     problems = make_source(cfg.task.source, seed=cfg.run.seed).eval_set()[: cfg.task.eval_size]
-    teacher = cached_teacher_eval(pair.teacher, problems, k=cfg.eval.samples, max_tokens=cfg.eval.max_tokens)
+    teacher = cached_teacher_eval(
+        pair.teacher, problems, k=cfg.eval.samples, max_tokens=cfg.eval.max_tokens
+    )
     summary = train(cfg)
     print(format_table(cfg, teacher, summary, time.perf_counter() - t0))
 
@@ -38,13 +43,22 @@ def format_table(cfg: Config, teacher: dict, summary, total_s: float) -> str:
         ("teacher accuracy (greedy)", _acc(teacher)),
         ("student before", _acc(summary.eval_before)),
         ("student after", _acc(summary.eval_after)),
-        ("divergence (first → last steps)",
-         f"{summary.divergence_first:.4f} → {summary.divergence_last:.4f}  ({cfg.distill.divergence}, per token)"),
-        ("steps / training wall time", f"{summary.steps} steps, {summary.wall_s:.0f} s (demo total {total_s:.0f} s)"),
+        (
+            "divergence (first → last steps)",
+            f"{summary.divergence_first:.4f} → {summary.divergence_last:.4f}  ({cfg.distill.divergence}, per token)",
+        ),
+        (
+            "steps / training wall time",
+            f"{summary.steps} steps, {summary.wall_s:.0f} s (demo total {total_s:.0f} s)",
+        ),
         ("run directory", summary.run_dir),
         ("plots", ", ".join(summary.plots) or "none"),
     ]
     width = max(len(k) for k, _ in rows)
-    lines = ["", "OPD+ demo — held-out arithmetic, " + f"{summary.eval_after['n_problems'] if summary.eval_after else '?'} problems"]
+    lines = [
+        "",
+        "OPD+ demo — held-out arithmetic, "
+        + f"{summary.eval_after['n_problems'] if summary.eval_after else '?'} problems",
+    ]
     lines += [f"  {k:<{width}}  {v}" for k, v in rows]
     return "\n".join(lines)

@@ -51,7 +51,9 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
     show = cfg.log.progress if progress is None else progress
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
     tokenizer = load_tokenizer(pair.student)
-    with ray_session(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard) as ray_info:
+    with ray_session(
+        address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard
+    ) as ray_info:
         if ray_info.dashboard_url:
             print(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}", flush=True)
         source = build_source(cfg)
@@ -66,33 +68,61 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
             publisher.publish(state["step"], wait=True)
         metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
         eval_set = source.eval_set()[: cfg.task.eval_size]
-        eval_before = state["eval_before"] if state else evaluate_student(rollout, eval_set, pair.student, cfg)
+        eval_before = (
+            state["eval_before"]
+            if state
+            else evaluate_student(rollout, eval_set, pair.student, cfg)
+        )
         if not resume:
-            metrics.log(0, {f"eval/{k}": v for k, v in eval_before.items() if isinstance(v, (int, float))})
-        rollout.start(source, tokenizer_encode(tokenizer), first_step=first_step, last_step=cfg.run.steps)
+            metrics.log(
+                0, {f"eval/{k}": v for k, v in eval_before.items() if isinstance(v, (int, float))}
+            )
+        rollout.start(
+            source, tokenizer_encode(tokenizer), first_step=first_step, last_step=cfg.run.steps
+        )
         bar = Progress(total=cfg.run.steps, initial=first_step - 1, enabled=show, desc="OPD+ train")
         try:
             for step in range(first_step, cfg.run.steps + 1):
                 t0 = time.perf_counter()
-                batch = rollout.next_batch(step)                                  # sample + score
+                batch = rollout.next_batch(step)  # sample + score
                 t1 = time.perf_counter()
-                stats = learner.train_step(batch, policy_version=step - 1)        # train
+                stats = learner.train_step(batch, policy_version=step - 1)  # train
                 t2 = time.perf_counter()
                 if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
-                    publisher.publish(step)                                      # push weights
+                    publisher.publish(step)  # push weights
                 t3 = time.perf_counter()
-                row = step_metrics(batch, stats, rollout.take_times(), wait=t1 - t0, train=t2 - t1,
-                                   sync=t3 - t2, step_time=time.perf_counter() - t0, step=step)
+                row = step_metrics(
+                    batch,
+                    stats,
+                    rollout.take_times(),
+                    wait=t1 - t0,
+                    train=t2 - t1,
+                    sync=t3 - t2,
+                    step_time=time.perf_counter() - t0,
+                    step=step,
+                )
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
-                    row.update(eval_metrics(evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)))
-                metrics.log(step, row)                                            # log
-                metrics.log_samples(step, [s.sample_id for s in batch], [s.policy_version for s in batch])
+                    row.update(
+                        eval_metrics(
+                            evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
+                        )
+                    )
+                metrics.log(step, row)  # log
+                metrics.log_samples(
+                    step, [s.sample_id for s in batch], [s.policy_version for s in batch]
+                )
                 bar.update(row)
                 if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
-                    learner.save_checkpoint(checkpoint_dir(run_dir), {
-                        "step": step, "policy_version": step, "eval_before": eval_before,
-                        "source_state": rollout.source_state_before(step + 1),
-                    }, keep=cfg.run.keep_checkpoints)
+                    learner.save_checkpoint(
+                        checkpoint_dir(run_dir),
+                        {
+                            "step": step,
+                            "policy_version": step,
+                            "eval_before": eval_before,
+                            "source_state": rollout.source_state_before(step + 1),
+                        },
+                        keep=cfg.run.keep_checkpoints,
+                    )
             eval_after = evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
             metrics.log(cfg.run.steps, eval_metrics(eval_after))
             learner.save_hf(run_dir / "student")

@@ -37,17 +37,30 @@ def flatten_eval(report: dict) -> dict:
     return out
 
 
-def evaluate_model_dir(model_dir: Path, problems, *, k: int, max_tokens: int, dtype: str = "float32",
-                       seed: int = 0, max_model_len: int = 256) -> dict:
+def evaluate_model_dir(
+    model_dir: Path,
+    problems,
+    *,
+    k: int,
+    max_tokens: int,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_model_len: int = 256,
+) -> dict:
     """Greedy accuracy and avg@k of the model in ``model_dir`` (a vLLM engine in this process)."""
     from rollout.engine import EngineSettings, StudentEngine
     from rollout.evaluate import evaluate
 
     def factory(path):
-        return StudentEngine(EngineSettings(model_path=str(path), dtype=dtype, seed=seed,
-                                            max_model_len=max_model_len))
+        return StudentEngine(
+            EngineSettings(
+                model_path=str(path), dtype=dtype, seed=seed, max_model_len=max_model_len
+            )
+        )
 
-    report = evaluate(model_dir, problems, engine_factory=factory, k=k, max_tokens=max_tokens, seed=seed)
+    report = evaluate(
+        model_dir, problems, engine_factory=factory, k=k, max_tokens=max_tokens, seed=seed
+    )
     return {**flatten_eval(report), "model": str(model_dir), "full_report": report}
 
 
@@ -68,4 +81,6 @@ def eval_command(args) -> dict:
     model_dir = resolve_model_arg(args.model)
     source = make_source(args.task, path=args.path, task=args.name)
     problems = source.eval_set()[: args.n]
-    return evaluate_model_dir(model_dir, problems, k=args.k, max_tokens=args.max_tokens, dtype=args.dtype)
+    return evaluate_model_dir(
+        model_dir, problems, k=args.k, max_tokens=args.max_tokens, dtype=args.dtype
+    )

@@ -66,7 +66,9 @@ class LearnerRank:
     def nccl_sender_address(self) -> tuple[str, int]:
         return self.rendezvous_address()
 
-    def nccl_init_sender(self, master_address: str, master_port: int, world_size: int, dtype: str) -> None:
+    def nccl_init_sender(
+        self, master_address: str, master_port: int, world_size: int, dtype: str
+    ) -> None:
         from rollout.engine import NcclWeightSender
 
         self.nccl_sender = NcclWeightSender(master_address, master_port, world_size, dtype=dtype)

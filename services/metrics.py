@@ -63,7 +63,9 @@ class MetricsLogger:
 
     def log_samples(self, step: int, sample_ids: list[str], versions: list[int]) -> None:
         """Which samples each step trained on (the audit trail resume is checked against)."""
-        self._samples.write(json.dumps({"step": step, "sample_ids": sample_ids, "versions": versions}) + "\n")
+        self._samples.write(
+            json.dumps({"step": step, "sample_ids": sample_ids, "versions": versions}) + "\n"
+        )
         self._samples.flush()
 
     def close(self) -> None:

@@ -41,15 +41,23 @@ def build_source(cfg: Config):
 def sync_backend(cfg: Config) -> str:
     from services.nccl_sync import resolve_sync_backend
 
-    return resolve_sync_backend(cfg.rollout.sync_backend, sampler_gpus=cfg.rollout.sampler_gpus,
-                                learner_gpus=cfg.learner.gpus_per_rank)
+    return resolve_sync_backend(
+        cfg.rollout.sync_backend,
+        sampler_gpus=cfg.rollout.sampler_gpus,
+        learner_gpus=cfg.learner.gpus_per_rank,
+    )
 
 
 def build_publisher(cfg: Config, learner, rollout):
     from services.weight_sync import make_publisher
 
-    return make_publisher(sync_backend(cfg), learner, rollout, timeout_s=cfg.rollout.sync_timeout_s,
-                          wire_dtype=cfg.models.dtype)
+    return make_publisher(
+        sync_backend(cfg),
+        learner,
+        rollout,
+        timeout_s=cfg.rollout.sync_timeout_s,
+        wire_dtype=cfg.models.dtype,
+    )
 
 
 def engine_settings(cfg: Config, model_dir: Path, *, seed: int, weight_transfer: str = "none"):
@@ -83,7 +91,9 @@ def build_rollout(cfg: Config, pair):
     )
     return RolloutService(
         student_settings=engine_settings(
-            cfg, pair.student, seed=cfg.run.seed,
+            cfg,
+            pair.student,
+            seed=cfg.run.seed,
             weight_transfer="nccl" if sync_backend(cfg) == "nccl" else "none",
         ),
         teacher_settings=engine_settings(cfg, pair.teacher, seed=cfg.run.seed),
@@ -136,42 +146,62 @@ class _ActorEngine:
         return ray.get(self.actor.generate.remote(prompt_ids, **kwargs))
 
 
-def evaluate_student(rollout, problems, model_dir: Path, cfg: Config, *, sync: bool = False) -> dict:
+def evaluate_student(
+    rollout, problems, model_dir: Path, cfg: Config, *, sync: bool = False
+) -> dict:
     """Greedy accuracy and sampled avg@k of the student as the samplers now serve it."""
     from rollout.evaluate import evaluate
     from services.evaluation import flatten_eval
 
     if sync:
         rollout.wait_for_push()
-    report = evaluate(model_dir, problems, engine=_ActorEngine(rollout.samplers[0]),
-                      k=cfg.eval.samples, max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed)
+    report = evaluate(
+        model_dir,
+        problems,
+        engine=_ActorEngine(rollout.samplers[0]),
+        k=cfg.eval.samples,
+        max_tokens=cfg.eval.max_tokens,
+        seed=cfg.run.seed,
+    )
     result = flatten_eval(report)
     result["policy_version"] = rollout.served_version
     return result
 
 
-def step_metrics(batch, stats: dict, times, *, wait: float, train: float, sync: float,
-                 step_time: float, step: int) -> dict:
+def step_metrics(
+    batch,
+    stats: dict,
+    times,
+    *,
+    wait: float,
+    train: float,
+    sync: float,
+    step_time: float,
+    step: int,
+) -> dict:
     """The per-step row: learner/distill stats from the learner, rollout/time/perf here."""
     staleness = [step - 1 - s.policy_version for s in batch]
     tokens = sum(len(s.rollout.response_ids) for s in batch)
     row = dict(stats)
-    row.update({
-        "rollout/staleness": staleness,
-        "rollout/staleness_mean": statistics.fmean(staleness),
-        "rollout/staleness_max": max(staleness),
-        "rollout/response_len_mean": tokens / len(batch),
-        "rollout/truncated_frac": sum(s.rollout.finish_reason == "length" for s in batch) / len(batch),
-        "time/wall": time.time(),
-        "rollout/producer_wait": times.producer_wait,
-        "rollout/timed_samples": times.samples,
-        "time/sample": times.sample,
-        "time/score": times.score,
-        "time/train": train,
-        "time/sync": sync,
-        "time/wait": wait,
-        "time/step": step_time,
-        "perf/tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
-        "perf/samples_per_s": len(batch) / step_time if step_time > 0 else 0.0,
-    })
+    row.update(
+        {
+            "rollout/staleness": staleness,
+            "rollout/staleness_mean": statistics.fmean(staleness),
+            "rollout/staleness_max": max(staleness),
+            "rollout/response_len_mean": tokens / len(batch),
+            "rollout/truncated_frac": sum(s.rollout.finish_reason == "length" for s in batch)
+            / len(batch),
+            "time/wall": time.time(),
+            "rollout/producer_wait": times.producer_wait,
+            "rollout/timed_samples": times.samples,
+            "time/sample": times.sample,
+            "time/score": times.score,
+            "time/train": train,
+            "time/sync": sync,
+            "time/wait": wait,
+            "time/step": step_time,
+            "perf/tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
+            "perf/samples_per_s": len(batch) / step_time if step_time > 0 else 0.0,
+        }
+    )
     return row

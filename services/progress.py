@@ -12,7 +12,9 @@ KEYS = (
 
 
 class Progress:
-    def __init__(self, *, total: int, initial: int = 0, enabled: bool = True, desc: str = "") -> None:
+    def __init__(
+        self, *, total: int, initial: int = 0, enabled: bool = True, desc: str = ""
+    ) -> None:
         self.bar = None
         if enabled:
             from tqdm import tqdm

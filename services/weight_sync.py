@@ -32,8 +32,13 @@ class NcclPublisher:
 
         self.rollout, self.timeout_s = rollout, timeout_s
         self.sync = NcclWeightSync()
-        self.sync.setup(learner.ranks[0], rollout.samplers, timeout_s, wire_dtype=wire_dtype,
-                        learner_peers=learner.ranks[1:])
+        self.sync.setup(
+            learner.ranks[0],
+            rollout.samplers,
+            timeout_s,
+            wire_dtype=wire_dtype,
+            learner_peers=learner.ranks[1:],
+        )
 
     def publish(self, version: int, *, wait: bool = False) -> None:
         del wait  # a broadcast completes on both sides before it returns

@@ -44,8 +44,10 @@ def test_shipped_configs_exist():
 
 
 def test_overrides_are_typed():
-    cfg = load_config(None, ["distill.divergence=js", "learner.lr=0.01", "rollout.max_staleness=0",
-                             "log.wandb=true"])
+    cfg = load_config(
+        None,
+        ["distill.divergence=js", "learner.lr=0.01", "rollout.max_staleness=0", "log.wandb=true"],
+    )
     assert cfg.distill.divergence == "js"
     assert cfg.learner.lr == 0.01
     assert cfg.rollout.max_staleness == 0
@@ -87,8 +89,13 @@ def test_missing_and_malformed_files(tmp_path):
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "services.cli", *args], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_help_is_fast_and_light():
@@ -98,11 +105,18 @@ def test_cli_help_is_fast_and_light():
     assert out.returncode == 0 and "train" in out.stdout
     assert elapsed < 3.0, f"--help took {elapsed:.2f}s"
     probe = subprocess.run(
-        [sys.executable, "-c",
-         "import sys, services.cli as c\n"
-         "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-         "print(sorted(m for m in ('torch','ray','vllm','deepspeed','transformers') if m in sys.modules))"],
-        cwd=REPO, capture_output=True, text=True, timeout=60)
+        [
+            sys.executable,
+            "-c",
+            "import sys, services.cli as c\n"
+            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch','ray','vllm','deepspeed','transformers') if m in sys.modules))",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert probe.stdout.strip().splitlines()[-1] == "[]"
 
 

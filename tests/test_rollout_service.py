@@ -67,7 +67,12 @@ def _stream(sampler, items, **kw):
     import ray
 
     gen = sampler.sample_stream.options(num_returns="streaming").remote(
-        items, n=kw.get("n", 2), max_tokens=kw.get("max_tokens", 24), temperature=1.0, seed=kw.get("seed", 0))
+        items,
+        n=kw.get("n", 2),
+        max_tokens=kw.get("max_tokens", 24),
+        temperature=1.0,
+        seed=kw.get("seed", 0),
+    )
     return [r for ref in gen for r in ray.get(ref)]
 
 
@@ -102,15 +107,22 @@ def test_weight_push_changes_policy_and_version(actors, hf_model, tokenizer):
     with torch.no_grad():
         for p in new.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    version, seconds = ray.get(sampler.load_weights.remote(ray.put(list(new.state_dict().items())), 1))
+    version, seconds = ray.get(
+        sampler.load_weights.remote(ray.put(list(new.state_dict().items())), 1)
+    )
     assert version == 1 and seconds >= 0
     rollouts = _stream(sampler, _items(tokenizer, 4), seed=5)
     assert {r.policy_version for r in rollouts} == {1}
     worst_new = worst_old = 0.0
     for r in rollouts:
         lp = torch.tensor(r.logp_sampler)
-        worst_new = max(worst_new, (_learner_logps(new, r.prompt_ids, r.response_ids) - lp).abs().max().item())
-        worst_old = max(worst_old, (_learner_logps(hf_model, r.prompt_ids, r.response_ids) - lp).abs().max().item())
+        worst_new = max(
+            worst_new, (_learner_logps(new, r.prompt_ids, r.response_ids) - lp).abs().max().item()
+        )
+        worst_old = max(
+            worst_old,
+            (_learner_logps(hf_model, r.prompt_ids, r.response_ids) - lp).abs().max().item(),
+        )
     assert worst_new < 1e-4
     assert worst_old > 1e-2  # the push really changed what the sampler serves
     with pytest.raises(Exception, match="not newer"):
@@ -124,18 +136,35 @@ def test_engine_errors_are_clear(tmp_path):
         _check_settings(EngineSettings(model_path=str(tmp_path)))
 
 
-def _service(tiny_model, *, samplers, scorers, staleness, prompts=6, n=2, capacity=64, timeout=60.0):
+def _service(
+    tiny_model, *, samplers, scorers, staleness, prompts=6, n=2, capacity=64, timeout=60.0
+):
     from services.rollout_service import RolloutPlan, RolloutService
 
-    plan = RolloutPlan(prompts_per_step=prompts, samples_per_prompt=n, max_tokens=16, temperature=1.0,
-                       max_staleness=staleness, channel_capacity=capacity, sync_timeout_s=timeout, seed=0)
-    return RolloutService(student_settings=_settings(tiny_model), teacher_settings=_settings(tiny_model),
-                          num_samplers=samplers, num_scorers=scorers,
-                          sampler_resources={"num_cpus": 0.25}, scorer_resources={"num_cpus": 0.25},
-                          plan=plan)
+    plan = RolloutPlan(
+        prompts_per_step=prompts,
+        samples_per_prompt=n,
+        max_tokens=16,
+        temperature=1.0,
+        max_staleness=staleness,
+        channel_capacity=capacity,
+        sync_timeout_s=timeout,
+        seed=0,
+    )
+    return RolloutService(
+        student_settings=_settings(tiny_model),
+        teacher_settings=_settings(tiny_model),
+        num_samplers=samplers,
+        num_scorers=scorers,
+        sampler_resources={"num_cpus": 0.25},
+        scorer_resources={"num_cpus": 0.25},
+        plan=plan,
+    )
 
 
-def test_every_sample_arrives_exactly_once_with_staleness_bound(ray_local, tiny_model, tokenizer, hf_model):
+def test_every_sample_arrives_exactly_once_with_staleness_bound(
+    ray_local, tiny_model, tokenizer, hf_model
+):
     from rollout.sources import make_source
     from rollout.tasks import encode_prompt
 
@@ -170,7 +199,12 @@ def test_strictly_on_policy_when_max_staleness_is_zero(ray_local, tiny_model, to
     from rollout.tasks import encode_prompt
 
     svc = _service(tiny_model, samplers=1, scorers=1, staleness=0, prompts=4)
-    svc.start(make_source("arithmetic", seed=2), lambda t: encode_prompt(tokenizer, t), first_step=1, last_step=3)
+    svc.start(
+        make_source("arithmetic", seed=2),
+        lambda t: encode_prompt(tokenizer, t),
+        first_step=1,
+        last_step=3,
+    )
     named = list(hf_model.state_dict().items())
     try:
         for step in range(1, 4):
@@ -195,8 +229,11 @@ def test_weight_sync_times_out_with_clear_error(ray_local, tiny_model, tokenizer
     try:
         # Occupy the sampler (actors run calls in order) so the push cannot start in time.
         items = _items(tokenizer, 64)
-        busy = svc.samplers[0].sample_stream.options(num_returns="streaming").remote(
-            items, n=8, max_tokens=200, temperature=1.0, seed=0)
+        busy = (
+            svc.samplers[0]
+            .sample_stream.options(num_returns="streaming")
+            .remote(items, n=8, max_tokens=200, temperature=1.0, seed=0)
+        )
         svc.push_weights(list(hf_model.state_dict().items()), version=1)
         t0 = time.perf_counter()
         with pytest.raises(WeightSyncError, match="did not complete .* within"):

@@ -156,15 +156,23 @@ def test_merge_metrics_rules():
     assert m["learner/grad_norm"] == 5.0
 
 
-@pytest.mark.parametrize("divergence, shifts", [("reverse_kl", True), ("forward_kl", True), ("js", False)])
+@pytest.mark.parametrize(
+    "divergence, shifts", [("reverse_kl", True), ("forward_kl", True), ("js", False)]
+)
 def test_center_cost_is_a_constant_shift(divergence, shifts):
     """Centring subtracts f'(1) from each OPD+ immediate cost: reverse-KL OPD+ becomes the
     usual ell cost (= OPD for reverse KL at discount 0); divergences with f'(1) = 0 are untouched."""
     model = tiny_llama()
     batch = collate(random_scored(6), pad_id=0)
-    kw = dict(divergence=divergence, discount=0.0, ratio_clip=10.0, is_cap=None,
-              aggregation="token_mean", normaliser=global_normaliser(batch, "token_mean"),
-              policy_version=1)
+    kw = dict(
+        divergence=divergence,
+        discount=0.0,
+        ratio_clip=10.0,
+        is_cap=None,
+        aggregation="token_mean",
+        normaliser=global_normaliser(batch, "token_mean"),
+        policy_version=1,
+    )
     raw, _ = compute_loss(model, batch, estimator="opd_plus", **kw)
     centred, _ = compute_loss(model, batch, estimator="opd_plus", center_cost=True, **kw)
     assert (abs(raw.item() - centred.item()) > 1e-3) is shifts
