@@ -83,45 +83,24 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
         bar = Progress(total=cfg.run.steps, initial=first_step - 1, enabled=show, desc="OPD+ train")
         try:
             for step in range(first_step, cfg.run.steps + 1):
-                t0 = time.perf_counter()
-                batch = rollout.next_batch(step)  # sample + score
-                t1 = time.perf_counter()
+                clock = StepClock()
+                batch = rollout.next_batch(step)  # sample + score (overlapped)
+                clock.mark("wait")
                 stats = learner.train_step(batch, policy_version=step - 1)  # train
-                t2 = time.perf_counter()
+                clock.mark("train")
                 if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
                     publisher.publish(step)  # push weights
-                t3 = time.perf_counter()
-                row = step_metrics(
-                    batch,
-                    stats,
-                    rollout.take_times(),
-                    wait=t1 - t0,
-                    train=t2 - t1,
-                    sync=t3 - t2,
-                    step_time=time.perf_counter() - t0,
-                    step=step,
-                )
+                clock.mark("sync")
+                row = step_metrics(batch, stats, rollout.take_times(), clock.spans, step=step)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
-                    row.update(
-                        eval_metrics(
-                            evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
-                        )
+                    row |= eval_metrics(
+                        evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
                     )
-                metrics.log(step, row)  # log
-                metrics.log_samples(
-                    step, [s.sample_id for s in batch], [s.policy_version for s in batch]
-                )
+                metrics.log(step, row, batch)  # log
                 bar.update(row)
                 if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
-                    learner.save_checkpoint(
-                        checkpoint_dir(run_dir),
-                        {
-                            "step": step,
-                            "policy_version": step,
-                            "eval_before": eval_before,
-                            "source_state": rollout.source_state_before(step + 1),
-                        },
-                        keep=cfg.run.keep_checkpoints,
+                    checkpoint(
+                        learner, run_dir, step, eval_before, rollout, keep=cfg.run.keep_checkpoints
                     )
             eval_after = evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
             metrics.log(cfg.run.steps, eval_metrics(eval_after))
@@ -136,6 +115,34 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+class StepClock:
+    """Seconds between marks within one step: spans["wait"], ["train"], ["sync"], ["step"]."""
+
+    def __init__(self) -> None:
+        self.start = self.last = time.perf_counter()
+        self.spans: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.spans[name] = now - self.last
+        self.spans["step"] = now - self.start
+        self.last = now
+
+
+def checkpoint(learner, run_dir: Path, step: int, eval_before: dict, rollout, *, keep: int) -> None:
+    """Learner weights + optimizer (DeepSpeed), and what resuming needs: the step, the policy
+    version, and the prompt source's position after this step's batch."""
+    from services.parts import checkpoint_dir
+
+    state = {
+        "step": step,
+        "policy_version": step,
+        "eval_before": eval_before,
+        "source_state": rollout.source_state_before(step + 1),
+    }
+    learner.save_checkpoint(checkpoint_dir(run_dir), state, keep=keep)
 
 
 def prepare_run_dir(cfg: Config, *, resume: bool) -> Path:

@@ -46,7 +46,10 @@ class MetricsLogger:
                 project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}
             )
 
-    def log(self, step: int, values: dict[str, Any]) -> None:
+    def log(self, step: int, values: dict[str, Any], batch=None) -> None:
+        """Append one row (flushed); with ``batch``, also which samples the step trained on."""
+        if batch is not None:
+            self.log_samples(step, [s.sample_id for s in batch], [s.policy_version for s in batch])
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()

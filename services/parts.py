@@ -168,18 +168,11 @@ def evaluate_student(
     return result
 
 
-def step_metrics(
-    batch,
-    stats: dict,
-    times,
-    *,
-    wait: float,
-    train: float,
-    sync: float,
-    step_time: float,
-    step: int,
-) -> dict:
-    """The per-step row: learner/distill stats from the learner, rollout/time/perf here."""
+def step_metrics(batch, stats: dict, times, spans: dict[str, float], *, step: int) -> dict:
+    """The per-step row: learner/distill stats from the learner, rollout/time/perf here.
+
+    spans: the driver's StepClock spans (wait for the batch, train, sync, whole step).
+    """
     staleness = [step - 1 - s.policy_version for s in batch]
     tokens = sum(len(s.rollout.response_ids) for s in batch)
     row = dict(stats)
@@ -196,12 +189,12 @@ def step_metrics(
             "rollout/timed_samples": times.samples,
             "time/sample": times.sample,
             "time/score": times.score,
-            "time/train": train,
-            "time/sync": sync,
-            "time/wait": wait,
-            "time/step": step_time,
-            "perf/tokens_per_s": tokens / step_time if step_time > 0 else 0.0,
-            "perf/samples_per_s": len(batch) / step_time if step_time > 0 else 0.0,
+            "time/train": spans["train"],
+            "time/sync": spans["sync"],
+            "time/wait": spans["wait"],
+            "time/step": spans["step"],
+            "perf/tokens_per_s": tokens / spans["step"],
+            "perf/samples_per_s": len(batch) / spans["step"],
         }
     )
     return row
