@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -69,6 +70,8 @@ def run_one(divergence: str, estimator: str, steps: int, out_dir: Path) -> dict:
 
 
 def main() -> None:
+    # bench/rollout.py would shadow the rollout package: put the repository first.
+    sys.path.insert(0, str(REPO))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=80)
     p.add_argument("--divergences", default="reverse_kl,forward_kl,js")

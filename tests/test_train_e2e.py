@@ -55,6 +55,7 @@ def _overrides(toy_pair, out_dir: Path, name: str, steps: int, **extra) -> list[
         "log.progress": "false",
         "learner.lr": 1.5e-4,
         "ray.num_cpus": 2,
+        "distill.divergence": "reverse_kl",
     }
     sets.update(extra)
     return [f"{k}={v}" for k, v in sets.items()]
