@@ -617,8 +617,10 @@ def smollm_sampling(report: Report, pair: Pair, sizes: Sizes, hf: dict, ceiling:
                             "vs_transformers": fig["tokens_per_s"] / hf["tokens_per_s"],
                         }
                     )
-        except EngineError as exc:  # e.g. compilation unavailable; recorded, the sweep goes on
-            sweep.append({"variant": v.name, "error": str(exc)})
+        except (EngineError, RuntimeError) as exc:
+            # e.g. torch.compile on CPU ("CPU Generator does not use offset" with seeded
+            # sampling): recorded, and the sweep goes on with the other settings.
+            sweep.append({"variant": v.name, "error": f"{type(exc).__name__}: {exc}"})
     hf.update(flop_fraction(hf, ceiling))
     report.sampling["smollm2"] = {"transformers": hf, "sweep": sweep, "model": "teacher folder"}
 
