@@ -98,7 +98,10 @@ def _check_settings(s: EngineSettings) -> None:
 def _memory_kwargs(s: EngineSettings) -> dict:
     if torch.cuda.is_available():
         return {"gpu_memory_utilization": s.kv_cache_fraction}
-    return {"kv_cache_memory_bytes": s.kv_cache_mb * 2**20}
+    # No chunked prefill on CPU: when a prompt's prefill is split, vLLM 0.32 rewinds the seeded
+    # request's torch.Generator with get_offset(), which CPU generators do not support
+    # ("CPU Generator does not use offset") and the engine dies.
+    return {"kv_cache_memory_bytes": s.kv_cache_mb * 2**20, "enable_chunked_prefill": False}
 
 
 class _Engine:
