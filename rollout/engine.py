@@ -222,12 +222,6 @@ class StudentEngine(_Engine):
         self.version = version
         return time.perf_counter() - t0
 
-    def load_weights_from_file(self, path: str, version: int) -> float:
-        """Same as load_weights, reading a safetensors file (used when tensors cannot be passed)."""
-        from safetensors.torch import load_file
-
-        return self.load_weights(list(load_file(path).items()), version)
-
 
 def _to_generation(completion) -> Generation:
     ids = tuple(completion.token_ids)

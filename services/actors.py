@@ -104,7 +104,6 @@ class TeacherScorer:
         from rollout.engine import TeacherEngine
 
         self.engine = TeacherEngine(settings)
-        self.busy_s = 0.0
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], float]:
         """Teacher log-probs for each rollout; also returns the seconds spent scoring."""
@@ -113,12 +112,12 @@ class TeacherScorer:
             [list(r.prompt_ids) for r in rollouts], [list(r.response_ids) for r in rollouts]
         )
         seconds = time.perf_counter() - t0
-        self.busy_s += seconds
         scored = [
             ScoredRollout(rollout=r, logp_teacher=tuple(lp))
             for r, lp in zip(rollouts, logps, strict=True)
         ]
         return scored, seconds
 
-    def busy_seconds(self) -> float:
-        return self.busy_s
+    def ready(self) -> bool:
+        """Answers once the engine is up, so start-up errors surface at construction."""
+        return True

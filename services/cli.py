@@ -94,7 +94,6 @@ def _is_user_error(exc: BaseException) -> bool:
         "WeightSyncError",
         "RolloutError",
         "RecordError",
-        "ModelBuildError",
     }
     return type(exc).__name__ in names
 

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 class RayInfo:
     address: str
     dashboard_url: str | None
-    started_here: bool
 
 
 @contextlib.contextmanager
@@ -30,7 +29,7 @@ def ray_session(
         }
     }
     if ray.is_initialized():
-        yield RayInfo(address="(already initialised)", dashboard_url=None, started_here=False)
+        yield RayInfo(address="(already initialised)", dashboard_url=None)
         return
     if address:
         ctx = ray.init(address=address, runtime_env=env, log_to_driver=True)
@@ -48,7 +47,6 @@ def ray_session(
     info = RayInfo(
         address=ctx.address_info.get("gcs_address", address or "local"),
         dashboard_url=url,
-        started_here=not address,
     )
     try:
         yield info

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 
+from rollout.records import staleness
 from services.config import Config
 
 
@@ -173,14 +174,14 @@ def step_metrics(batch, stats: dict, times, spans: dict[str, float], *, step: in
 
     spans: the driver's StepClock spans (wait for the batch, train, sync, whole step).
     """
-    staleness = [step - 1 - s.policy_version for s in batch]
+    stale = [staleness(step - 1, s.policy_version) for s in batch]  # trained at step - 1
     tokens = sum(len(s.rollout.response_ids) for s in batch)
     row = dict(stats)
     row.update(
         {
-            "rollout/staleness": staleness,
-            "rollout/staleness_mean": statistics.fmean(staleness),
-            "rollout/staleness_max": max(staleness),
+            "rollout/staleness": stale,
+            "rollout/staleness_mean": statistics.fmean(stale),
+            "rollout/staleness_max": max(stale),
             "rollout/response_len_mean": tokens / len(batch),
             "rollout/truncated_frac": sum(s.rollout.finish_reason == "length" for s in batch)
             / len(batch),

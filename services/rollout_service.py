@@ -128,7 +128,7 @@ class RolloutService:
         ]
         # Surface engine start-up errors here, not at the first batch.
         ray.get([s.version.remote() for s in self.samplers])
-        ray.get([s.busy_seconds.remote() for s in self.scorers])
+        ray.get([s.ready.remote() for s in self.scorers])
         self._scorer_cycle = itertools.cycle(self.scorers)
         self._scorer_lock = threading.Lock()
         self._channel = _Channel(plan.channel_capacity)
