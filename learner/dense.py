@@ -1,0 +1,324 @@
+"""Dense OPD+ over the teacher's top-K tokens ("OPD+ top-K"; docs: opdplus-math.md §8).
+
+At each visited state s_t the teacher reports its top-K tokens S_t (a function of the state
+only) and their log-probs. With one tail bucket holding each side's remaining mass,
+
+    P~_t = (π_θ(S_t|s_t), 1 − π_θ(S_t|s_t)),   Q~_t = (π_T(S_t|s_t), 1 − π_T(S_t|s_t)),
+    D~_t(θ) = Σ_{j ∈ S_t ∪ tail} P~_j · g(log P~_j − log Q~_j)     (= Σ_j Q~_j f(P~_j/Q~_j)),
+
+with g = f(r)/r the registry's `Divergence.cost`. D~_t = D_f(π_θ(·|s_t) ‖ π_T(·|s_t)) when K = V
+and a lower bound otherwise (data processing). The objective J~(θ) = E_{y~π_θ}[Σ_t D~_t(θ)] has
+the exact gradient
+
+    ∇J~ = E[ Σ_t ∇_θ D~_t(θ)  +  Σ_t ∇log π_θ(y_t|s_t) · Σ_{k>t} γ^{k−t} sg(D~_k) ]
+
+at γ = 1; at γ = 0 it is the gradient with the state distribution frozen. The first (direct)
+term is differentiated through the student's log-probs on S_t and the tail: nothing is sampled
+at position t. The second (state-distribution) term is OPD+'s future cost with each sampled
+g(r_k) replaced by its conditional expectation D~_k, i.e. the advantage
+
+    A_t = −Σ_{k>t} γ^{k−t} sg(D~_k)
+
+in the ordinary surrogate −A_t · w_t · log π_θ(y_t|s_t) (`learner.loss.surrogate_loss`).
+
+Stale samples (§5). y was sampled by π_old, not π_θ. The truncated weight
+w_t = min(π_θ(y_t|s_t)/π_old(y_t|s_t), is_cap) corrects the choice of y_t at s_t, so it multiplies
+the state-distribution term exactly as on the sampled path. The direct term makes no choice at
+s_t: D~_t depends on the state only, so w_t is NOT applied to it (E_{y_t~π_old}[w_t] = 1 would
+leave its expectation unchanged but add variance). Neither term corrects the distribution of the
+state s_t itself (the prefix ratio Π_{k<t} π_θ/π_old), nor the states s_k, k > t, inside A_t: the
+same per-token approximation as the sampled path, exact when the sampler is the current policy.
+
+Numerics: log P~ and log Q~ come from log-probs (logsumexp over S_t, log1p(−exp(·)) for the tail,
+tail mass clamped to at least `tail_min`), never from a full-vocabulary softmax; ell is clamped to
+±ratio_clip before g, like the sampled path. A clamped entry keeps the gradient through P~_j but
+not through ell_j, so for exponential-tailed costs (forward KL, ...) the pull on tokens the
+student has almost no mass on is damped: report and watch `clamped_frac`. The student's top-K
+log-probs are gathered from the logits chunk by chunk (`topk_token_logprobs`) without a
+[B, T, V] float32 tensor. Pure torch: no config, transformers, ray or vllm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from learner.advantages import compute_dtype, discounted_future_sum
+from learner.divergences import Divergence, get_divergence
+from learner.loss import AGGREGATIONS, surrogate_loss
+
+_LOG2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class DenseStats:
+    """Batch diagnostics over masked (response) positions.
+
+    divergence:        mean D~_t, the per-token restricted divergence (a lower bound on D_f).
+    clamped_frac:      fraction of support entries (K + tail per position) with |ell| > ratio_clip.
+    adv_abs_max:       max |A_t| of the state-distribution term.
+    teacher_tail_mean: mean teacher mass outside its top-K (how much of q the top-K misses).
+    student_tail_mean: mean student mass outside the teacher's top-K.
+    is_truncated_frac, is_weight_mean, mismatch: as `learner.loss.LossStats`.
+    """
+
+    divergence: float
+    clamped_frac: float
+    adv_abs_max: float
+    teacher_tail_mean: float
+    student_tail_mean: float
+    is_truncated_frac: float
+    is_weight_mean: float
+    mismatch: float
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 − exp(x)) for x < 0, accurate at both ends (expm1 near 0, log1p far from 0).
+
+    Each branch only sees inputs in its own safe range, so the unused branch of the where()
+    cannot put inf/NaN into the backward pass.
+    """
+    near = torch.log(-torch.expm1(x.clamp(min=-_LOG2)))
+    far = torch.log1p(-torch.exp(x.clamp(max=-_LOG2)))
+    return torch.where(x > -_LOG2, near, far)
+
+
+def restricted_log_dists(
+    logp_student_NK: Tensor, logp_teacher_NK: Tensor, *, tail_min: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """(log P~ [N, K+1], log Q~ [N, K+1]): the K support entries then the tail bucket.
+
+    logp_*_NK: [..., K] log-probs of the teacher's top-K tokens under each model (any leading
+        shape). The tail is log(1 − Σ_S p) = log1mexp(logsumexp(logp)), with the covered mass
+        clamped to at most 1 − tail_min (float round-off can make a top-K that covers the whole
+        vocabulary sum past 1). When a side's tail is clamped it carries no gradient; when both
+        are, ell_tail = 0 and g(0) = f(1) = 0, so the bucket adds nothing (the K = V case).
+    tail_min: smallest tail mass; default 16 · machine epsilon of the dtype.
+    """
+    dtype = logp_student_NK.dtype
+    if tail_min is None:
+        tail_min = 16 * torch.finfo(dtype).eps
+    cap = math.log1p(-tail_min)
+
+    def with_tail(logp_NK: Tensor) -> Tensor:
+        covered_N = torch.logsumexp(logp_NK, dim=-1).clamp(max=cap)
+        return torch.cat([logp_NK, log1mexp(covered_N).unsqueeze(-1)], dim=-1)
+
+    return with_tail(logp_student_NK), with_tail(logp_teacher_NK)
+
+
+def restricted_divergence(
+    logp_student_NK: Tensor,
+    logp_teacher_NK: Tensor,
+    *,
+    divergence: Divergence | str,
+    ratio_clip: float | None = 10.0,
+    tail_min: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(D~_N [...], clamped_NJ [..., K+1] bool): the per-state restricted divergence.
+
+    D~ = Σ_j P~_j · g(clamp(log P~_j − log Q~_j, ±ratio_clip)) over the K support entries and the
+    tail (module docstring). Differentiable in logp_student_NK (the direct term); the teacher
+    side is used detached. Computed in the inputs' promoted dtype, at least float32.
+    """
+    div = get_divergence(divergence)
+    if logp_student_NK.shape != logp_teacher_NK.shape:
+        raise ValueError(
+            f"shape mismatch: student {tuple(logp_student_NK.shape)}, "
+            f"teacher {tuple(logp_teacher_NK.shape)}"
+        )
+    if logp_student_NK.shape[-1] < 1:
+        raise ValueError("the teacher's support needs at least one token (K >= 1)")
+    if ratio_clip is not None and not ratio_clip > 0:
+        raise ValueError(f"ratio_clip must be positive or None, got {ratio_clip}")
+    dtype = compute_dtype(logp_student_NK, logp_teacher_NK)
+    logp_p_NJ, logp_q_NJ = restricted_log_dists(
+        logp_student_NK.to(dtype), logp_teacher_NK.detach().to(dtype), tail_min=tail_min
+    )
+    ell_NJ = logp_p_NJ - logp_q_NJ
+    clamped_NJ = torch.zeros_like(ell_NJ, dtype=torch.bool)
+    if ratio_clip is not None:
+        clamped_NJ = ell_NJ.detach().abs() > ratio_clip
+        ell_NJ = ell_NJ.clamp(-ratio_clip, ratio_clip)
+    d_N = (logp_p_NJ.exp() * div.cost(ell_NJ)).sum(-1)
+    return d_N, clamped_NJ
+
+
+def dense_surrogate_loss(
+    logp_student_BTK: Tensor,
+    logp_teacher_BTK: Tensor,
+    logp_learner_BT: Tensor,
+    logp_sampler_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    divergence: Divergence | str,
+    discount: float = 0.0,
+    ratio_clip: float | None = 10.0,
+    is_cap: float | None = 2.0,
+    aggregation: str = "token_mean",
+    normaliser: float | Tensor | None = None,
+    tail_min: float | None = None,
+) -> tuple[Tensor, DenseStats]:
+    """Scalar OPD+ top-K surrogate loss and its `DenseStats`.
+
+    Per response position, loss_t = D~_t(θ) − A_t · w_t · log π_θ(y_t|s_t) with
+    A_t = −Σ_{k>t} γ^{k−t} sg(D~_k) (module docstring), aggregated exactly as
+    `learner.loss.surrogate_loss` (token_mean / seq_mean, `normaliser` = the global N).
+
+    logp_student_BTK: [B, T, K] log π_θ(v|s_t) at the teacher's top-K ids, with gradient.
+    logp_teacher_BTK: [B, T, K] the teacher's top-K log-probs (detached).
+    logp_learner_BT:  [B, T] log π_θ(y_t|s_t) of the sampled token, with gradient.
+    logp_sampler_BT:  [B, T] the sampler's log-prob of y_t (for w_t).
+    mask_BT:          [B, T] nonzero on response positions; the rest (padding, prompt) adds
+                      nothing and may hold garbage.
+    discount: γ ∈ [0, 1]; ratio_clip, is_cap: None disables.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must be in [0, 1], got {discount}")
+    if logp_student_BTK.shape != logp_teacher_BTK.shape or logp_student_BTK.dim() != 3:
+        raise ValueError(
+            f"top-K log-probs must share one [B, T, K] shape, got student "
+            f"{tuple(logp_student_BTK.shape)}, teacher {tuple(logp_teacher_BTK.shape)}"
+        )
+    if logp_student_BTK.shape[:2] != mask_BT.shape:
+        raise ValueError(
+            f"top-K log-probs {tuple(logp_student_BTK.shape)} do not match the mask "
+            f"{tuple(mask_BT.shape)}"
+        )
+
+    dtype = compute_dtype(logp_student_BTK, logp_teacher_BTK, logp_learner_BT)
+    keep_BT = mask_BT != 0
+    keep_BT1 = keep_BT.unsqueeze(-1)
+    K = logp_student_BTK.shape[-1]
+    # Off the mask, swap in a harmless uniform distribution before any logsumexp / exp: padding
+    # may hold zeros (covered mass K > 1) or NaN, and where() after the fact would still send
+    # NaN through the backward pass.
+    safe = -math.log(K + 1)
+    logp_s_BTK = torch.where(keep_BT1, logp_student_BTK.to(dtype), safe)
+    logp_t_BTK = torch.where(keep_BT1, logp_teacher_BTK.detach().to(dtype), safe)
+    d_BT, clamped_BTJ = restricted_divergence(
+        logp_s_BTK, logp_t_BTK, divergence=divergence, ratio_clip=ratio_clip, tail_min=tail_min
+    )
+    d_BT = torch.where(keep_BT, d_BT, 0.0)
+
+    # State-distribution term: OPD+'s future cost with g(r_k) replaced by D~_k (detached).
+    adv_BT = torch.where(keep_BT, -discounted_future_sum(d_BT.detach(), discount), 0.0)
+    state_loss, loss_stats = surrogate_loss(
+        logp_learner_BT,
+        adv_BT,
+        logp_sampler_BT,
+        mask_BT,
+        is_cap=is_cap,
+        aggregation=aggregation,
+        normaliser=normaliser,
+    )
+    # Direct term: no importance weight (it depends on s_t only; see the module docstring).
+    direct_loss = _aggregate(d_BT, keep_BT, aggregation, normaliser)
+    loss = direct_loss + state_loss
+
+    with torch.no_grad():
+        n = keep_BT.sum().clamp(min=1).to(dtype)
+        logp_p_BTJ, logp_q_BTJ = restricted_log_dists(logp_s_BTK.detach(), logp_t_BTK)
+        terms = [
+            d_BT.detach().sum() / n,
+            (clamped_BTJ & keep_BT1).sum().to(dtype) / (n * (K + 1)),
+            adv_BT.abs().amax() if adv_BT.numel() else adv_BT.new_zeros(()),
+            torch.where(keep_BT, logp_q_BTJ[..., -1].exp(), 0.0).sum() / n,
+            torch.where(keep_BT, logp_p_BTJ[..., -1].exp(), 0.0).sum() / n,
+        ]
+        values = torch.stack(terms).tolist()
+    stats = DenseStats(
+        *values,
+        is_truncated_frac=loss_stats.is_truncated_frac,
+        is_weight_mean=loss_stats.is_weight_mean,
+        mismatch=loss_stats.mismatch,
+    )
+    return loss, stats
+
+
+def _aggregate(
+    loss_BT: Tensor, keep_BT: Tensor, aggregation: str, normaliser: float | Tensor | None
+) -> Tensor:
+    """The aggregation of `learner.loss.surrogate_loss`, for a per-position loss zero off mask."""
+    if aggregation == "token_mean":
+        denom = keep_BT.sum().clamp(min=1) if normaliser is None else normaliser
+        return loss_BT.sum() / denom
+    n_B = keep_BT.sum(-1)
+    denom = (n_B > 0).sum().clamp(min=1) if normaliser is None else normaliser
+    return (loss_BT.sum(-1) / n_B.clamp(min=1)).sum() / denom
+
+
+class _ShiftedGatherLogSoftmax(torch.autograd.Function):
+    """out[b, i, k] = log softmax(logits[b, i])[ids[b, i, k]] for i < T − 1, chunked over positions.
+
+    Forward: per (row, chunk of positions), upcast to float32, logsumexp, gather. Only the
+    [B, T−1] logsumexp is kept for backward, which recomputes softmax chunk by chunk:
+    ∂/∂logits = scatter(grad) − (Σ_k grad_k) · softmax(logits), written in the logits' dtype.
+    No [B, T, V] float32 tensor exists at any time, and the logits are never copied.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_BTV: Tensor, ids_BTK: Tensor, chunk: int) -> Tensor:
+        B, T, _ = logits_BTV.shape
+        dev = logits_BTV.device
+        out_BTK = torch.empty((B, T - 1, ids_BTK.shape[-1]), dtype=torch.float32, device=dev)
+        lse_BT = torch.empty((B, T - 1), dtype=torch.float32, device=dev)
+        for b in range(B):
+            for lo in range(0, T - 1, chunk):
+                hi = min(lo + chunk, T - 1)
+                logits_cV = logits_BTV[b, lo:hi].float()
+                lse_BT[b, lo:hi] = torch.logsumexp(logits_cV, dim=-1)
+                picked_cK = logits_cV.gather(-1, ids_BTK[b, lo:hi])
+                out_BTK[b, lo:hi] = picked_cK - lse_BT[b, lo:hi, None]
+        ctx.save_for_backward(logits_BTV, ids_BTK, lse_BT)
+        ctx.chunk = chunk
+        return out_BTK
+
+    @staticmethod
+    def backward(ctx, grad_BTK: Tensor):
+        logits_BTV, ids_BTK, lse_BT = ctx.saved_tensors
+        B, T, _ = logits_BTV.shape
+        grad_BTV = torch.zeros_like(logits_BTV)
+        for b in range(B):
+            for lo in range(0, T - 1, ctx.chunk):
+                hi = min(lo + ctx.chunk, T - 1)
+                g_cK = grad_BTK[b, lo:hi].float()
+                p_cV = (logits_BTV[b, lo:hi].float() - lse_BT[b, lo:hi, None]).exp()
+                g_cV = p_cV.mul_(-g_cK.sum(-1, keepdim=True))
+                g_cV.scatter_add_(-1, ids_BTK[b, lo:hi], g_cK)
+                grad_BTV[b, lo:hi] = g_cV.to(grad_BTV.dtype)
+        return grad_BTV, None, None
+
+
+def topk_token_logprobs(logits_BTV: Tensor, ids_BTK: Tensor, *, chunk: int = 256) -> Tensor:
+    """logp_BTK[b, i, k] = log softmax(logits[b, i−1])[ids[b, i, k]] for i ≥ 1; column 0 is 0.
+
+    The `rollout.alignment` convention: column i holds log π(· | x_<i), predicted by the logits
+    at i − 1. ids_BTK are the teacher's top-K ids per column (the sampled token can ride along
+    as one more column of ids); every id must be < V, padding columns may hold any valid id.
+    Float32 result, differentiable in the logits; memory beyond the logits (and their gradient)
+    is O(chunk · V) float32 plus the [B, T, K] output.
+    """
+    if logits_BTV.dim() != 3 or ids_BTK.dim() != 3 or logits_BTV.shape[:2] != ids_BTK.shape[:2]:
+        raise ValueError(
+            f"logits {tuple(logits_BTV.shape)} and ids {tuple(ids_BTK.shape)} must be "
+            "[B, T, V] and [B, T, K]"
+        )
+    B, T, V = logits_BTV.shape
+    K = ids_BTK.shape[-1]
+    if ids_BTK.numel() and not 0 <= int(ids_BTK.min()) <= int(ids_BTK.max()) < V:
+        raise ValueError(
+            f"top-K ids span [{int(ids_BTK.min())}, {int(ids_BTK.max())}], outside the "
+            f"student's vocabulary of {V} logits"
+        )
+    if T < 2:
+        return torch.zeros((B, T, K), dtype=torch.float32, device=logits_BTV.device)
+    # Column i + 1's ids are scored by the logits at i.
+    ids_next_BTK = ids_BTK[:, 1:].long().contiguous()
+    logp_BTK = _ShiftedGatherLogSoftmax.apply(logits_BTV, ids_next_BTK, chunk)
+    return torch.nn.functional.pad(logp_BTK, (0, 0, 1, 0), value=0.0)
