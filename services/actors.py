@@ -1,76 +1,65 @@
-"""Ray actors: thin shells over the plain engines in ``rollout.engine``.
+"""Ray actors: thin shells over the plain ``rollout.sampler.Sampler`` / ``rollout.scorer.Scorer``.
 
-An actor forwards calls and owns process-level concerns (resources, naming); the work is
-done by StudentEngine / TeacherEngine, which also run without Ray.
+An actor forwards calls and owns process-level concerns (resources, naming, restart policy);
+the work is done by the plain objects, which also run without Ray (the in-process mode).
+
+Restarts: actors are created with ``max_restarts=0`` on purpose. ``services.pool`` replaces a
+dead worker itself (up to ``rollout.max_restarts`` per slot) because a replacement must be
+counted, must get its in-flight work re-dispatched, and must load the current weights before it
+takes work; a silent Ray restart would bring back a sampler at policy version 0.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import ray
 
 from rollout.records import Rollout, ScoredRollout
+from rollout.sampler import Faults, Sampler, SampleRequest, WorkItem
+from rollout.scorer import Scorer
+
+__all__ = ["StudentSampler", "TeacherScorer", "WorkItem", "actor_options"]
 
 
-@dataclass(frozen=True)
-class WorkItem:
-    """One prompt to sample: ``n`` samples get ids ``<problem_id>/<k>``."""
-
-    problem_id: str
-    answer: str
-    prompt_ids: tuple[int, ...]
+def actor_options(name: str | None, resources: dict) -> dict:
+    """``.options()`` for a pool worker: the role's resource dict (num_cpus, num_gpus,
+    custom ``resources``) as configured, a dashboard name, and no Ray-side restarts."""
+    opts = dict(resources)
+    opts.update(max_restarts=0, max_task_retries=0)
+    if name:
+        opts["name"] = name
+    return opts
 
 
 @ray.remote
 class StudentSampler:
-    """Runs one vLLM student engine; streams Rollouts as each prompt's samples finish."""
+    """Runs one ``rollout.sampler.Sampler`` (one vLLM student engine)."""
 
-    def __init__(self, settings) -> None:
-        from rollout.engine import StudentEngine
-
-        self.engine = StudentEngine(settings)
+    def __init__(self, settings, faults: Faults | None = None) -> None:
+        self.sampler = Sampler.build(settings, faults)
         self.nccl_receiver = None
 
     def version(self) -> int:
-        return self.engine.version
+        return self.sampler.version
 
     def sample_stream(
-        self, items: list[WorkItem], *, n: int, max_tokens: int, temperature: float, seed: int
-    ) -> Iterator[list[Rollout]]:
-        version = self.engine.version
-        stream = self.engine.generate_stream(
-            [list(it.prompt_ids) for it in items],
-            max_tokens=max_tokens,
-            temperature=temperature,
-            n=n,
-            seed=seed,
-        )
-        for index, gens in stream:
-            item = items[index]
-            yield [
-                Rollout(
-                    sample_id=f"{item.problem_id}/{k}",
-                    problem_id=item.problem_id,
-                    answer=item.answer,
-                    prompt_ids=item.prompt_ids,
-                    response_ids=g.token_ids,
-                    logp_sampler=g.logprobs,
-                    policy_version=version,
-                    finish_reason=g.finish_reason,
-                )
-                for k, g in enumerate(gens)
-            ]
+        self, items: list[WorkItem], req: SampleRequest
+    ) -> Iterator[tuple[int, list[Rollout]]]:
+        """Streams ``(position, group)`` as each prompt's samples finish (``num_returns="streaming"``)."""
+        yield from self.sampler.sample(items, req)
 
     def generate(self, prompt_ids: list[list[int]], **kwargs):
-        return self.engine.generate(prompt_ids, **kwargs)
+        return self.sampler.generate(prompt_ids, **kwargs)
 
     def load_weights(self, named_tensors, version: int) -> tuple[int, float]:
         """Load pushed weights; returns (version now served, seconds spent loading)."""
-        seconds = self.engine.load_weights(named_tensors, version)
-        return self.engine.version, seconds
+        return self.sampler.load_weights(named_tensors, version)
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     # GPU path (services/nccl_sync.py): weights arrive by NCCL broadcast from learner rank 0.
     def nccl_init_receiver(
@@ -80,7 +69,7 @@ class StudentSampler:
         from rollout.engine import NcclWeightReceiver
 
         self.nccl_receiver = NcclWeightReceiver(
-            self.engine, master_address, master_port, rank_offset, world_size
+            self.sampler.engine, master_address, master_port, rank_offset, world_size
         )
 
     def nccl_receive_weights(self, meta, version: int) -> tuple[int, float]:
@@ -88,7 +77,7 @@ class StudentSampler:
         if self.nccl_receiver is None:
             raise RuntimeError("nccl_init_receiver was not called on this sampler")
         seconds = self.nccl_receiver.receive(meta, version)
-        return self.engine.version, seconds
+        return self.sampler.version, seconds
 
     def nccl_close_receiver(self) -> None:
         if self.nccl_receiver is not None:
@@ -98,26 +87,20 @@ class StudentSampler:
 
 @ray.remote
 class TeacherScorer:
-    """Runs one vLLM teacher engine; adds teacher log-probs to rollouts."""
+    """Runs one ``rollout.scorer.Scorer`` (one vLLM teacher engine)."""
 
-    def __init__(self, settings) -> None:
-        from rollout.engine import TeacherEngine
-
-        self.engine = TeacherEngine(settings)
+    def __init__(self, settings, faults: Faults | None = None) -> None:
+        self.scorer = Scorer.build(settings, faults)
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], float]:
-        """Teacher log-probs for each rollout; also returns the seconds spent scoring."""
-        t0 = time.perf_counter()
-        logps = self.engine.score(
-            [list(r.prompt_ids) for r in rollouts], [list(r.response_ids) for r in rollouts]
-        )
-        seconds = time.perf_counter() - t0
-        scored = [
-            ScoredRollout(rollout=r, logp_teacher=tuple(lp))
-            for r, lp in zip(rollouts, logps, strict=True)
-        ]
-        return scored, seconds
+        """Teacher outputs for each rollout; also returns the seconds spent scoring."""
+        return self.scorer.score(rollouts)
 
     def ready(self) -> bool:
         """Answers once the engine is up, so start-up errors surface at construction."""
         return True
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

@@ -69,7 +69,7 @@ class LearnerRank:
     def nccl_init_sender(
         self, master_address: str, master_port: int, world_size: int, dtype: str
     ) -> None:
-        from rollout.engine import NcclWeightSender
+        from rollout.weight_transfer import NcclWeightSender
 
         self.nccl_sender = NcclWeightSender(master_address, master_port, world_size, dtype=dtype)
 
@@ -95,7 +95,8 @@ class LearnerGroup:
 
     model_path: HF folder of the initial student. pad_id: id used to right-pad batches (padding is
     masked out, any valid id works). Ranks: num_ranks actors with cpus_per_rank CPUs (fractions
-    allowed) and gpus_per_rank GPUs each. Optimisation (see `LearnerEngine`): zero_stage, lr,
+    allowed) and gpus_per_rank GPUs each, plus ``resources`` (Ray custom resources) if given; rank
+    i is the named actor ``learner-rank-{i}``. Optimisation (see `LearnerEngine`): zero_stage, lr,
     lr_schedule, warmup_steps, total_steps, weight_decay, betas, grad_clip, precision, seed.
     Estimator (see `learner.step.compute_loss`): divergence (+ alpha for "alpha"), estimator,
     discount, ratio_clip (0 = off), is_cap, aggregation.
@@ -109,6 +110,7 @@ class LearnerGroup:
         num_ranks: int = 1,
         cpus_per_rank: float = 1.0,
         gpus_per_rank: float = 0.0,
+        resources: dict | None = None,
         zero_stage: int = 1,
         lr: float = 1e-3,
         lr_schedule: str = "constant",
@@ -146,9 +148,17 @@ class LearnerGroup:
             "aggregation": aggregation,
             "center_cost": center_cost,
         }
-        actor = LearnerRank.options(num_cpus=cpus_per_rank, num_gpus=gpus_per_rank)
+        from services.cluster import actor_name
+
+        opts = {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank}
+        if resources:
+            opts["resources"] = dict(resources)  # custom resources place ranks on learner nodes
         num_threads = max(1, int(cpus_per_rank))
-        self.ranks = [actor.remote(num_threads) for _ in range(num_ranks)]
+        # Named by role and index so the dashboard's actor list reads as the pipeline.
+        self.ranks = [
+            LearnerRank.options(name=actor_name(f"learner-rank-{i}"), **opts).remote(num_threads)
+            for i in range(num_ranks)
+        ]
         master_addr, master_port = ray.get(self.ranks[0].rendezvous_address.remote())
         engine_kwargs = dict(
             model_path=model_path,

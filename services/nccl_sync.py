@@ -1,6 +1,6 @@
 """GPU weight sync: the learner's rank 0 broadcasts new weights to every sampler engine over NCCL.
 
-The data plane is vLLM's NCCL weight-transfer engine (``rollout.engine.NcclWeightSender`` /
+The data plane is vLLM's NCCL weight-transfer engine (``rollout.weight_transfer.NcclWeightSender`` /
 ``NcclWeightReceiver``); this module is the control plane. It makes one Ray call per side,
 each under a deadline, so a push that cannot finish raises ``WeightSyncError`` naming the side
 that did not finish, instead of hanging the driver.
@@ -38,7 +38,7 @@ from ray.exceptions import RayError
 
 from services.rollout_service import WeightSyncError
 
-# Mirrors rollout.engine.WIRE_DTYPES (checked by tests/test_nccl_sync.py); duplicated so the
+# Mirrors rollout.weight_transfer.WIRE_DTYPES (checked by tests/test_nccl_sync.py); duplicated so the
 # driver does not import vLLM.
 WIRE_DTYPES = ("float32", "bfloat16", "float16")
 SYNC_BACKENDS = ("auto", "object_store", "nccl")

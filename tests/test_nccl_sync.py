@@ -84,7 +84,7 @@ def _hf_sender_actor():
             return sender_address()
 
         def nccl_init_sender(self, master_address, master_port, world_size, dtype) -> None:
-            from rollout.engine import NcclWeightSender
+            from rollout.weight_transfer import NcclWeightSender
 
             self.nccl_sender = NcclWeightSender(
                 master_address, master_port, world_size, dtype=dtype
@@ -203,7 +203,7 @@ def test_nccl_push_without_receiver_times_out(ray_local, tiny_llama):
             self.engine = StudentEngine(settings)
 
         def nccl_init_receiver(self, master_address, master_port, rank_offset, world_size) -> None:
-            from rollout.engine import NcclWeightReceiver
+            from rollout.weight_transfer import NcclWeightReceiver
 
             self.receiver = NcclWeightReceiver(
                 self.engine, master_address, master_port, rank_offset, world_size
@@ -295,7 +295,8 @@ def test_weight_transfer_setting_is_checked_before_vllm_starts(tmp_path):
     ],
 )
 def test_sender_rejects_bad_arguments(args, kwargs, match):
-    from rollout.engine import EngineError, NcclWeightSender
+    from rollout.engine import EngineError
+    from rollout.weight_transfer import NcclWeightSender
 
     with pytest.raises(EngineError, match=match):
         NcclWeightSender(*args, **kwargs)
@@ -303,14 +304,16 @@ def test_sender_rejects_bad_arguments(args, kwargs, match):
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
 def test_sender_refuses_on_cpu():
-    from rollout.engine import EngineError, NcclWeightSender
+    from rollout.engine import EngineError
+    from rollout.weight_transfer import NcclWeightSender
 
     with pytest.raises(EngineError, match="needs a CUDA GPU"):
         NcclWeightSender("127.0.0.1", 29500, 2, dtype="bfloat16")
 
 
 def test_weight_meta_is_checked():
-    from rollout.engine import EngineError, WeightMeta
+    from rollout.engine import EngineError
+    from rollout.weight_transfer import WeightMeta
 
     meta = WeightMeta(("a", "b"), ("float32", "bfloat16"), ((2, 3), (4,)))
     assert meta.num_bytes == 2 * 3 * 4 + 4 * 2
@@ -331,7 +334,8 @@ def test_staged_weights_agree_with_vllms_sender_check():
         NCCLWeightTransferUpdateInfo,
     )
 
-    from rollout.engine import EngineError, _StagedWeights
+    from rollout.engine import EngineError
+    from rollout.weight_transfer import _StagedWeights
 
     staged = _StagedWeights(torch.device("cpu"), torch.bfloat16)
     assert not staged
@@ -364,7 +368,7 @@ def test_worker_init_payload_matches_vllms_trainer_payload():
         worker_init_payload,
     )
 
-    from rollout.engine import NCCL_PACKED, nccl_worker_init_payload
+    from rollout.weight_transfer import NCCL_PACKED, nccl_worker_init_payload
 
     payload = nccl_worker_init_payload("10.0.0.1", 29511, 3, 4)
     info = NCCLWeightTransferInitInfo(**payload)  # what the worker parses it into
@@ -396,7 +400,7 @@ def test_worker_init_payload_matches_vllms_trainer_payload():
 
 
 def test_wire_dtypes_agree_between_driver_and_engine():
-    from rollout.engine import WIRE_DTYPES
+    from rollout.weight_transfer import WIRE_DTYPES
     from services.nccl_sync import WIRE_DTYPES as DRIVER_WIRE_DTYPES
 
     assert tuple(WIRE_DTYPES) == DRIVER_WIRE_DTYPES
@@ -439,7 +443,7 @@ def test_receive_lifecycle_loads_hf_names_on_cpu(cpu_nccl_engine, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from rollout.alignment import response_positions, token_logprobs
-    from rollout.engine import _StagedWeights
+    from rollout.weight_transfer import _StagedWeights
 
     engine = cpu_nccl_engine
     hf = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32).eval()
@@ -473,7 +477,8 @@ def test_receive_lifecycle_loads_hf_names_on_cpu(cpu_nccl_engine, tiny_model):
 def test_receiver_checks_before_joining(cpu_nccl_engine):
     import dataclasses
 
-    from rollout.engine import EngineError, NcclWeightReceiver
+    from rollout.engine import EngineError
+    from rollout.weight_transfer import NcclWeightReceiver
 
     engine = cpu_nccl_engine
     with pytest.raises(EngineError, match="rank_offset must be in 1..2"):
