@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from services.errors import UserError
 
-class ModelPairError(ValueError):
+
+class ModelPairError(UserError, ValueError):
     """The student and teacher cannot be distilled together as given."""
 
 

@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from services.errors import UserError
+
 FINISH_REASONS = ("stop", "length", "abort")
 
 
-class RecordError(ValueError):
+class RecordError(UserError, ValueError):
     """A rollout record is malformed (lengths, values or versions)."""
 
 

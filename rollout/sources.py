@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rollout import tasks
+from services.errors import UserError
 
 DEFAULT_MAX_PROMPT_CHARS = 512
 RG_EVAL_SEED_OFFSET = 1_000_003  # reasoning-gym items use Random(seed + idx): keep eval far away
@@ -36,7 +37,7 @@ MAX_CONSECUTIVE_SKIPS = 10_000  # a generator whose prompts are all too long mus
 RG_INSTRUCTION = "\nGive only the final answer between <answer> and </answer> tags."
 
 
-class SourceError(ValueError):
+class SourceError(UserError, ValueError):
     """A prompt source was given input it cannot use (names the file and line when there is one)."""
 
 

@@ -84,18 +84,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_user_error(exc: BaseException) -> bool:
-    """Errors of our own making carry a message meant for the user; print it, no traceback."""
-    names = {
-        "ConfigError",
-        "SourceError",
-        "ModelPairError",
-        "EngineError",
-        "RunError",
-        "WeightSyncError",
-        "RolloutError",
-        "RecordError",
-    }
-    return type(exc).__name__ in names
+    """Errors of our own making carry a message meant for the user; print it, no traceback.
+    Ray's wrapper for an error raised inside an actor subclasses the original class, so
+    ``isinstance`` recognises those too."""
+    from services.errors import UserError
+
+    return isinstance(exc, UserError)
 
 
 def _cmd_train(args) -> int:

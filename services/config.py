@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from services.errors import UserError
+
 # Kept in sync with learner.divergences.DIVERGENCES by tests/test_config.py; duplicated here
 # so config validation does not import torch.
 DIVERGENCE_NAMES = (
@@ -31,7 +33,7 @@ DIVERGENCE_NAMES = (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A run config is invalid; the message names the key and what was expected."""
 
 

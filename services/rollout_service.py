@@ -22,13 +22,14 @@ import ray
 
 from rollout.records import ScoredRollout
 from services.actors import StudentSampler, TeacherScorer, WorkItem
+from services.errors import UserError
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(UserError, RuntimeError):
     """A weight push did not complete in time (or a sampler failed while loading)."""
 
 
-class RolloutError(RuntimeError):
+class RolloutError(UserError, RuntimeError):
     """The rollout producer failed; the message carries the original error."""
 
 
