@@ -1,9 +1,25 @@
-"""Starting or joining Ray. Ray is imported only under services/."""
+"""Starting or joining Ray, the run's namespace and actor names. Ray is imported only under
+services/.
+
+Three ways a run meets Ray:
+
+- ``ray.address`` empty and no ``RAY_ADDRESS`` in the environment: start a local instance
+  (dashboard and every port on 127.0.0.1).
+- ``ray.address = "auto"`` or ``"HOST:PORT"``: join a running cluster (``ray start --head``).
+- Launched by ``ray job submit`` (Ray sets ``RAY_ADDRESS`` for the entrypoint): join the
+  cluster the job was submitted to, whatever ``ray.address`` says.
+
+Every run's actors live in the namespace ``opdplus-<run name>``, named by role and index
+(``student-sampler-0``, ``teacher-scorer-1``, ``learner-rank-0``), so the dashboard's actor list
+reads as the pipeline and two runs on one cluster do not collide.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -12,32 +28,57 @@ from dataclasses import dataclass
 class RayInfo:
     address: str
     dashboard_url: str | None
+    namespace: str = ""
+
+
+def run_namespace(run_name: str) -> str:
+    """Ray namespace of a run: ``opdplus-<run name>`` with characters Ray rejects replaced."""
+    return "opdplus-" + (re.sub(r"[^A-Za-z0-9_.-]", "-", run_name) or "run")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every actor process gets (Ray 2.60 runs workers with the driver's
+    interpreter, not its environment). Engine log levels follow the driver's, so that the
+    quiet console stays quiet and ``--verbose`` reaches the workers too."""
+    env = {
+        "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for key in ("OPDPLUS_CACHE", "OPDPLUS_VERBOSE", "DS_ACCELERATOR"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def joins_cluster(address: str) -> bool:
+    """True when the run joins an existing cluster (config address, or launched as a Ray job)."""
+    return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
 @contextlib.contextmanager
 def ray_session(
-    *, address: str = "", num_cpus: int = 0, dashboard: bool = True
+    *, address: str = "", num_cpus: int = 0, dashboard: bool = True, namespace: str = ""
 ) -> Iterator[RayInfo]:
-    """Join ``address`` or start a local Ray instance (dashboard on 127.0.0.1) for the block."""
+    """Join ``address`` (or the cluster of the Ray job this process runs in) or start a local
+    Ray instance (dashboard on 127.0.0.1) for the block, in ``namespace``."""
     import ray
 
-    # Ray 2.60 runs workers with the driver's interpreter; keep vLLM quiet in them.
-    env = {
-        "env_vars": {
-            "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
-            "TOKENIZERS_PARALLELISM": "false",
-        }
-    }
+    env = {"env_vars": worker_env()}
     if ray.is_initialized():
         yield RayInfo(address="(already initialised)", dashboard_url=None)
         return
-    if address:
-        ctx = ray.init(address=address, runtime_env=env, log_to_driver=True)
+    ns = namespace or None
+    if joins_cluster(address):
+        # Inside `ray job submit` RAY_ADDRESS names the cluster; the job's runtime env (working
+        # dir, excludes) is inherited by the actors, ours only adds the env vars.
+        target = address or os.environ["RAY_ADDRESS"]
+        ctx = ray.init(address=target, namespace=ns, runtime_env=env, log_to_driver=True)
     else:
         ctx = ray.init(
             num_cpus=num_cpus or None,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            namespace=ns,
             runtime_env=env,
             log_to_driver=True,
         )
@@ -47,8 +88,25 @@ def ray_session(
     info = RayInfo(
         address=ctx.address_info.get("gcs_address", address or "local"),
         dashboard_url=url,
+        namespace=namespace,
     )
     try:
         yield info
     finally:
         ray.shutdown()
+
+
+def actor_name(base: str) -> str:
+    """``base`` if no live actor in this namespace holds that name, else ``base-<4 hex>``.
+
+    Names are for people reading the dashboard; a second pipeline in the same namespace (tests
+    that build several in one Ray session, or a name not yet released by a killed actor) gets
+    a suffixed name instead of failing.
+    """
+    import ray
+
+    try:
+        ray.get_actor(base)
+    except ValueError:
+        return base
+    return f"{base}-{uuid.uuid4().hex[:4]}"

@@ -82,6 +82,10 @@ class RolloutConfig:
     scorer_cpus: float = _f(0.5, "CPUs reserved per scorer actor")
     sampler_gpus: float = _f(0.0, "GPUs per sampler actor (fractions allowed)")
     scorer_gpus: float = _f(0.0, "GPUs per scorer actor (fractions allowed)")
+    sampler_resources: dict = _f(
+        {}, "Ray custom resources per sampler actor, e.g. {rollout = 1} (places it on such nodes)"
+    )
+    scorer_resources: dict = _f({}, "Ray custom resources per scorer actor, e.g. {rollout = 1}")
     prompts_per_step: int = _f(16, "distinct prompts per learner step")
     samples_per_prompt: int = _f(4, "samples drawn per prompt")
     max_tokens: int = _f(48, "maximum response tokens per sample")
@@ -131,6 +135,7 @@ class LearnerConfig:
     num_ranks: int = _f(1, "data-parallel learner ranks (Ray actors, one DeepSpeed rank each)")
     cpus_per_rank: float = _f(1.0, "CPUs reserved per learner rank")
     gpus_per_rank: float = _f(0.0, "GPUs per learner rank")
+    resources: dict = _f({}, "Ray custom resources per learner rank, e.g. {learner = 1}")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
     lr: float = _f(1e-3, "peak AdamW learning rate")
     lr_schedule: Literal["constant", "cosine"] = _f(
@@ -213,6 +218,15 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if annotation is dict:
+        if not isinstance(value, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+            for v in value.values()
+        ):
+            raise ConfigError(f"{where}: expected a table of resource amounts >= 0, got {value!r}")
+        if {"CPU", "GPU"} & set(value):
+            raise ConfigError(f"{where}: CPU/GPU are set by the *_cpus / *_gpus keys, not here")
+        return {str(k): float(v) for k, v in value.items()}
     if annotation is list or origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -401,6 +415,10 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return (
+            "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+        )
     return repr(value)
 
 

@@ -33,7 +33,7 @@ class RunSummary:
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) -> RunSummary:
-    from services.cluster import ray_session
+    from services.cluster import ray_session, run_namespace
     from services.models import resolve_pair
     from services.parts import (
         build_learner,
@@ -53,7 +53,10 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
     tokenizer = load_tokenizer(pair.student)
     with ray_session(
-        address=cfg.ray.address, num_cpus=cfg.ray.num_cpus, dashboard=cfg.ray.dashboard
+        address=cfg.ray.address,
+        num_cpus=cfg.ray.num_cpus,
+        dashboard=cfg.ray.dashboard,
+        namespace=run_namespace(cfg.run.name),
     ) as ray_info:
         if ray_info.dashboard_url:
             print(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}", flush=True)

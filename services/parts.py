@@ -100,10 +100,19 @@ def build_rollout(cfg: Config, pair):
         teacher_settings=engine_settings(cfg, pair.teacher, seed=cfg.run.seed),
         num_samplers=r.num_samplers,
         num_scorers=r.num_scorers,
-        sampler_resources={"num_cpus": r.sampler_cpus, "num_gpus": r.sampler_gpus},
-        scorer_resources={"num_cpus": r.scorer_cpus, "num_gpus": r.scorer_gpus},
+        sampler_resources=ray_options(r.sampler_cpus, r.sampler_gpus, r.sampler_resources),
+        scorer_resources=ray_options(r.scorer_cpus, r.scorer_gpus, r.scorer_resources),
         plan=plan,
     )
+
+
+def ray_options(cpus: float, gpus: float, custom: dict) -> dict:
+    """Ray actor options for one role: CPUs, GPUs and custom resources (e.g. {"rollout": 1}
+    to place the role on nodes started with ``ray start --resources '{"rollout": 2}'``)."""
+    opts = {"num_cpus": cpus, "num_gpus": gpus}
+    if custom:
+        opts["resources"] = dict(custom)
+    return opts
 
 
 def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
@@ -116,6 +125,7 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
         num_ranks=lr.num_ranks,
         cpus_per_rank=lr.cpus_per_rank,
         gpus_per_rank=lr.gpus_per_rank,
+        resources=dict(lr.resources),
         zero_stage=lr.zero_stage,
         lr=lr.lr,
         lr_schedule=lr.lr_schedule,
