@@ -117,10 +117,11 @@ def machine_info() -> dict:
 
 def model_folders(choice: str) -> tuple[Path, Path]:
     """(teacher, student) folders, built or taken from the cache before any run is timed."""
-    from services.models import cache_dir, resolve_pair
+    from models.common import cache_dir
+    from models.pairs import resolve_pair
 
     if choice == "tiny":
-        from rollout.toy_models import build_tiny_model
+        from models.toy import build_tiny_model
 
         tiny = Path(build_tiny_model(cache_dir() / "models" / "tiny", progress=False))
         return tiny, tiny

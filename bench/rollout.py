@@ -174,11 +174,11 @@ class Pair:
 
 def toy_pair(quick: bool) -> Pair:
     """The project's toy pair; in quick mode two barely-trained tiny models (built in seconds)."""
-    from services.models import cache_dir
+    from models.common import cache_dir
 
     root = cache_dir() / "models"
     if quick:
-        from rollout.toy_models import ModelSpec, build_tiny_model
+        from models.toy import ModelSpec, build_tiny_model
 
         student = build_tiny_model(root / "bench-tiny-student", progress=False)
         teacher = build_tiny_model(
@@ -187,15 +187,15 @@ def toy_pair(quick: bool) -> Pair:
             spec=ModelSpec(hidden=128, layers=2, heads=4, ffn=256),
         )
         return Pair("tiny (quick)", Path(teacher), Path(student))
-    from rollout.toy_models import build_toy_models
+    from models.toy import build_toy_models
 
     built = build_toy_models(root / "toy", progress=True)
     return Pair("toy", Path(built.teacher_dir), Path(built.student_dir))
 
 
 def smollm_pair() -> Pair:
-    """SmolLM2-135M-Instruct and its student, via ``rollout.real_models.build_smollm_pair``."""
-    from services.models import resolve_pair
+    """SmolLM2-135M-Instruct and its student, via ``models.smollm2.build_smollm_pair``."""
+    from models.pairs import resolve_pair
 
     built = resolve_pair("smollm2", "smollm2", progress=False)
     return Pair("smollm2", built.teacher, built.student)
@@ -205,7 +205,8 @@ def arithmetic_prompts(model_dir: Path, batch: int, seed: int = 0) -> list[list[
     """``batch`` prompt token lists from the arithmetic task, encoded as the pipeline does."""
     from transformers import AutoTokenizer
 
-    from rollout.tasks import ArithmeticGenerator, encode_prompt
+    from rollout.prompting import encode_prompt
+    from rollout.tasks import ArithmeticGenerator
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     gen = ArithmeticGenerator(seed=seed)

@@ -13,7 +13,6 @@ distributed settings (MASTER_ADDR, ranks) are passed in by the caller; see
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import time
@@ -27,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner.batch import TrainBatch
 from learner.divergences import Divergence
+from learner.schedule import LR_SCHEDULES, lr_factor
 from learner.step import compute_loss
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
@@ -36,7 +36,6 @@ warnings.filterwarnings(
 )
 
 PRECISIONS = ("auto", "bf16", "fp32")
-LR_SCHEDULES = ("constant", "cosine")
 _TAG_PREFIX = "step_"
 _PARTIAL = ".partial"
 
@@ -48,20 +47,6 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-
-
-def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
-    """Multiplier of the peak lr before optimizer step `step` (0-based).
-
-    Linear warm-up (step+1)/warmup_steps for step < warmup_steps, then 1 (constant) or
-    ½(1 + cos(π·p)) with p = (step − warmup)/(total − warmup) clipped to [0, 1] (cosine to 0).
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class LearnerEngine:

@@ -20,8 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from rollout.prompting import encode_prompt
 from rollout.sources import Problem, score
-from rollout.tasks import encode_prompt
 
 Z95 = 1.959963984540054
 N_EXAMPLES = 5  # greedy completions kept in the report, for eyeballing

@@ -125,8 +125,8 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_toy_models(args) -> int:
-    from rollout.toy_models import build_toy_models
-    from services.models import cache_dir
+    from models.common import cache_dir
+    from models.toy import build_toy_models
 
     out = Path(args.out) if args.out else cache_dir() / "models" / "toy"
     pair = build_toy_models(out, force=args.force)
@@ -137,8 +137,8 @@ def _cmd_toy_models(args) -> int:
 
 
 def _cmd_smollm2(args) -> int:
-    from rollout.real_models import build_smollm_pair
-    from services.models import cache_dir
+    from models.common import cache_dir
+    from models.smollm2 import build_smollm_pair
 
     out = Path(args.out) if args.out else cache_dir() / "models" / "smollm2"
     pair = build_smollm_pair(out, student_layers=args.student_layers, force=args.force)

@@ -9,10 +9,10 @@ from services.config import Config
 
 
 def run_demo(cfg: Config) -> None:
+    from models.pairs import resolve_pair
     from rollout.sources import make_source
     from services.driver import train
     from services.evaluation import cached_teacher_eval
-    from services.models import resolve_pair
 
     t0 = time.perf_counter()
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -33,8 +33,8 @@ class RunSummary:
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) -> RunSummary:
+    from models.pairs import resolve_pair
     from services.cluster import ray_session, run_namespace
-    from services.models import resolve_pair
     from services.parts import (
         build_learner,
         build_publisher,
@@ -181,7 +181,7 @@ def open_metrics(cfg: Config, run_dir: Path, *, resume_from_step: int | None):
 
 
 def tokenizer_encode(tokenizer):
-    from rollout.tasks import encode_prompt
+    from rollout.prompting import encode_prompt
 
     def encode(text: str) -> list[int]:
         return encode_prompt(tokenizer, text)

@@ -8,14 +8,14 @@ from pathlib import Path
 
 def resolve_model_arg(model: str) -> Path:
     """'toy-teacher' / 'toy-student' / 'smollm2-teacher' / 'smollm2-student' or a folder."""
-    from services.models import resolve_pair
+    from models.pairs import resolve_pair
 
     if model in ("toy-teacher", "toy-student", "smollm2-teacher", "smollm2-student"):
         family, role = model.split("-")
         pair = resolve_pair(family, family)
         return getattr(pair, role)
     path = Path(model).expanduser()
-    from rollout.checks import check_model_dir
+    from models.checks import check_model_dir
 
     return check_model_dir(path, "evaluated")
 

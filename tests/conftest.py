@@ -14,7 +14,7 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 @pytest.fixture(scope="session")
 def cache_root() -> Path:
-    from services.models import cache_dir
+    from models.common import cache_dir
 
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
@@ -24,7 +24,7 @@ def cache_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_model(cache_root) -> Path:
     """A barely-trained tiny Llama with the project's char tokenizer (builds in seconds)."""
-    from rollout.toy_models import build_tiny_model
+    from models.toy import build_tiny_model
 
     return Path(build_tiny_model(cache_root / "models" / "tiny", progress=False))
 
@@ -32,7 +32,7 @@ def tiny_model(cache_root) -> Path:
 @pytest.fixture(scope="session")
 def toy_pair(cache_root):
     """The toy teacher/student pair the demo uses (built once per machine, then cached)."""
-    from rollout.toy_models import build_toy_models
+    from models.toy import build_toy_models
 
     return build_toy_models(cache_root / "models" / "toy", progress=False)
 

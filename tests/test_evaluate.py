@@ -55,7 +55,7 @@ class _ScriptedEngine:
 
 
 def test_evaluate_accounting_with_a_scripted_engine(tmp_path):
-    from rollout.toy_models import build_tokenizer
+    from models.toy import build_tokenizer
 
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)

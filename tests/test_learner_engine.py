@@ -266,7 +266,7 @@ def test_bf16_trains_on_cpu(worker, student):
 
 
 def test_lr_schedule():
-    from learner.engine import lr_factor
+    from learner.schedule import lr_factor
 
     warm = [lr_factor(s, schedule="cosine", warmup_steps=2, total_steps=6) for s in range(7)]
     assert warm[:3] == pytest.approx([0.5, 1.0, 1.0])

@@ -33,7 +33,7 @@ def tiny_llama(tmp_path_factory):
     """LlamaConfig(vocab 64, hidden 64, ffn 128, 2 layers, 2 heads) + the project's char tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rollout.toy_models import build_tokenizer
+    from models.toy import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = LlamaConfig(

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from rollout.real_models import (
+from models.smollm2 import (
     SMOLLM_ROPE_THETA,
     build_smollm_pair,
     find_smollm_gguf,
@@ -69,7 +69,7 @@ def test_smollm_pair_loads_in_transformers_and_vllm_with_matching_logprobs(smoll
     from transformers import AutoTokenizer
 
     from rollout.engine import EngineSettings, StudentEngine, TeacherEngine
-    from rollout.tasks import encode_prompt
+    from rollout.prompting import encode_prompt
 
     teacher_cfg = json.loads((smollm_pair.teacher_dir / "config.json").read_text())
     student_cfg = json.loads((smollm_pair.student_dir / "config.json").read_text())

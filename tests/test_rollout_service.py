@@ -41,8 +41,8 @@ def _learner_logps(model, prompt_ids, response_ids):
 
 
 def _items(tokenizer, n):
+    from rollout.prompting import encode_prompt
     from rollout.sources import make_source
-    from rollout.tasks import encode_prompt
     from services.actors import WorkItem
 
     problems = make_source("arithmetic", seed=3).next_batch(n)
@@ -165,8 +165,8 @@ def _service(
 def test_every_sample_arrives_exactly_once_with_staleness_bound(
     ray_local, tiny_model, tokenizer, hf_model
 ):
+    from rollout.prompting import encode_prompt
     from rollout.sources import make_source
-    from rollout.tasks import encode_prompt
 
     svc = _service(tiny_model, samplers=2, scorers=2, staleness=1)
     source = make_source("arithmetic", seed=11)
@@ -195,8 +195,8 @@ def test_every_sample_arrives_exactly_once_with_staleness_bound(
 
 
 def test_strictly_on_policy_when_max_staleness_is_zero(ray_local, tiny_model, tokenizer, hf_model):
+    from rollout.prompting import encode_prompt
     from rollout.sources import make_source
-    from rollout.tasks import encode_prompt
 
     svc = _service(tiny_model, samplers=1, scorers=1, staleness=0, prompts=4)
     svc.start(

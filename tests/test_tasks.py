@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rollout import tasks
+from rollout import prompting, tasks
 from rollout.tasks import Arithmetic, extract_answer, verify
 
 
@@ -88,10 +88,10 @@ def test_generator_rejects_unknown_ops():
 
 
 def test_encode_prompt_plain_tokenizer_prepends_bos():
-    from rollout.toy_models import build_tokenizer
+    from models.toy import build_tokenizer
 
     tok = build_tokenizer()
-    ids = tasks.encode_prompt(tok, "12+3=")
+    ids = prompting.encode_prompt(tok, "12+3=")
     assert ids[0] == tok.bos_token_id
     assert tok.decode(ids[1:]) == "12+3="
     assert len(ids) == 6

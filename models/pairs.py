@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("OPDPLUS_CACHE", REPO_ROOT / ".cache"))
+from models.common import cache_dir
 
 
 @dataclass(frozen=True)
@@ -26,20 +21,20 @@ def resolve_pair(teacher: str, student: str, *, progress: bool = True) -> ModelP
     def resolve(name: str, role: str) -> Path:
         if name == "toy":
             if "toy" not in built:
-                from rollout.toy_models import build_toy_models
+                from models.toy import build_toy_models
 
                 built["toy"] = build_toy_models(cache_dir() / "models" / "toy", progress=progress)
             return Path(getattr(built["toy"], f"{role}_dir"))
         if name == "smollm2":
             if "smollm2" not in built:
-                from rollout.real_models import build_smollm_pair
+                from models.smollm2 import build_smollm_pair
 
                 built["smollm2"] = build_smollm_pair(cache_dir() / "models" / "smollm2")
             return Path(getattr(built["smollm2"], f"{role}_dir"))
         return Path(name).expanduser().resolve()
 
     pair = ModelPair(teacher=resolve(teacher, "teacher"), student=resolve(student, "student"))
-    from rollout.checks import check_pair
+    from models.checks import check_pair
 
     check_pair(pair.student, pair.teacher)
     return pair

@@ -22,13 +22,8 @@ contention one torch thread ran the steps 2.5-3x faster than two.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
-import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,10 +31,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from rollout import tasks
+from learner.schedule import lr_at
+from models.common import BUILD_MARKER, BUILDER_VERSION, build_lock, save_model_folder
+from rollout import prompting, tasks
 
-BUILD_MARKER = "opdplus_build.json"
-BUILDER_VERSION = 1  # bump when training code changes what a spec produces
 SPECIAL_TOKENS = {
     "pad_token": "<pad>",
     "bos_token": "<bos>",
@@ -115,19 +110,6 @@ def _spec_hash(payload: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@contextlib.contextmanager
-def build_lock(folder: Path):
-    """Exclusive lock for building ``folder``: concurrent builders (tests, bench, CLI) queue up,
-    and the later ones find the finished folder in the cache instead of racing to replace it."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(f".{folder.name}.lock"), "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def _cached(folder: Path, spec_hash: str) -> dict | None:
     marker = folder / BUILD_MARKER
     if not marker.is_file():
@@ -168,7 +150,7 @@ def _batch(
     """
     rows, label_rows = [], []
     for p in problems:
-        prompt = tasks.encode_prompt(tokenizer, p.prompt)
+        prompt = prompting.encode_prompt(tokenizer, p.prompt)
         completion = tokenizer.encode(p.completion(), add_special_tokens=False) + [
             tokenizer.eos_token_id
         ]
@@ -193,7 +175,7 @@ def greedy_accuracy(model, tokenizer, problems: list[tasks.Arithmetic], batch: i
     correct = 0
     for start in range(0, len(problems), batch):
         chunk = problems[start : start + batch]
-        prompts = [tasks.encode_prompt(tokenizer, p.prompt) for p in chunk]
+        prompts = [prompting.encode_prompt(tokenizer, p.prompt) for p in chunk]
         width = max(map(len, prompts))
         # Left padding so every row's next token is generated at the same column.
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(r)) + r for r in prompts])
@@ -213,10 +195,15 @@ def greedy_accuracy(model, tokenizer, problems: list[tasks.Arithmetic], batch: i
 
 
 def _lr_at(step: int, spec: TrainSpec) -> float:
-    if step < spec.warmup:
-        return spec.lr * (step + 1) / spec.warmup
-    progress = (step - spec.warmup) / max(1, spec.max_steps - spec.warmup)
-    return spec.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+    # Cosine to a floor of 10 % of the peak after the warm-up.
+    return lr_at(
+        step,
+        peak_lr=spec.lr,
+        schedule="cosine",
+        warmup_steps=spec.warmup,
+        total_steps=spec.max_steps,
+        min_ratio=0.1,
+    )
 
 
 def train_sft(
@@ -258,35 +245,6 @@ def train_sft(
         "train_s": time.perf_counter() - start,
         "train_cpu_s": time.process_time() - cpu_start,
     }
-
-
-def save_model_folder(
-    model, tokenizer, folder: Path, marker: dict, *, config_overrides: dict | None = None
-) -> None:
-    """Write a standard HF folder atomically: build in a sibling temp dir, then rename.
-
-    marker: written to BUILD_MARKER (the cache key lives there). config_overrides: keys forced
-    into config.json (e.g. an explicit rope_theta that a loader must not default).
-    """
-    from transformers import GenerationConfig
-
-    tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ).save_pretrained(tmp)
-    if config_overrides:
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config.update(config_overrides)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))
-    (tmp / BUILD_MARKER).write_text(json.dumps(marker, indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
 
 
 def _build_one(
@@ -392,8 +350,3 @@ def build_tiny_model(
         heldout=False,
     )
     return Path(out_dir)
-
-
-def default_cache_dir() -> Path:
-    """``$OPDPLUS_CACHE`` or ``<repo>/.cache``; models live under ``<cache>/models``."""
-    return Path(os.environ.get("OPDPLUS_CACHE", Path(__file__).resolve().parents[1] / ".cache"))
