@@ -170,7 +170,7 @@ def _batch(
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, problems: list[tasks.Arithmetic], batch: int = 200) -> float:
     """Fraction of ``problems`` solved by greedy decoding with transformers (builder reports only;
-    the project's evaluation goes through vLLM in ``rollout/evaluate.py``)."""
+    the project's evaluation goes through vLLM in ``rollout/accuracy.py``)."""
     model.eval()
     correct = 0
     for start in range(0, len(problems), batch):

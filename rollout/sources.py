@@ -6,7 +6,9 @@ would have given. Prompts longer than ``max_prompt_chars`` are skipped and count
 ``skipped``, never fatal. Bad input (missing/empty file, malformed record) raises
 ``SourceError`` naming the file and line.
 
-Kinds (``make_source``):
+Kinds live in the ``SOURCES`` registry; each ``SourceKind`` owns its builder, its verifier
+and the settings it needs, and the config, the CLI help and the demo read the registry
+(``register_source`` adds one). Built in:
     ``arithmetic``     the built-in column-addition task (``rollout/tasks.py``); ``task`` is
                        ``"add"`` (default) or ``"add_sub"``.
     ``jsonl``          a file of ``{"prompt": str, "answer": str | number, "id"?: str}`` lines,
@@ -14,8 +16,9 @@ Kinds (``make_source``):
     ``reasoning_gym``  a procedural ``reasoning-gym`` task (``task="chain_sum"``, ...), scored by
                        that task's own ``score_answer`` on the text inside ``<answer>`` tags.
 
-``score(problem, completion)`` scores any problem from any source; a ``Problem`` carries all it
-needs, so scoring can run in another process than the source.
+``score(problem, completion)`` scores any problem from any source: a ``Problem`` names its kind
+and carries what that kind's verifier needs (``meta``), so scoring can run in another process
+than the source and never parses ids.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -45,14 +48,18 @@ class SourceError(UserError, ValueError):
 class Problem:
     """One prompt with its reference answer.
 
-    ``id`` is unique within its source and stable across runs; ``source`` says how to score
-    it (``arithmetic``, ``jsonl:<file stem>``, ``reasoning_gym:<task>``).
+    ``id`` is unique within its source and stable across runs; ``source`` names where it came
+    from (``arithmetic``, ``jsonl:<file stem>``, ``reasoning_gym:<task>``); ``kind`` is the
+    ``SOURCES`` key whose verifier scores it, and ``meta`` what that verifier needs beyond the
+    answer (a tuple of plain values, so problems pickle and compare).
     """
 
     id: str
     prompt: str
     answer: str
     source: str
+    kind: str
+    meta: tuple = ()
 
 
 class PromptSource(Protocol):
@@ -110,7 +117,13 @@ class ArithmeticSource:
         self.skipped = 0
 
     def _problem(self, p: tasks.Arithmetic) -> Problem:
-        return Problem(id=f"arith:{p.key}", prompt=p.prompt, answer=p.answer, source="arithmetic")
+        return Problem(
+            id=f"arith:{p.key}",
+            prompt=p.prompt,
+            answer=p.answer,
+            source="arithmetic",
+            kind="arithmetic",
+        )
 
     def next_batch(self, n: int) -> list[Problem]:
         out: list[Problem] = []
@@ -221,7 +234,11 @@ class JsonlSource:
             raise SourceError(f"{where}: record has no 'answer' (string or number)")
         record_id = record.get("id", f"{path.stem}:{line_no}")
         return Problem(
-            id=f"jsonl:{record_id}", prompt=prompt, answer=str(answer), source=f"jsonl:{path.stem}"
+            id=f"jsonl:{record_id}",
+            prompt=prompt,
+            answer=str(answer),
+            source=f"jsonl:{path.stem}",
+            kind="jsonl",
         )
 
     def _index(self, position: int) -> int:
@@ -299,6 +316,8 @@ class ReasoningGymSource:
             prompt=entry["question"] + RG_INSTRUCTION,
             answer=str(entry["answer"]),
             source=f"reasoning_gym:{self.task}",
+            kind="reasoning_gym",
+            meta=(self.task, seed, idx, self._config),
         )
 
     def _fits(self, p: Problem) -> bool:
@@ -344,17 +363,119 @@ class ReasoningGymSource:
         return list(self._eval)
 
 
+def _score_verified(problem: Problem, completion: str) -> float:
+    """The built-in ``#`` answer marker (``rollout.tasks.verify``)."""
+    return float(tasks.verify(completion, problem.answer))
+
+
+def _score_reasoning_gym(problem: Problem, completion: str) -> float:
+    """The task's own ``score_answer`` on the text inside ``<answer>`` tags."""
+    task, seed, idx, config = problem.meta
+    dataset = _rg_dataset(task, seed, config)
+    from reasoning_gym.utils import extract_answer
+
+    return float(dataset.score_answer(extract_answer(completion), dataset[idx]))
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    """Everything a source may be built from (each kind reads what it needs).
+
+    path: file (jsonl). task: task name (arithmetic: add | add_sub; reasoning_gym: any task).
+    seed, max_prompt_chars: see the module docstring. task_config: reasoning-gym task options.
+    eval_path: a separate held-out file (jsonl).
+    """
+
+    seed: int
+    max_prompt_chars: int
+    path: str | Path | None = None
+    task: str | None = None
+    task_config: Mapping[str, Any] | None = None
+    eval_path: str | Path | None = None
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One registered kind of prompt source.
+
+    name: the ``task.source`` value. doc: one line for the CLI help and ``opdplus config``.
+    build: options → a ``PromptSource``. score: (problem, completion) → reward in [0, 1].
+    requires: ``SourceOptions`` fields that must be set (named by their config key in errors,
+    ``task.<field>``; the config key for ``task`` is ``task.name``).
+    """
+
+    name: str
+    doc: str
+    build: Callable[[SourceOptions], PromptSource]
+    score: Callable[[Problem, str], float]
+    requires: tuple[str, ...] = ()
+
+
+SOURCES: dict[str, SourceKind] = {}
+# Config key under [task] of each SourceOptions field that a kind may require.
+OPTION_KEYS = {"path": "task.path", "task": "task.name"}
+
+
+def register_source(kind: SourceKind) -> SourceKind:
+    """Add a kind to ``SOURCES`` (its name must be new)."""
+    if kind.name in SOURCES:
+        raise ValueError(f"prompt source {kind.name!r} is already registered")
+    unknown = set(kind.requires) - set(OPTION_KEYS)
+    if unknown:
+        raise ValueError(f"{kind.name}: requires unknown options {sorted(unknown)}")
+    SOURCES[kind.name] = kind
+    return kind
+
+
+def get_source_kind(name: str) -> SourceKind:
+    if name not in SOURCES:
+        raise SourceError(f"unknown source kind {name!r}; expected one of {', '.join(SOURCES)}")
+    return SOURCES[name]
+
+
+register_source(
+    SourceKind(
+        name="arithmetic",
+        doc="the built-in column-addition task (task.name: add | add_sub)",
+        build=lambda o: ArithmeticSource(
+            seed=o.seed, task=o.task, max_prompt_chars=o.max_prompt_chars
+        ),
+        score=_score_verified,
+    )
+)
+register_source(
+    SourceKind(
+        name="jsonl",
+        doc="a JSONL file of {prompt, answer} records (task.path)",
+        build=lambda o: JsonlSource(
+            o.path, seed=o.seed, max_prompt_chars=o.max_prompt_chars, eval_path=o.eval_path
+        ),
+        score=_score_verified,
+        requires=("path",),
+    )
+)
+register_source(
+    SourceKind(
+        name="reasoning_gym",
+        doc="a reasoning-gym task (task.name, e.g. chain_sum), scored by the task itself",
+        build=lambda o: ReasoningGymSource(
+            o.task, seed=o.seed, max_prompt_chars=o.max_prompt_chars, task_config=o.task_config
+        ),
+        score=_score_reasoning_gym,
+        requires=("task",),
+    )
+)
+
+
 def score(problem: Problem, completion: str) -> float:
     """Reward in [0, 1] for ``completion`` (decoded response text, no prompt) to ``problem``."""
-    if problem.source == "arithmetic" or problem.source.startswith("jsonl:"):
-        return float(tasks.verify(completion, problem.answer))
-    if problem.source.startswith("reasoning_gym:"):
-        _, task, seed, idx, config = problem.id.split(":", 4)
-        dataset = _rg_dataset(task, int(seed), config)
-        from reasoning_gym.utils import extract_answer
-
-        return float(dataset.score_answer(extract_answer(completion), dataset[int(idx)]))
-    raise SourceError(f"problem {problem.id!r} has unknown source {problem.source!r}")
+    kind = SOURCES.get(problem.kind)
+    if kind is None:
+        raise SourceError(
+            f"problem {problem.id!r} has unknown source kind {problem.kind!r} "
+            f"(source {problem.source!r})"
+        )
+    return kind.score(problem, completion)
 
 
 def make_source(
@@ -367,23 +488,19 @@ def make_source(
     task_config: Mapping[str, Any] | None = None,
     eval_path: str | Path | None = None,
 ) -> PromptSource:
-    """Build a source by kind: ``arithmetic``, ``jsonl`` (needs ``path``), ``reasoning_gym`` (needs ``task``)."""
+    """Build a registered source by kind (``SOURCES``); missing required options are named."""
+    spec = get_source_kind(kind)
     if max_prompt_chars <= 0:
         raise SourceError(f"max_prompt_chars must be positive, got {max_prompt_chars}")
-    if kind == "arithmetic":
-        return ArithmeticSource(seed=seed, task=task, max_prompt_chars=max_prompt_chars)
-    if kind == "jsonl":
-        if path is None:
-            raise SourceError("jsonl source needs path=")
-        return JsonlSource(path, seed=seed, max_prompt_chars=max_prompt_chars, eval_path=eval_path)
-    if kind == "reasoning_gym":
-        if not task:
-            raise SourceError(
-                "reasoning_gym source needs task= (e.g. 'chain_sum', 'basic_arithmetic')"
-            )
-        return ReasoningGymSource(
-            task, seed=seed, max_prompt_chars=max_prompt_chars, task_config=task_config
-        )
-    raise SourceError(
-        f"unknown source kind {kind!r}; expected 'arithmetic', 'jsonl' or 'reasoning_gym'"
+    options = SourceOptions(
+        seed=seed,
+        max_prompt_chars=max_prompt_chars,
+        path=path,
+        task=task,
+        task_config=task_config,
+        eval_path=eval_path,
     )
+    for field_name in spec.requires:
+        if not getattr(options, field_name):
+            raise SourceError(f"{kind} source needs {OPTION_KEYS[field_name]} ({spec.doc})")
+    return spec.build(options)

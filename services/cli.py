@@ -12,6 +12,9 @@ DEMO_CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "configs" / "d
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Standard library only at import time, like services.config: --help stays instant.
+    from rollout.sources import SOURCES
+
     p = argparse.ArgumentParser(
         prog="opdplus",
         description="On-policy distillation with OPD+ (Ray + vLLM + DeepSpeed).",
@@ -42,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="held-out accuracy of a model with the vLLM engine (JSON)")
     e.add_argument("--model", required=True, help="model folder, or toy-teacher / toy-student")
-    e.add_argument("--task", default="arithmetic", help="arithmetic | jsonl | reasoning_gym")
+    e.add_argument(
+        "--task",
+        default="arithmetic",
+        choices=list(SOURCES),
+        help="prompt source: " + "; ".join(f"{k.name}: {k.doc}" for k in SOURCES.values()),
+    )
     e.add_argument("--path", default=None, help="JSONL file (task jsonl)")
     e.add_argument("--name", default=None, help="reasoning-gym task name (task reasoning_gym)")
     e.add_argument("--n", type=int, default=200, help="held-out problems to use")
@@ -114,7 +122,7 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from services.evaluation import eval_command
+    from services.eval_command import eval_command
 
     result = eval_command(args)
     text = json.dumps(result, indent=2)

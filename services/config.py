@@ -62,9 +62,8 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    source: Literal["arithmetic", "jsonl", "reasoning_gym"] = _f(
-        "arithmetic",
-        "prompt source: the built-in arithmetic task, a JSONL file, or a reasoning-gym task",
+    source: str = _f(
+        "arithmetic", "prompt source, a kind registered in rollout.sources.SOURCES: {sources}"
     )
     path: str = _f("", "JSONL file of {prompt, answer} records (source = 'jsonl')")
     name: str = _f(
@@ -383,13 +382,25 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     need(cfg.models.teacher != "", "models.teacher", "must name a model folder or 'toy'/'smollm2'")
     need(cfg.models.student != "", "models.student", "must name a model folder or 'toy'/'smollm2'")
-    if cfg.task.source == "jsonl":
-        need(cfg.task.path != "", "task.path", "source 'jsonl' needs a file path")
-    if cfg.task.source == "reasoning_gym":
+    _validate_source(cfg.task, need)
+
+
+def _validate_source(task: TaskConfig, need) -> None:
+    """task.source must be a registered kind, with the options that kind requires."""
+    # rollout.sources is standard-library only at import time (reasoning-gym loads lazily).
+    from rollout.sources import OPTION_KEYS, SOURCES
+
+    need(
+        task.source in SOURCES,
+        "task.source",
+        f"{task.source!r} is not a registered prompt source; expected one of {', '.join(SOURCES)}",
+    )
+    options = {"path": task.path, "task": task.name}
+    for option in SOURCES[task.source].requires:
         need(
-            cfg.task.name != "",
-            "task.name",
-            "source 'reasoning_gym' needs a task name, e.g. basic_arithmetic",
+            options[option] != "",
+            OPTION_KEYS[option],
+            f"source {task.source!r} needs it ({SOURCES[task.source].doc})",
         )
 
 
@@ -432,5 +443,10 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
             rows += describe(hint, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((f"{prefix}{f.name}", _toml_value(default), f.metadata.get("doc", "")))
+            doc = f.metadata.get("doc", "")
+            if "{sources}" in doc:
+                from rollout.sources import SOURCES
+
+                doc = doc.format(sources="; ".join(f"{k.name}: {k.doc}" for k in SOURCES.values()))
+            rows.append((f"{prefix}{f.name}", _toml_value(default), doc))
     return rows

@@ -10,9 +10,9 @@ from services.config import Config
 
 def run_demo(cfg: Config) -> None:
     from models.pairs import resolve_pair
-    from rollout.sources import make_source
     from services.driver import train
-    from services.evaluation import cached_teacher_eval
+    from services.eval_command import cached_teacher_eval
+    from services.parts import build_source
 
     t0 = time.perf_counter()
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -23,7 +23,7 @@ def run_demo(cfg: Config) -> None:
         flush=True,
     )
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=cfg.log.progress)
-    problems = make_source(cfg.task.source, seed=cfg.run.seed).eval_set()[: cfg.task.eval_size]
+    problems = build_source(cfg).eval_set()[: cfg.task.eval_size]
     teacher = cached_teacher_eval(
         pair.teacher, problems, k=cfg.eval.samples, max_tokens=cfg.eval.max_tokens
     )

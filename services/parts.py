@@ -161,8 +161,8 @@ def evaluate_student(
     rollout, problems, model_dir: Path, cfg: Config, *, sync: bool = False
 ) -> dict:
     """Greedy accuracy and sampled avg@k of the student as the samplers now serve it."""
-    from rollout.evaluate import evaluate
-    from services.evaluation import flatten_eval
+    from rollout.accuracy import evaluate
+    from services.eval_command import flatten_eval
 
     if sync:
         rollout.wait_for_push()

@@ -139,9 +139,9 @@ def test_long_prompts_are_skipped_and_counted(tmp_path):
 def test_factory_errors(tmp_path):
     with pytest.raises(SourceError, match="unknown source kind 'csv'"):
         make_source("csv")
-    with pytest.raises(SourceError, match="needs path"):
+    with pytest.raises(SourceError, match="needs task.path"):
         make_source("jsonl")
-    with pytest.raises(SourceError, match="needs task"):
+    with pytest.raises(SourceError, match="needs task.name"):
         make_source("reasoning_gym")
     with pytest.raises(SourceError, match="not_a_task"):
         make_source("reasoning_gym", task="not_a_task")
@@ -168,7 +168,7 @@ def test_score_each_source(jsonl_file):
     assert score(rg, rg.answer) == 0.0  # no tags: not extracted
 
     with pytest.raises(SourceError, match="unknown source"):
-        score(Problem(id="x", prompt="p", answer="1", source="mystery"), "#1")
+        score(Problem(id="x", prompt="p", answer="1", source="m", kind="mystery"), "#1")
 
 
 def test_reasoning_gym_task_config_reaches_the_task():
@@ -181,3 +181,52 @@ def test_reasoning_gym_task_config_reaches_the_task():
         expr = p.prompt.split(":")[-1].split("=")[0]
         assert len(expr.replace("-", "+").split("+")) == 2
         assert score(p, f"<answer>{p.answer}</answer>") == 1.0
+
+
+def test_registered_source_is_usable_everywhere(tmp_path):
+    """A new kind registers once; make_source, score and config validation all accept it."""
+    from rollout import sources
+    from services.config import ConfigError, load_config
+
+    class Fixed:
+        skipped = 0
+
+        def __init__(self, o):
+            self.seed = o.seed
+
+        def next_batch(self, n):
+            return [Problem(f"fx:{i}", "q", "yes", "fixed", "fixed") for i in range(n)]
+
+        def state(self):
+            return {"position": 0}
+
+        def restore(self, state):
+            pass
+
+        def eval_set(self):
+            return self.next_batch(2)
+
+    kind = sources.SourceKind(
+        name="fixed",
+        doc="test source",
+        build=Fixed,
+        score=lambda p, c: float(c == p.answer),
+        requires=("path",),
+    )
+    sources.register_source(kind)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            sources.register_source(kind)
+        src = make_source("fixed", path="x")
+        (p,) = src.next_batch(1)
+        assert score(p, "yes") == 1.0 and score(p, "no") == 0.0
+        cfg_file = tmp_path / "c.toml"
+        cfg_file.write_text('[task]\nsource = "fixed"\npath = "x"\n')
+        assert load_config(cfg_file, []).task.source == "fixed"
+        cfg_file.write_text('[task]\nsource = "fixed"\n')
+        with pytest.raises(ConfigError, match="task.path"):
+            load_config(cfg_file, [])
+    finally:
+        del sources.SOURCES["fixed"]
+    with pytest.raises(ConfigError, match="task.source.*fixed"):
+        load_config(cfg_file, [])

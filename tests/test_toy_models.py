@@ -89,7 +89,7 @@ def test_tiny_builder_is_deterministic_and_spec_sensitive(tmp_path):
 @pytest.mark.slow
 def test_toy_teacher_solves_heldout_and_student_is_clearly_weaker(toy_pair):
     """Greedy accuracy on the fixed 200-problem held-out set, measured through vLLM."""
-    from rollout.evaluate import evaluate
+    from rollout.accuracy import evaluate
     from rollout.sources import make_source
 
     problems = make_source("arithmetic").eval_set()

@@ -21,7 +21,7 @@ def resolve_model_arg(model: str) -> Path:
 
 
 def flatten_eval(report: dict) -> dict:
-    """rollout.evaluate's report → the flat summary the driver logs and the demo prints."""
+    """rollout.accuracy's report → the flat summary the driver logs and the demo prints."""
     out = {
         "n_problems": report["n_problems"],
         "k": report["k"],
@@ -48,8 +48,8 @@ def evaluate_model_dir(
     max_model_len: int = 256,
 ) -> dict:
     """Greedy accuracy and avg@k of the model in ``model_dir`` (a vLLM engine in this process)."""
+    from rollout.accuracy import evaluate
     from rollout.engine import EngineSettings, StudentEngine
-    from rollout.evaluate import evaluate
 
     def factory(path):
         return StudentEngine(

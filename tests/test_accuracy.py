@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from rollout.evaluate import evaluate, mean_interval, wilson_interval
+from rollout.accuracy import evaluate, mean_interval, wilson_interval
 from rollout.sources import Problem, make_source
 
 
@@ -86,7 +86,7 @@ def test_evaluate_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="at least one problem"):
         evaluate(tmp_path, [], engine=object())
     with pytest.raises(ValueError, match="k must be"):
-        evaluate(tmp_path, [Problem("a", "1+1=", "2", "arithmetic")], engine=object(), k=-1)
+        evaluate(tmp_path, [Problem("a", "1+1=", "2", "arithmetic", "arithmetic")], engine=object(), k=-1)
 
 
 @pytest.mark.slow
