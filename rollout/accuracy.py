@@ -49,16 +49,6 @@ def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
-def _default_engine(model_dir: Path, seed: int, max_model_len: int):
-    from rollout.engine import EngineSettings, StudentEngine
-
-    return StudentEngine(
-        EngineSettings(
-            model_path=str(model_dir), dtype="float32", seed=seed, max_model_len=max_model_len
-        )
-    )
-
-
 def evaluate(
     model_dir: str | Path,
     problems: Sequence[Problem],
@@ -68,12 +58,11 @@ def evaluate(
     k: int = 4,
     max_tokens: int = 48,
     seed: int = 0,
-    max_model_len: int = 256,
 ) -> dict[str, Any]:
     """Evaluate the model in ``model_dir`` on ``problems``; returns a JSON-serialisable dict.
 
     ``engine``: a running ``StudentEngine`` serving that model (left open). Otherwise one is
-    built by ``engine_factory(model_dir)`` (default: a float32 ``StudentEngine``) and closed.
+    built by ``engine_factory(model_dir)`` and closed (``services.eval_command`` builds them).
     ``k = 0`` skips the sampled metrics.
     """
     from transformers import AutoTokenizer
@@ -85,9 +74,11 @@ def evaluate(
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    if engine is None and engine_factory is None:
+        raise ValueError("evaluate needs a running engine or an engine_factory")
     owned = engine is None
     if owned:
-        engine = (engine_factory or (lambda d: _default_engine(d, seed, max_model_len)))(model_dir)
+        engine = engine_factory(model_dir)
     start = time.perf_counter()
     try:
         greedy = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=0.0, n=1, seed=seed)

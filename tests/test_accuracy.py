@@ -86,7 +86,9 @@ def test_evaluate_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="at least one problem"):
         evaluate(tmp_path, [], engine=object())
     with pytest.raises(ValueError, match="k must be"):
-        evaluate(tmp_path, [Problem("a", "1+1=", "2", "arithmetic", "arithmetic")], engine=object(), k=-1)
+        evaluate(
+            tmp_path, [Problem("a", "1+1=", "2", "arithmetic", "arithmetic")], engine=object(), k=-1
+        )
 
 
 @pytest.mark.slow

@@ -89,13 +89,14 @@ def test_tiny_builder_is_deterministic_and_spec_sensitive(tmp_path):
 @pytest.mark.slow
 def test_toy_teacher_solves_heldout_and_student_is_clearly_weaker(toy_pair):
     """Greedy accuracy on the fixed 200-problem held-out set, measured through vLLM."""
-    from rollout.accuracy import evaluate
     from rollout.sources import make_source
+    from services.eval_command import evaluate_model_dir
 
     problems = make_source("arithmetic").eval_set()
     assert len(problems) == 200
-    teacher = evaluate(toy_pair.teacher_dir, problems, k=0)["greedy"]
-    student = evaluate(toy_pair.student_dir, problems, k=0)["greedy"]
+    teacher = evaluate_model_dir(toy_pair.teacher_dir, problems, k=0, max_tokens=48)
+    student = evaluate_model_dir(toy_pair.student_dir, problems, k=0, max_tokens=48)
+    teacher, student = teacher["full_report"]["greedy"], student["full_report"]["greedy"]
     assert teacher["accuracy"] >= 0.9, teacher
     assert 0.05 <= student["accuracy"] <= 0.4, student
     # The gap is far outside both intervals: room for distillation to show.
