@@ -14,10 +14,16 @@ from pathlib import Path
 
 from services.config import Config, to_toml
 from services.errors import UserError
+from services.publisher import trained_at
 
 
 class RunError(UserError, RuntimeError):
     """A run cannot start or continue; the message says what to do."""
+
+
+class RunStopped(RunError):
+    """A run stopped before its last step (a worker kept failing, a learner rank died,
+    Ctrl-C); the message names the cause, where the checkpoints are and how to resume."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +38,15 @@ class RunSummary:
     plots: list[str]
 
 
-def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) -> RunSummary:
+def train(
+    cfg: Config,
+    *,
+    resume: bool = False,
+    progress: bool | None = None,
+    stop_after_step: int | None = None,
+) -> RunSummary:
+    """Run (or resume) training. ``stop_after_step``: stop as Ctrl-C would once that step is
+    logged and checkpointed (tests and tooling); raises RunStopped."""
     from models.pairs import resolve_pair
     from services.cluster import ray_session, run_namespace
     from services.parts import (
@@ -69,7 +83,8 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
             state = learner.load_checkpoint(checkpoint_dir(run_dir))
             first_step = state["step"] + 1
             source.restore(state["source_state"])
-            publisher.publish(state["step"], wait=True)
+            # The version the checkpointed weights are, as saved (not re-derived).
+            publisher.publish(state["policy_version"], wait=True)
         metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
         eval_set = source.eval_set()[: cfg.task.eval_size]
         eval_before = (
@@ -85,30 +100,39 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
             source, tokenizer_encode(tokenizer), first_step=first_step, last_step=cfg.run.steps
         )
         bar = Progress(total=cfg.run.steps, initial=first_step - 1, enabled=show, desc="OPD+ train")
+        step = first_step - 1
         try:
             for step in range(first_step, cfg.run.steps + 1):
                 clock = StepClock()
                 batch = rollout.next_batch(step)  # sample + score (overlapped)
                 clock.mark("wait")
-                stats = learner.train_step(batch, policy_version=step - 1)  # train
+                stats = learner.train_step(batch, policy_version=trained_at(step))  # train
                 clock.mark("train")
                 if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
                     publisher.publish(step)  # push weights
                 clock.mark("sync")
                 row = step_metrics(batch, stats, rollout.take_times(), clock.spans, step=step)
+                row |= rollout.worker_metrics()
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
                     row |= eval_metrics(
                         evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
                     )
-                metrics.log(step, row, batch)  # log
+                metrics.log(step, row, batch, ledger=rollout.ledger_columns(batch))  # log
                 bar.update(row)
                 if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
                     checkpoint(
                         learner, run_dir, step, eval_before, rollout, keep=cfg.run.keep_checkpoints
                     )
+                if step == stop_after_step:
+                    raise KeyboardInterrupt
             eval_after = evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
             metrics.log(cfg.run.steps, eval_metrics(eval_after))
             learner.save_hf(run_dir / "student")
+        except BaseException as exc:
+            reason = stop_reason(exc)
+            if reason is None:
+                raise
+            raise RunStopped(stop_message(reason, run_dir, step)) from None
         finally:
             bar.close()
             metrics.close()
@@ -119,6 +143,44 @@ def train(cfg: Config, *, resume: bool = False, progress: bool | None = None) ->
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def stop_reason(exc: BaseException) -> str | None:
+    """Why a run stopped, for the user, when it is a failure they can resume from; None for
+    anything else (a bug keeps its traceback)."""
+    from services.channel import RolloutError
+    from services.pool import is_worker_death, short_error
+
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, RolloutError):
+        cause = exc.__cause__ or exc
+        return f"the rollout tier failed: {cause}"
+    if is_worker_death(exc):
+        return f"a learner rank died: {short_error(exc)}"
+    return None
+
+
+def stop_message(reason: str, run_dir: Path, step: int) -> str:
+    """One message: what happened, which checkpoint is kept, the exact command to resume."""
+    import os
+
+    from services.parts import checkpoint_dir
+
+    latest = checkpoint_dir(run_dir) / "latest"
+    kept = latest.read_text().strip() if latest.exists() else None
+    config = (run_dir / "config.toml").resolve()
+    where = "" if run_dir.is_absolute() else f" (from {os.getcwd()})"
+    if kept is None:
+        return (
+            f"run stopped during step {step}: {reason}. No checkpoint was written yet; "
+            f"start again with: opdplus train --config {config}{where}"
+        )
+    return (
+        f"run stopped during step {step}: {reason}. Checkpoints are kept in "
+        f"{checkpoint_dir(run_dir)} (latest: {kept}); resume with:\n"
+        f"  opdplus train --config {config} --resume{where}"
+    )
 
 
 class StepClock:

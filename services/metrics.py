@@ -46,10 +46,16 @@ class MetricsLogger:
                 project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}
             )
 
-    def log(self, step: int, values: dict[str, Any], batch=None) -> None:
-        """Append one row (flushed); with ``batch``, also which samples the step trained on."""
+    def log(self, step: int, values: dict[str, Any], batch=None, ledger=None) -> None:
+        """Append one row (flushed); with ``batch``, also which samples the step trained on
+        (``ledger``: extra per-sample columns for samples.jsonl, same order as ``batch``)."""
         if batch is not None:
-            self.log_samples(step, [s.sample_id for s in batch], [s.policy_version for s in batch])
+            self.log_samples(
+                step,
+                [s.sample_id for s in batch],
+                [s.policy_version for s in batch],
+                **(ledger or {}),
+            )
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -64,11 +70,13 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in values.items() if not isinstance(v, list)}, step=step)
 
-    def log_samples(self, step: int, sample_ids: list[str], versions: list[int]) -> None:
-        """Which samples each step trained on (the audit trail resume is checked against)."""
-        self._samples.write(
-            json.dumps({"step": step, "sample_ids": sample_ids, "versions": versions}) + "\n"
-        )
+    def log_samples(
+        self, step: int, sample_ids: list[str], versions: list[int], **columns: list
+    ) -> None:
+        """Which samples each step trained on (the audit trail resume is checked against);
+        ``columns``: more per-sample lists (sampler, scorer, attempt, ...; services/ledger.py)."""
+        row = {"step": step, "sample_ids": sample_ids, "versions": versions, **columns}
+        self._samples.write(json.dumps(row) + "\n")
         self._samples.flush()
 
     def close(self) -> None:

@@ -1,111 +1,95 @@
-"""The rollout side of the pipeline as the driver sees it.
+"""The rollout tier as the driver sees it: build the pools, start the producer, talk through
+the channel.
 
-prompts → StudentSampler streams (one Rollout group per finished prompt) → TeacherScorer
-(scored as soon as it arrives) → a bounded channel → the learner's ``next_batch``.
+prompts → pool of StudentSamplers (one Rollout group per finished prompt) → pool of
+TeacherScorers → bounded channel → ``next_batch``. Who owns what:
 
-Admission control: the producer starts the batch for step k only once every sampler serves
-policy version ≥ k − 1 − max_staleness (version = learner steps done), so no sample is ever
-more than ``max_staleness`` versions behind the learner that trains on it, and nothing is
-dropped. ``max_staleness = 0`` makes the pipeline strictly on-policy.
+- ``rollout.sampler`` / ``rollout.scorer``: the work (plain objects; ``services.actors`` wraps
+  them in Ray actors);
+- ``services.pool``: membership, health, restarts, resize;
+- ``services.publisher``: policy versions and weight transport (version arithmetic);
+- ``services.producer``: the one loop (dispatch, re-dispatch, admission control);
+- ``services.channel``: the only state shared between the producer thread and the driver.
+
+``in_process=True`` runs the same producer over plain objects in this process (no actors, no
+restarts): step through a real run with a debugger.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
-import time
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-
-import ray
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from rollout.records import ScoredRollout
-from services.actors import StudentSampler, TeacherScorer, WorkItem
-from services.errors import UserError
+from rollout.sampler import Faults, Sampler
+from rollout.scorer import Scorer
+from services.channel import Channel, Provenance, RolloutError, RolloutTimes
+from services.pool import LocalCalls, Pool, RayCalls, WorkerFailed, short_error
+from services.producer import Producer, RolloutPlan, response_crc
+from services.publisher import Publisher, WeightSyncError
+
+__all__ = [
+    "RolloutError",
+    "RolloutPlan",
+    "RolloutService",
+    "RolloutTimes",
+    "WeightSyncError",
+    "WorkerFailed",
+]
+
+SAMPLER_PREFIX, SCORER_PREFIX = "student-sampler", "teacher-scorer"
 
 
-class WeightSyncError(UserError, RuntimeError):
-    """A weight push did not complete in time (or a sampler failed while loading)."""
+class _LocalSampler:
+    """In-process stand-in for the StudentSampler actor: the same method names, no Ray."""
 
+    def __init__(self, settings, faults) -> None:
+        self.sampler = Sampler.build(settings, faults)
 
-class RolloutError(UserError, RuntimeError):
-    """The rollout producer failed; the message carries the original error."""
+    def version(self) -> int:
+        return self.sampler.version
 
+    def sample_stream(self, items, req):
+        yield from self.sampler.sample(items, req)
 
-@dataclass(frozen=True)
-class RolloutPlan:
-    """What to sample each step (plain values taken from the config by the driver)."""
+    def load_weights(self, named_tensors, version: int):
+        return self.sampler.load_weights(named_tensors, version)
 
-    prompts_per_step: int
-    samples_per_prompt: int
-    max_tokens: int
-    temperature: float
-    max_staleness: int
-    channel_capacity: int
-    sync_timeout_s: float
-    seed: int
-
-
-@dataclass
-class RolloutTimes:
-    """Seconds spent per role, accumulated since the last ``take_times``."""
-
-    sample: float = 0.0
-    score: float = 0.0
-    producer_wait: float = 0.0
-    samples: int = 0
-
-
-class _Channel:
-    """Bounded buffer of scored samples keyed by step; ``put`` blocks when full."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.by_step: dict[int, list[ScoredRollout]] = defaultdict(list)
-        self.count = 0
-        self.cond = threading.Condition()
-        self.error: BaseException | None = None
-        self.closed = False
-
-    def put(self, step: int, items: list[ScoredRollout]) -> None:
-        with self.cond:
-            # An empty buffer always admits, so a chunk larger than the capacity cannot deadlock.
-            self.cond.wait_for(
-                lambda: self.closed or self.count == 0 or self.count + len(items) <= self.capacity
-            )
-            self.by_step[step].extend(items)
-            self.count += len(items)
-            self.cond.notify_all()
-
-    def take(self, step: int, n: int, timeout: float | None) -> list[ScoredRollout]:
-        with self.cond:
-            ok = self.cond.wait_for(
-                lambda: self.error is not None or len(self.by_step.get(step, ())) >= n, timeout
-            )
-            if self.error is not None:
-                raise RolloutError(f"rollout producer failed: {self.error!r}") from self.error
-            if not ok:
-                have = len(self.by_step.get(step, ()))
-                raise RolloutError(f"step {step}: only {have}/{n} samples after {timeout:.0f} s")
-            items = self.by_step.pop(step)
-            self.count -= len(items)
-            self.cond.notify_all()
-            return items
-
-    def fail(self, exc: BaseException) -> None:
-        with self.cond:
-            self.error = exc
-            self.cond.notify_all()
+    def generate(self, prompt_ids, **kwargs):
+        return self.sampler.generate(prompt_ids, **kwargs)
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
+        self.sampler.close()
+
+
+class _LocalScorer:
+    def __init__(self, settings, faults) -> None:
+        self.scorer = Scorer.build(settings, faults)
+
+    def ready(self) -> bool:
+        return True
+
+    def score(self, rollouts):
+        return self.scorer.score(rollouts)
+
+    def close(self) -> None:
+        self.scorer.close()
+
+
+def _actor_factory(cls, settings, resources: dict, faults):
+    from services.actors import actor_options
+    from services.cluster import actor_name
+
+    def make(name: str, slot: int):
+        del slot
+        # actor_name suffixes the name while a killed predecessor still holds it.
+        return cls.options(**actor_options(actor_name(name), resources)).remote(settings, faults)
+
+    return make
 
 
 class RolloutService:
-    """Owns the sampler and scorer actors, the producer thread and the weight pushes."""
+    """Owns the producer thread; every other call is a message through the channel."""
 
     def __init__(
         self,
@@ -117,209 +101,184 @@ class RolloutService:
         sampler_resources: dict,
         scorer_resources: dict,
         plan: RolloutPlan,
+        in_process: bool = False,
+        control=None,
+        sampler_faults: dict[int, Faults] | None = None,
+        scorer_faults: dict[int, Faults] | None = None,
     ) -> None:
+        """sampler_faults / scorer_faults: test-only faults per slot (rollout.sampler.Faults)."""
         self.plan = plan
-        self.samplers = [
-            StudentSampler.options(name=None, **sampler_resources).remote(student_settings)
-            for _ in range(num_samplers)
-        ]
-        self.scorers = [
-            TeacherScorer.options(**scorer_resources).remote(teacher_settings)
-            for _ in range(num_scorers)
-        ]
-        # Surface engine start-up errors here, not at the first batch.
-        ray.get([s.version.remote() for s in self.samplers])
-        ray.get([s.ready.remote() for s in self.scorers])
-        self._scorer_cycle = itertools.cycle(self.scorers)
-        self._scorer_lock = threading.Lock()
-        self._channel = _Channel(plan.channel_capacity)
-        self._version_cond = threading.Condition()
-        self.served_version = 0
-        self._pending_push: list | None = None
-        self._push_lock = threading.RLock()
-        self._push_started = 0.0
-        self._push_version = 0
-        self._times = RolloutTimes()
-        self._times_lock = threading.Lock()
-        self._source_states: dict[int, dict] = {}
-        self.batches_started = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._pool = ThreadPoolExecutor(max_workers=max(2, num_samplers))
+        self.in_process = in_process
+        self.calls = LocalCalls() if in_process else RayCalls()
+        sf, cf = sampler_faults or {}, scorer_faults or {}
+        if in_process:
+            make_s = lambda name, slot: _LocalSampler(student_settings, sf.get(slot))  # noqa: E731
+            make_c = lambda name, slot: _LocalScorer(teacher_settings, cf.get(slot))  # noqa: E731
+        else:
+            from services.actors import StudentSampler, TeacherScorer
 
-    # ------------------------------------------------------------------ producer
+            make_s = _slot_faults(StudentSampler, student_settings, sampler_resources, sf)
+            make_c = _slot_faults(TeacherScorer, teacher_settings, scorer_resources, cf)
+        restarts = 0 if in_process else plan.max_restarts
+        self._samplers = Pool(
+            "sampler", SAMPLER_PREFIX, make_s, "version", max_restarts=restarts, calls=self.calls
+        )
+        self._scorers = Pool(
+            "scorer", SCORER_PREFIX, make_c, "ready", max_restarts=restarts, calls=self.calls
+        )
+        self._samplers.resize(num_samplers)
+        self._scorers.resize(num_scorers)
+        # Surface engine start-up errors here, not at the first batch.
+        try:
+            for pool in (self._samplers, self._scorers):
+                for w in pool.workers:
+                    answer = self.calls.get(pool.ping(w))
+                    w.version = int(answer) if pool is self._samplers else 0
+                    w.state = "ready"
+        except BaseException as exc:
+            for w in self._samplers.workers + self._scorers.workers:
+                self.calls.kill(w.handle)
+            if isinstance(exc, Exception) and self.calls.is_death(exc):
+                raise RolloutError(f"a rollout worker did not start: {short_error(exc)}") from exc
+            raise
+        self._channel = Channel(plan.channel_capacity)
+        publisher = Publisher(
+            self.calls, max_staleness=plan.max_staleness, sync_timeout_s=plan.sync_timeout_s
+        )
+        self._producer = Producer(
+            self._samplers, self._scorers, publisher, self._channel, plan, self.calls, control
+        )
+        self._thread = threading.Thread(target=self._producer.run, daemon=True, name="producer")
+        self._thread.start()
+        self.last_provenance: list[Provenance] = []
+
+    # ------------------------------------------------------------------ driver side
+
+    def _ask(self, kind: str, *args, timeout: float | None = None):
+        try:
+            return self._channel.send(kind, *args).result(timeout)
+        except FutureTimeout:
+            raise RolloutError(f"rollout producer did not answer {kind!r} in {timeout} s") from None
 
     def start(self, source, encode, *, first_step: int, last_step: int) -> None:
-        """Start producing batches first_step..last_step from ``source`` in the background.
+        """Produce batches first_step..last_step from ``source`` in the background.
 
         encode: prompt text → token ids (the one helper shared with evaluation).
         """
-        self.batches_started = first_step - 1
-        self._thread = threading.Thread(
-            target=self._produce, args=(source, encode, first_step, last_step), daemon=True
-        )
-        self._thread.start()
-
-    def _produce(self, source, encode, first_step: int, last_step: int) -> None:
-        try:
-            for step in range(first_step, last_step + 1):
-                t0 = time.perf_counter()
-                self._wait_admission(step)
-                if self._stop.is_set():
-                    return
-                problems = source.next_batch(self.plan.prompts_per_step)
-                # The state after drawing batch k is where a run resumed after step k starts.
-                self._source_states[step + 1] = source.state()
-                self.batches_started = step
-                items = [WorkItem(p.id, p.answer, tuple(encode(p.prompt))) for p in problems]
-                waited = time.perf_counter() - t0
-                self._produce_batch(step, items)
-                with self._times_lock:
-                    self._times.producer_wait += waited
-        except BaseException as exc:  # handed to the learner thread, which raises it
-            self._channel.fail(exc)
-
-    def _wait_admission(self, step: int) -> None:
-        need = step - 1 - self.plan.max_staleness
-        while not self._stop.is_set():
-            self._poll_push()
-            with self._version_cond:
-                if self.served_version >= need:
-                    return
-            pending = self._pending_push
-            if pending:
-                # Wake the moment the samplers finish loading, not on a polling tick.
-                ray.wait(pending, num_returns=len(pending), timeout=0.2)
-            else:
-                with self._version_cond:
-                    self._version_cond.wait(timeout=0.2)
-
-    def _produce_batch(self, step: int, items: list[WorkItem]) -> None:
-        n = len(self.samplers)
-        chunks = [items[i::n] for i in range(n)]
-        futures = [
-            self._pool.submit(self._run_sampler, sampler, chunk, step, i)
-            for i, (sampler, chunk) in enumerate(zip(self.samplers, chunks, strict=True))
-            if chunk
-        ]
-        for f in futures:
-            f.result()
-
-    def _run_sampler(self, sampler, chunk: list[WorkItem], step: int, index: int) -> None:
-        p = self.plan
-        t0 = time.perf_counter()
-        gen = sampler.sample_stream.options(num_returns="streaming").remote(
-            chunk,
-            n=p.samples_per_prompt,
-            max_tokens=p.max_tokens,
-            temperature=p.temperature,
-            seed=p.seed * 1_000_003 + step * 1009 + index,
-        )
-        # Each finished prompt group goes to a scorer at once; the scorer works while the
-        # sampler keeps generating. Results are collected in order once the stream ends.
-        pending = []
-        for ref in gen:
-            with self._scorer_lock:
-                scorer = next(self._scorer_cycle)
-            pending.append(scorer.score.remote(ref))
-        sample_s = time.perf_counter() - t0
-        score_s = 0.0
-        for ref in pending:
-            scored, seconds = ray.get(ref)
-            score_s += seconds
-            self._channel.put(step, scored)
-        with self._times_lock:
-            self._times.sample += sample_s
-            self._times.score += score_s
-            self._times.samples += len(chunk) * p.samples_per_prompt
-
-    # ------------------------------------------------------------------ consumer
+        self._ask("produce", source, encode, first_step, last_step)
 
     def next_batch(self, step: int, timeout: float | None = None) -> list[ScoredRollout]:
-        """Block until every sample of ``step`` is scored; returns them sorted by sample id."""
+        """Block until every sample of ``step`` is scored; returns them sorted by sample id.
+        Their provenance (same order) is in ``last_provenance``."""
         n = self.plan.prompts_per_step * self.plan.samples_per_prompt
-        self._poll_push()
-        items = self._channel.take(step, n, timeout)
-        return sorted(items, key=lambda s: s.sample_id)
+        pairs = sorted(self._channel.take(step, n, timeout), key=lambda p: p[0].sample_id)
+        self.last_provenance = [p for _, p in pairs]
+        return [s for s, _ in pairs]
+
+    def ledger_columns(self, batch: list[ScoredRollout]) -> dict[str, list]:
+        """Per-sample ledger columns of the last batch (same order as ``batch``)."""
+        prov = self.last_provenance
+        return {
+            "samplers": [p.sampler for p in prov],
+            "scorers": [p.scorer for p in prov],
+            "attempts": [p.attempt for p in prov],
+            "response_crc": [response_crc(s.rollout) for s in batch],
+        }
 
     def source_state_before(self, step: int) -> dict | None:
         """The prompt source's state just before the batch for ``step`` (known once step − 1's
         batch has been drawn)."""
-        return self._source_states.get(step)
+        return self._channel.source_state(step)
 
     def take_times(self) -> RolloutTimes:
-        with self._times_lock:
-            times, self._times = self._times, RolloutTimes()
-        return times
+        return self._channel.take_times()
+
+    def worker_metrics(self) -> dict:
+        """Per-worker samples / restarts / re-dispatched groups and the channel depth."""
+        return self._channel.stats()
+
+    def deaths(self):
+        """Worker deaths recovered from so far (read after ``stop`` or for tests)."""
+        return list(self._producer.deaths)
 
     # ------------------------------------------------------------------ weights
 
     def push_weights(self, named_tensors: list, version: int, *, wait: bool = False) -> None:
-        """Send weights (named HF tensors) to every sampler through the object store.
-
-        Asynchronous: samplers load them after their current batch; ``served_version``
-        advances when all have loaded. A push still unfinished after ``sync_timeout_s``
-        raises WeightSyncError at the next call. ``wait=True`` blocks until loaded.
-        """
-        self._finish_push(block=True)
-        ref = ray.put(named_tensors)
-        with self._push_lock:
-            self._pending_push = [s.load_weights.remote(ref, version) for s in self.samplers]
-            self._push_started = time.perf_counter()
-            self._push_version = version
+        """Publish weights (named HF tensors) as ``version``; samplers load them after their
+        current chunk. A load unfinished after ``sync_timeout_s`` fails the run with
+        WeightSyncError. ``wait=True`` blocks until every live sampler serves it."""
+        self._ask("publish", self.calls.put(named_tensors), version)
         if wait:
-            self._finish_push(block=True)
+            self.wait_for_push()
 
     def wait_for_push(self) -> None:
-        """Block until the last pushed weights are served (or WeightSyncError)."""
-        self._finish_push(block=True)
-
-    def _poll_push(self) -> None:
-        self._finish_push(block=False)
-
-    def _finish_push(self, *, block: bool) -> None:
-        with self._push_lock:
-            self._finish_push_locked(block=block)
-
-    def _finish_push_locked(self, *, block: bool) -> None:
-        pending = self._pending_push
-        if not pending:
-            return
-        elapsed = time.perf_counter() - self._push_started
-        remaining = max(0.0, self.plan.sync_timeout_s - elapsed)
-        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=remaining if block else 0)
-        if len(ready) < len(pending):
-            if block or elapsed > self.plan.sync_timeout_s:
-                raise WeightSyncError(
-                    f"weight push of version {self._push_version} did not complete on "
-                    f"{len(pending) - len(ready)}/{len(pending)} samplers within "
-                    f"{self.plan.sync_timeout_s:.0f} s (rollout.sync_timeout_s)"
-                )
-            return
-        versions = [v for v, _ in ray.get(pending)]
-        self._pending_push = None
-        with self._version_cond:
-            self.served_version = min(versions)
-            self._version_cond.notify_all()
+        """Block until the last published weights are served (or WeightSyncError)."""
+        self._ask("wait_push")
 
     def mark_served(self, version: int) -> None:
         """Record a version delivered by another path (NCCL broadcast)."""
-        with self._version_cond:
-            self.served_version = version
-            self._version_cond.notify_all()
+        self._ask("mark_served", version)
+
+    @property
+    def served_version(self) -> int:
+        return min(self.sampler_versions())
 
     def sampler_versions(self) -> list[int]:
-        return ray.get([s.version.remote() for s in self.samplers])
+        return self._ask("versions")
+
+    @property
+    def samplers(self) -> list:
+        """Handles of the live samplers now (for NCCL set-up and tools)."""
+        return self._ask("handles")
+
+    def scale(self, *, samplers: int | None = None, scorers: int | None = None) -> None:
+        self._ask("scale", samplers, scorers)
+
+    def eval_engine(self):
+        """An engine-like object (``generate``) on a live sampler's current weights."""
+        return _EvalEngine(self)
 
     # ------------------------------------------------------------------ shutdown
 
     def stop(self) -> None:
-        self._stop.set()
         self._channel.close()
-        with self._version_cond:
-            self._version_cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for actor in self.samplers + self.scorers:
-            ray.kill(actor)
+        self._thread.join(timeout=30)
+
+
+def _slot_faults(cls, settings, resources, faults: dict):
+    makers = {}
+
+    def make(name: str, slot: int):
+        if slot not in makers:
+            makers[slot] = _actor_factory(cls, settings, resources, faults.get(slot))
+        return makers[slot](name, slot)
+
+    return make
+
+
+class _EvalEngine:
+    """Lets rollout.accuracy drive a sampler (current weights) as if it were a local engine.
+
+    In-process, the call runs on the producer thread (vLLM engines are not thread-safe); with
+    actors it goes straight to a live sampler and is retried on another if that one dies.
+    """
+
+    def __init__(self, service: RolloutService) -> None:
+        self.service = service
+
+    def generate(self, prompt_ids, **kwargs):
+        svc = self.service
+        if svc.in_process:
+            return svc._ask("generate", prompt_ids, kwargs)
+        last: BaseException | None = None
+        for _ in range(3):
+            handles = svc.samplers
+            if not handles:
+                break
+            try:
+                return svc.calls.get(handles[0].generate.remote(prompt_ids, **kwargs))
+            except Exception as exc:
+                if not svc.calls.is_death(exc):
+                    raise
+                last = exc
+        raise RolloutError(f"evaluation found no live sampler: {last}")

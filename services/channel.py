@@ -1,0 +1,179 @@
+"""The bounded channel: the only state the producer thread shares with the driver thread.
+
+Data flows one way (scored samples, keyed by step, producer → learner) and commands the other
+(weights to publish, evaluation requests, stop; driver → producer). The producer also leaves
+snapshots here (rollout times, per-worker counters, the prompt source's state per step), so
+the driver never reads the producer's own objects.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict, deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from rollout.records import ScoredRollout
+from services.errors import UserError
+
+
+class RolloutError(UserError, RuntimeError):
+    """The rollout producer failed; the message carries the original error."""
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where one sample came from (a row of the ledger, ``samples.jsonl``)."""
+
+    sampler: str
+    scorer: str
+    attempt: int  # 1 + earlier failed tries of its prompt group (sampling or scoring)
+
+
+@dataclass
+class RolloutTimes:
+    """Seconds spent per role, accumulated since the last ``take_times``."""
+
+    sample: float = 0.0
+    score: float = 0.0
+    producer_wait: float = 0.0
+    samples: int = 0
+
+
+@dataclass(frozen=True)
+class Command:
+    """A request from the driver thread; the producer answers through ``reply``."""
+
+    kind: str
+    args: tuple = ()
+    reply: Future = field(default_factory=Future)
+
+
+class Channel:
+    """Bounded buffer of scored samples keyed by step, plus the driver → producer inbox."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._by_step: dict[int, list[tuple[ScoredRollout, Provenance]]] = defaultdict(list)
+        self._count = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed = False
+        self._inbox: deque[Command] = deque()
+        self._times = RolloutTimes()
+        self._stats: dict[str, Any] = {}
+        self._source_states: dict[int, dict] = {}
+
+    # -------------------------------------------------------------- producer side
+
+    def room(self) -> int:
+        """Samples that fit now; an empty buffer takes any chunk (so none can deadlock)."""
+        with self._cond:
+            return self.capacity - self._count if self._count else max(self.capacity, 1 << 30)
+
+    def put(self, step: int, items: list[tuple[ScoredRollout, Provenance]]) -> None:
+        """Never blocks: the producer checks ``room`` first and keeps what does not fit."""
+        with self._cond:
+            self._by_step[step].extend(items)
+            self._count += len(items)
+            self._cond.notify_all()
+
+    def depth(self) -> int:
+        with self._cond:
+            return self._count
+
+    def commands(self, timeout: float = 0.0) -> list[Command]:
+        """Pending commands (waits up to ``timeout`` for one when there is none)."""
+        with self._cond:
+            if not self._inbox and timeout > 0 and not self._closed:
+                self._cond.wait(timeout)
+            out = list(self._inbox)
+            self._inbox.clear()
+            return out
+
+    def add_times(self, **seconds: float) -> None:
+        with self._cond:
+            for k, v in seconds.items():
+                setattr(self._times, k, getattr(self._times, k) + v)
+
+    def set_stats(self, stats: dict[str, Any]) -> None:
+        with self._cond:
+            self._stats = dict(stats)
+
+    def set_source_state(self, step: int, state: dict) -> None:
+        with self._cond:
+            self._source_states[step] = state
+
+    def fail(self, exc: BaseException) -> None:
+        with self._cond:
+            self._error = exc
+            for cmd in self._inbox:
+                cmd.reply.set_exception(RolloutError(f"rollout producer failed: {exc}"))
+            self._inbox.clear()
+            self._cond.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        with self._cond:
+            return self._closed
+
+    # -------------------------------------------------------------- driver side
+
+    def take(
+        self, step: int, n: int, timeout: float | None
+    ) -> list[tuple[ScoredRollout, Provenance]]:
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self._error is not None or len(self._by_step.get(step, ())) >= n, timeout
+            )
+            if self._error is not None:
+                raise RolloutError(f"rollout producer failed: {self._error}") from self._error
+            if not ok:
+                have = len(self._by_step.get(step, ()))
+                raise RolloutError(f"step {step}: only {have}/{n} samples after {timeout:.0f} s")
+            items = self._by_step.pop(step)
+            self._count -= len(items)
+            # The state for step + 1 is what a checkpoint after this step needs; older ones
+            # are never asked for again.
+            for k in [k for k in self._source_states if k <= step]:
+                del self._source_states[k]
+            self._cond.notify_all()
+            return items
+
+    def send(self, kind: str, *args) -> Future:
+        cmd = Command(kind, args)
+        with self._cond:
+            if self._error is not None:
+                cmd.reply.set_exception(RolloutError(f"rollout producer failed: {self._error}"))
+            elif self._closed:
+                cmd.reply.set_exception(RolloutError("rollout service is stopped"))
+            else:
+                self._inbox.append(cmd)
+                self._cond.notify_all()
+        return cmd.reply
+
+    def take_times(self) -> RolloutTimes:
+        with self._cond:
+            times, self._times = self._times, RolloutTimes()
+            return times
+
+    def stats(self) -> dict[str, Any]:
+        with self._cond:
+            return dict(self._stats)
+
+    def source_state(self, step: int) -> dict | None:
+        with self._cond:
+            return self._source_states.get(step)
+
+    def error(self) -> BaseException | None:
+        with self._cond:
+            return self._error
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for cmd in self._inbox:
+                cmd.reply.set_exception(RolloutError("rollout service is stopped"))
+            self._inbox.clear()
+            self._cond.notify_all()

@@ -1,0 +1,259 @@
+"""Worker pools: one per role (student samplers, teacher scorers).
+
+A pool owns its workers' handles, their health, restarts and membership (live resize); the
+producer asks it who is free (samplers) or least loaded (scorers). Work is never pinned to a
+worker except in ``static`` dispatch (kept for comparison, see bench/pipeline.py).
+
+Calls go through a small backend so the same producer drives Ray actors (``RayCalls``) or
+plain objects in this process (``LocalCalls``, the in-process mode for debugging).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.errors import UserError
+
+STARTING, SYNCING, READY, DRAINING, DEAD = "starting", "syncing", "ready", "draining", "dead"
+
+
+class WorkerFailed(UserError, RuntimeError):
+    """A worker kept failing after ``rollout.max_restarts`` restarts; names it and its last error."""
+
+
+def short_error(exc: BaseException, limit: int = 300) -> str:
+    """The last line of an error that names an exception (Ray wraps the cause in tracebacks)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "Error" in ln.split(":")[0] or "Exception" in ln.split(":")[0]]
+    text = (named or lines or [type(exc).__name__])[-1]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def is_worker_death(exc: BaseException) -> bool:
+    """True when ``exc`` says a Ray worker process died (not an error raised by its code)."""
+    import sys
+
+    if "ray" not in sys.modules:  # nothing Ray could have raised
+        return False
+    return RayCalls().is_death(exc)
+
+
+# ------------------------------------------------------------------------------ call backends
+
+
+class RayCalls:
+    """Actor calls through Ray: ``ray.wait`` over object refs and streaming generators."""
+
+    local = False
+
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        self._death = (
+            ray.exceptions.RayActorError,
+            ray.exceptions.WorkerCrashedError,
+            ray.exceptions.OutOfMemoryError,
+            ray.exceptions.ObjectLostError,
+        )
+
+    def call(self, handle, method: str, *args, streaming: bool = False):
+        fn = getattr(handle, method)
+        if streaming:
+            fn = fn.options(num_returns="streaming")
+        return fn.remote(*args)
+
+    def wait(self, waitables: list, timeout: float) -> list:
+        if not waitables:
+            return []
+        ready, rest = self.ray.wait(waitables, num_returns=1, timeout=timeout)
+        if ready and rest:
+            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
+            ready += more
+        return ready
+
+    def get(self, ref):
+        return self.ray.get(ref)
+
+    def next(self, stream):
+        """The next item of a streaming call; StopIteration when it has ended."""
+        return self.ray.get(next(stream))
+
+    def put(self, value):
+        return self.ray.put(value)
+
+    def kill(self, handle) -> None:
+        with contextlib.suppress(Exception):  # already gone: nothing to stop
+            self.ray.kill(handle, no_restart=True)
+
+    def is_death(self, exc: BaseException) -> bool:
+        return isinstance(exc, self._death)
+
+
+class _Done:
+    """A finished in-process call (value or error)."""
+
+    def __init__(self, fn, args) -> None:
+        self.value, self.error = None, None
+        try:
+            self.value = fn(*args)
+        except Exception as exc:  # re-raised by LocalCalls.get, like ray.get would
+            self.error = exc
+
+
+class _Stream:
+    def __init__(self, gen) -> None:
+        self.gen = gen
+
+
+class LocalCalls:
+    """Plain method calls in this thread: every call is 'ready' when the producer looks."""
+
+    local = True
+
+    def call(self, handle, method: str, *args, streaming: bool = False):
+        fn = getattr(handle, method)
+        return _Stream(fn(*args)) if streaming else _Done(fn, args)
+
+    def wait(self, waitables: list, timeout: float) -> list:
+        return list(waitables)
+
+    def get(self, done: _Done):
+        if done.error is not None:
+            raise done.error
+        return done.value
+
+    def next(self, stream: _Stream):
+        return next(stream.gen)
+
+    def put(self, value):
+        return value
+
+    def kill(self, handle) -> None:
+        close = getattr(handle, "close", None)
+        if callable(close):
+            close()
+
+    def is_death(self, exc: BaseException) -> bool:
+        return False
+
+
+# ------------------------------------------------------------------------------ pool
+
+
+@dataclass(eq=False)
+class Worker:
+    """One member of a pool. ``version`` (samplers) is the policy version it has loaded."""
+
+    name: str
+    slot: int
+    handle: Any
+    state: str = STARTING
+    version: int = 0
+    loading: int = 0  # highest version sent to it and not yet confirmed
+    restarts: int = 0
+    samples: int = 0
+    redispatched: int = 0
+    outstanding: int = 0  # groups it holds (sampling or scoring)
+    last_error: str = ""
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def alive(self) -> bool:
+        return self.state not in (DEAD,)
+
+
+class Pool:
+    """Membership, health and restarts of one role's workers.
+
+    make(name, slot) builds a worker handle (an actor creation returns at once; the pool then
+    pings it with ``ping_method`` and the producer waits for the answer like for any call).
+    """
+
+    def __init__(
+        self,
+        role: str,
+        prefix: str,
+        make: Callable[[str, int], Any],
+        ping_method: str,
+        *,
+        max_restarts: int,
+        calls,
+    ) -> None:
+        self.role, self.prefix, self.make, self.ping_method = role, prefix, make, ping_method
+        self.max_restarts = max_restarts
+        self.calls = calls
+        self.workers: list[Worker] = []
+        self.target = 0
+        self.removed: list[Worker] = []  # drained and stopped (kept for their counters)
+
+    def _name(self, slot: int) -> str:
+        return f"{self.prefix}-{slot}"
+
+    def add(self) -> Worker:
+        used = {w.slot for w in self.workers}
+        slot = next(i for i in range(len(used) + 1) if i not in used)
+        w = Worker(self._name(slot), slot, self.make(self._name(slot), slot))
+        self.workers.append(w)
+        return w
+
+    def ping(self, w: Worker):
+        return self.calls.call(w.handle, self.ping_method)
+
+    def restart(self, w: Worker, error: BaseException) -> None:
+        """Replace a dead worker in its slot, or raise WorkerFailed once its budget is spent."""
+        w.last_error = short_error(error)
+        self.calls.kill(w.handle)
+        if w.restarts >= self.max_restarts:
+            w.state = DEAD
+            raise WorkerFailed(
+                f"{w.name} failed and was restarted {w.restarts} time(s) already "
+                f"(rollout.max_restarts = {self.max_restarts}); last error: {w.last_error}"
+            )
+        w.restarts += 1
+        w.handle = self.make(w.name, w.slot)
+        w.state, w.version, w.loading, w.outstanding = STARTING, 0, 0, 0
+        w.started = time.perf_counter()
+
+    def retire(self, w: Worker) -> None:
+        self.calls.kill(w.handle)
+        w.state = DEAD
+        self.workers.remove(w)
+        self.removed.append(w)
+
+    def ready(self) -> list[Worker]:
+        return [w for w in self.workers if w.state == READY]
+
+    def live(self) -> list[Worker]:
+        """Workers that count for the served version (have weights, may hold work)."""
+        return [w for w in self.workers if w.state in (READY, DRAINING)]
+
+    def resize(self, n: int) -> list[Worker]:
+        """Aim for ``n`` workers; returns the new ones (to be pinged). Surplus ones drain:
+        they take no new work and are stopped once they hold none."""
+        if n < 1:
+            raise ValueError(f"a pool of {self.role}s needs at least 1 worker, asked for {n}")
+        self.target = n
+        active = [w for w in self.workers if w.state != DRAINING]
+        new = []
+        while len(active) < n:
+            w = self.add()
+            active.append(w)
+            new.append(w)
+        for w in sorted(active, key=lambda w: -w.slot)[: max(0, len(active) - n)]:
+            w.state = DRAINING
+        return new
+
+    def counters(self) -> dict[str, float]:
+        row: dict[str, float] = {}
+        for w in self.workers + self.removed:
+            row[f"worker/{w.name}/samples"] = row.get(f"worker/{w.name}/samples", 0) + w.samples
+            row[f"worker/{w.name}/restarts"] = row.get(f"worker/{w.name}/restarts", 0) + w.restarts
+            row[f"worker/{w.name}/redispatched_groups"] = (
+                row.get(f"worker/{w.name}/redispatched_groups", 0) + w.redispatched
+            )
+        return row
