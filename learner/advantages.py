@@ -77,6 +77,7 @@ def token_advantages(
     estimator: str = "opd_plus",
     discount: float = 0.0,
     ratio_clip: float | None = 10.0,
+    center_cost: bool = False,
 ) -> Tensor:
     """Detached advantages A_BT [B, T] (equation in the module docstring).
 
@@ -87,10 +88,22 @@ def token_advantages(
     estimator: "opd_plus" (c_t = f'(r_t)) or "opd" (c_t = g(r_t)).
     discount: γ ∈ [0, 1].
     ratio_clip: ell is clamped to ±ratio_clip before any exp; None disables clamping.
+    center_cost: OPD+ only — subtract the constant f'(1) from every immediate cost,
+        c_t = f'(r_t) − f'(1). A constant times E[∇log π] is zero, so the expected gradient is
+        unchanged while the variance is not: uncentred reverse-KL OPD+ (cost ell + 1) pushes
+        every sampled token down by 1 in a single sample; centred it is the usual ell cost.
+        f'(1) = 0 for every divergence here except reverse and forward KL (and alpha).
     Returns A_BT in the inputs' promoted dtype, upcast to float32 if narrower.
     """
     adv_BT, *_ = _advantage_terms(
-        logp_student_BT, logp_teacher_BT, mask_BT, divergence, estimator, discount, ratio_clip
+        logp_student_BT,
+        logp_teacher_BT,
+        mask_BT,
+        divergence,
+        estimator,
+        discount,
+        ratio_clip,
+        center_cost,
     )
     return adv_BT
 
@@ -104,10 +117,18 @@ def token_advantages_with_stats(
     estimator: str = "opd_plus",
     discount: float = 0.0,
     ratio_clip: float | None = 10.0,
+    center_cost: bool = False,
 ) -> tuple[Tensor, AdvantageStats]:
     """`token_advantages` plus its `AdvantageStats` (one host sync for the stats)."""
     adv_BT, ell_BT, cost_BT, clamped_BT, keep_BT = _advantage_terms(
-        logp_student_BT, logp_teacher_BT, mask_BT, divergence, estimator, discount, ratio_clip
+        logp_student_BT,
+        logp_teacher_BT,
+        mask_BT,
+        divergence,
+        estimator,
+        discount,
+        ratio_clip,
+        center_cost,
     )
     n = keep_BT.sum().clamp(min=1).to(adv_BT.dtype)
     max_abs = adv_BT.abs().amax() if adv_BT.numel() else adv_BT.new_zeros(())
@@ -123,6 +144,7 @@ def _advantage_terms(
     estimator: str,
     discount: float,
     ratio_clip: float | None,
+    center_cost: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(A_BT, clamped ell_BT, g_BT, clamped_BT, keep_BT), all zero off the mask."""
     div = get_divergence(divergence)
@@ -150,7 +172,12 @@ def _advantage_terms(
             ell_BT = ell_BT.clamp(-ratio_clip, ratio_clip)
 
         cost_BT = torch.where(keep_BT, div.cost(ell_BT), 0.0)
-        immediate_BT = div.grad_cost(ell_BT) if estimator == "opd_plus" else cost_BT
+        if estimator == "opd_plus":
+            immediate_BT = div.grad_cost(ell_BT)
+            if center_cost:
+                immediate_BT = immediate_BT - div.grad_cost(ell_BT.new_zeros(()))
+        else:
+            immediate_BT = cost_BT
         adv_BT = -(immediate_BT + discounted_future_sum(cost_BT, discount))
         adv_BT = torch.where(keep_BT, adv_BT, 0.0)
     return adv_BT, ell_BT, cost_BT, clamped_BT, keep_BT

@@ -55,19 +55,6 @@ class Divergence:
         """OPD+ immediate cost f'(r) at r = exp(ell)."""
         return self.grad_cost_fn(ell)
 
-    def shifted(self, c: float) -> Divergence:
-        """The same divergence with generator f(r) + c·(r − 1).
-
-        D_f is unchanged, the OPD+ cost shifts by the constant c and the OPD cost by
-        c·(1 − 1/r) = −c·expm1(−ell), which is why only OPD+ is invariant to the shift.
-        """
-        return Divergence(
-            name=f"{self.name}{c:+g}(r-1)",
-            generator_fn=lambda r: self.f(r) + c * (r - 1),
-            cost_fn=lambda ell: self.cost(ell) - c * torch.expm1(-ell),
-            grad_cost_fn=lambda ell: self.grad_cost(ell) + c,
-        )
-
 
 def _js_cost(ell: Tensor) -> Tensor:
     """g = ½[ell − (1 + 1/r)·log((1 + r)/2)] = N(ell)/(4·sigmoid(ell)), u = tanh(ell/2).

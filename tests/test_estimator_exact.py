@@ -9,6 +9,7 @@ import itertools
 
 import pytest
 import torch
+from divergence_cases import registry_divergences, shifted
 
 from learner.advantages import token_advantages
 from learner.divergences import Divergence, get_divergence
@@ -28,8 +29,7 @@ PREFIX_STATE_PT = torch.tensor(
 PREFIX_TOKEN_PT = torch.tensor([list(p) + [0] * (L - 1 - len(p)) for p in PREFIXES])
 PREFIX_MASK_PT = torch.tensor([[float(t < len(p)) for t in range(L - 1)] for p in PREFIXES])
 
-NAMES = ["reverse_kl", "forward_kl", "js", "hellinger", "tv", "pearson", "neyman", "jeffreys"]
-DIVS = [*(get_divergence(n) for n in NAMES), get_divergence("alpha", alpha=0.5)]
+DIVS = registry_divergences()
 BIASED_UNDER_OPD = ["forward_kl", "js", "hellinger", "tv", "pearson", "neyman", "jeffreys"]
 
 
@@ -76,7 +76,7 @@ def frozen_state_gradient(theta, teacher, div):
     return grad
 
 
-def expected_estimator(theta, teacher, div, *, estimator, discount, pad=False):
+def expected_estimator(theta, teacher, div, *, estimator, discount, pad=False, center=False):
     """Σ_y sg(P_θ(y)) · ∇[−Σ_t A_t log π_θ(y_t|s_t)], through the production code."""
     logp_BT, logp_teacher_BT = _token_logps(theta), _token_logps(teacher)
     mask_BT = torch.ones_like(logp_BT)
@@ -94,6 +94,7 @@ def expected_estimator(theta, teacher, div, *, estimator, discount, pad=False):
         estimator=estimator,
         discount=discount,
         ratio_clip=None,
+        center_cost=center,
     )
     seq_prob_B = logp_BT.detach().nan_to_num(0.0).mul(mask_BT).sum(-1).exp()
     # Weighting the advantages by sg(P(y)) and normalising by 1 turns the batch sum into the
@@ -180,13 +181,13 @@ def test_opd_zero_discount_is_biased_per_state(name):
 def test_generator_shift_moves_opd_but_not_opd_plus(name, discount):
     theta, teacher = _tables(3)
     base = get_divergence(name)
-    shifted = base.shifted(0.8)
+    moved = shifted(base, 0.8)
 
     def est(div, estimator):
         return expected_estimator(theta, teacher, div, estimator=estimator, discount=discount)
 
-    assert rel_err(est(shifted, "opd_plus"), est(base, "opd_plus")) < 1e-10
-    assert rel_err(est(shifted, "opd"), est(base, "opd")) > 1e-2
+    assert rel_err(est(moved, "opd_plus"), est(base, "opd_plus")) < 1e-10
+    assert rel_err(est(moved, "opd"), est(base, "opd")) > 1e-2
 
 
 @pytest.mark.parametrize("estimator", ["opd_plus", "opd"])
@@ -197,3 +198,15 @@ def test_student_equal_to_teacher_has_zero_expected_gradient(div, estimator):
     for discount in (0.0, 0.5, 1.0):
         est = expected_estimator(theta, teacher, div, estimator=estimator, discount=discount)
         assert est.abs().max().item() < 1e-12
+
+
+@pytest.mark.parametrize("discount", [0.0, 1.0])
+@pytest.mark.parametrize("div", DIVS, ids=lambda d: d.name)
+def test_centred_opd_plus_has_the_same_expectation(div, discount):
+    """Centring subtracts the constant f'(1) from the immediate cost: same expected gradient."""
+    theta, teacher = _tables(5)
+    plain = expected_estimator(theta, teacher, div, estimator="opd_plus", discount=discount)
+    centred = expected_estimator(
+        theta, teacher, div, estimator="opd_plus", discount=discount, center=True
+    )
+    assert rel_err(centred, plain) < 1e-10
