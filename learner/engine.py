@@ -26,8 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner.batch import TrainBatch
 from learner.divergences import Divergence
+from learner.logprobs import DEFAULT_CHUNK_SIZE
+from learner.microbatch import padding_cells, plan_micro_batches
 from learner.schedule import LR_SCHEDULES, lr_factor
-from learner.step import compute_loss
+from learner.step import compute_loss, merge_metrics
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
 # warnings say nothing actionable and would flood the Ray logs.
@@ -155,43 +157,80 @@ class LearnerEngine:
         is_cap: float | None,
         aggregation: str,
         center_cost: bool = False,
+        temperature: float = 1.0,
+        micro_batch_tokens: int = 0,
+        logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> dict[str, float]:
-        """Forward, backward and one optimizer step on this rank's shard.
+        """Forward and backward per micro-batch, then one optimizer step on this rank's shard.
 
-        normaliser: `learner.step.global_normaliser` of the whole step batch (all ranks).
-        divergence ... aggregation: as in `learner.step.compute_loss`.
-        Returns `StepStats.metrics()` of this shard (its `learner/loss` is this shard's share of
-        the global loss) plus `learner/grad_norm` (global, before clipping), `learner/lr` (the
-        lr this step used) and `learner/step_time_s`.
+        normaliser: `learner.step.global_normaliser` of the whole step batch (all ranks); every
+            micro-batch's loss is divided by it, so the micro-batches' gradients add up to the
+            shard's and the shards' to the batch's.
+        divergence ... aggregation, temperature, logprob_chunk_size: as in
+            `learner.step.compute_loss`.
+        micro_batch_tokens: token budget per micro-batch (`learner.microbatch`); 0 = the whole
+            shard in one forward pass.
+        Returns the merged `StepStats.metrics()` of this shard's micro-batches (its
+        `learner/loss` is this shard's share of the global loss) plus `learner/grad_norm`
+        (global, before clipping), `learner/lr` (the lr this step used),
+        `learner/step_time_s`, `learner/micro_batches`, `learner/cells` (B·T the forward passes
+        processed) and `learner/padding_frac` (the padded share of those cells).
         """
         start = time.perf_counter()
         self.engine.train()
         lr = self.engine.get_lr()[0]
-        loss, stats = compute_loss(
-            self.engine,
-            batch.to(self.device),
-            divergence=divergence,
-            estimator=estimator,
-            discount=discount,
-            ratio_clip=ratio_clip,
-            is_cap=is_cap,
-            aggregation=aggregation,
-            center_cost=center_cost,
-            normaliser=normaliser,
-            policy_version=policy_version,
-        )
-        # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.
-        self.engine.backward(loss * self.world_size)
+        batch = batch.to(self.device)
+        micro = plan_micro_batches(batch, micro_batch_tokens)
+        count = len(micro)
+        if micro_batch_tokens and self.world_size > 1:
+            # ZeRO-2/3 reduce gradients in every backward and ZeRO-3 gathers weights in every
+            # forward: all ranks must run the same number of micro-batches.
+            count = self._max_over_ranks(count)
+            micro = plan_micro_batches(batch, micro_batch_tokens, min_count=count)
+        # A rank with fewer rows than `count` repeats its first row with zero weight.
+        passes = micro + [micro[0]] * (count - len(micro))
+        per_micro = []
+        for i, mb in enumerate(passes):
+            self.engine.set_gradient_accumulation_boundary(i == count - 1)
+            loss, stats = compute_loss(
+                self.engine,
+                mb,
+                divergence=divergence,
+                estimator=estimator,
+                discount=discount,
+                ratio_clip=ratio_clip,
+                is_cap=is_cap,
+                aggregation=aggregation,
+                center_cost=center_cost,
+                normaliser=normaliser,
+                policy_version=policy_version,
+                temperature=temperature,
+                logprob_chunk_size=logprob_chunk_size,
+            )
+            real = i < len(micro)
+            # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.
+            self.engine.backward(loss * (self.world_size if real else 0.0))
+            if real:
+                per_micro.append(stats.metrics())
         # DeepSpeed reports the norm only from its ZeRO / bf16 optimizers; without them the
         # reduced gradients are still in .grad here (step() clears them).
         grads_norm = self._reduced_grad_norm() if self._norm_from_grads else None
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
-        metrics = stats.metrics()
+        metrics = merge_metrics(per_micro)
+        cells, padded = padding_cells(micro)
         metrics["learner/grad_norm"] = float(norm if norm is not None else grads_norm)
         metrics["learner/lr"] = lr
+        metrics["learner/micro_batches"] = float(count)
+        metrics["learner/cells"] = float(cells)
+        metrics["learner/padding_frac"] = padded / max(cells, 1)
         metrics["learner/step_time_s"] = time.perf_counter() - start
         return metrics
+
+    def _max_over_ranks(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.long, device=self.device)
+        ds_comm.all_reduce(t, op=ds_comm.ReduceOp.MAX)
+        return int(t.item())
 
     def _reduced_grad_norm(self) -> float:
         grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]

@@ -21,7 +21,9 @@ from torch import Tensor
 
 from learner.advantages import token_advantages_with_stats
 from learner.batch import TrainBatch
+from learner.dense import topk_token_logprobs
 from learner.divergences import Divergence, get_divergence
+from learner.logprobs import DEFAULT_CHUNK_SIZE, sampled_logprobs
 from learner.loss import surrogate_loss
 from rollout.alignment import token_logprobs
 from rollout.records import staleness
@@ -76,20 +78,28 @@ class StepStats:
 
 # How `merge_metrics` combines a metric across data-parallel shards; anything not listed is a
 # per-token mean of a distill statistic (token-weighted) or a global value equal on every rank.
-_SUMMED = ("learner/loss", "learner/tokens", "learner/sequences")
-_MAXED = ("learner/staleness_max", "distill/adv_abs_max", "learner/step_time_s")
+_SUMMED = ("learner/loss", "learner/tokens", "learner/sequences", "learner/cells")
+_MAXED = (
+    "learner/staleness_max",
+    "distill/adv_abs_max",
+    "learner/step_time_s",
+    "learner/micro_batches",
+)
 _SEQUENCE_WEIGHTED = ("learner/staleness_mean",)
+_CELL_WEIGHTED = ("learner/padding_frac",)
 
 
 def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     """Combine the shards' `metrics()` into the full batch's.
 
     Losses and counts add (the losses are shares of one global loss), per-token means are
-    weighted by each shard's token count, maxima take the max; other values (grad norm, lr)
-    are global and taken from rank 0.
+    weighted by each shard's token count, the padding fraction by its cell count, maxima take
+    the max; other values (grad norm, lr) are global and taken from rank 0. Also merges one
+    shard's micro-batches.
     """
     tokens = [m["learner/tokens"] for m in per_rank]
     seqs = [m["learner/sequences"] for m in per_rank]
+    cells = [m.get("learner/cells", 0.0) for m in per_rank]
     merged = {}
     for key, first in per_rank[0].items():
         values = [m[key] for m in per_rank]
@@ -99,6 +109,8 @@ def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
             merged[key] = max(values)
         elif key in _SEQUENCE_WEIGHTED:
             merged[key] = _weighted_mean(values, seqs)
+        elif key in _CELL_WEIGHTED:
+            merged[key] = _weighted_mean(values, cells)
         elif key.startswith("distill/"):
             merged[key] = _weighted_mean(values, tokens)
         else:
@@ -128,6 +140,37 @@ def global_normaliser(batch: TrainBatch, aggregation: str) -> float:
     return float(max(n, 1))
 
 
+def learner_logprobs(
+    model: torch.nn.Module, batch: TrainBatch, *, temperature: float, chunk_size: int
+) -> tuple[Tensor, Tensor | None]:
+    """logp_learner_BT [B, T] = log π_θ(x_i | x_<i) at temperature τ on the response columns,
+    and the [B, T, K] log-probs of the teacher's top-K ids when the batch has them (else None).
+
+    chunk_size > 0: `learner.logprobs.sampled_logprobs` (response positions only, chunked,
+    zero elsewhere). 0: the naive path, full [B, T, V] logits through `token_logprobs`.
+    """
+    if chunk_size > 0:
+        out = sampled_logprobs(
+            model,
+            batch.input_ids_BT,
+            batch.attention_mask_BT,
+            batch.response_mask_BT,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            extra_ids_BTK=getattr(batch, "teacher_topk_ids_BTK", None),
+        )
+        return out if getattr(batch, "topk", 0) else (out, None)
+    logits_BTV = model(
+        input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
+    ).logits
+    if temperature != 1.0:
+        logits_BTV = logits_BTV.float() / temperature
+    logp_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
+    if not getattr(batch, "topk", 0):
+        return logp_BT, None
+    return logp_BT, topk_token_logprobs(logits_BTV, batch.teacher_topk_ids_BTK)
+
+
 def compute_loss(
     model: torch.nn.Module,
     batch: TrainBatch,
@@ -141,11 +184,16 @@ def compute_loss(
     normaliser: float,
     policy_version: int,
     center_cost: bool = False,
+    temperature: float = 1.0,
+    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, StepStats]:
     """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
 
-    model: a causal LM returning `.logits` [B, T, V] for input_ids / attention_mask.
+    model: a Hugging Face causal LM (or a DeepSpeed engine wrapping one).
     batch: tensors already on the model's device.
+    temperature: the sampling temperature τ; the student policy is softmax(logits / τ).
+    logprob_chunk_size: positions per output-layer chunk (`learner.logprobs`); 0 = the naive
+        path through the full [B, T, V] logits.
     ratio_clip / is_cap: None (or 0 for ratio_clip, the config's "off") disables them.
     normaliser: `global_normaliser` of the whole step batch, not of this shard.
     policy_version: the learner's current version, for the staleness stats.
@@ -157,10 +205,9 @@ def compute_loss(
         for every divergence here except reverse and forward KL.)
     Returns the scalar loss (with gradient) and `StepStats`.
     """
-    logits_BTV = model(
-        input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
-    ).logits
-    logp_learner_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
+    logp_learner_BT, logp_topk_BTK = learner_logprobs(
+        model, batch, temperature=temperature, chunk_size=logprob_chunk_size
+    )
     mask_BT = batch.response_mask_BT
     adv_BT, adv_stats = token_advantages_with_stats(
         logp_learner_BT.detach(),
