@@ -26,7 +26,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check rollout learner services tests bench scripts
 
 bench: $(STAMP)
-	$(PY) bench/rollout.py
+	$(PY) bench/sampling.py
+	$(PY) bench/smollm_sampling.py
+	$(PY) bench/scoring.py
+	$(PY) bench/weight_sync.py
 	$(PY) bench/pipeline.py
 
 clean-cache:

