@@ -29,6 +29,9 @@ class TrainBatch:
     logp_sampler_BT:   [B, T] float32, log π_sampler(x_i | x_<i) at response columns, else 0.
     versions_B:        [B] int64, policy version that sampled each row.
     sample_ids:        B sample ids, in row order.
+    teacher_topk_ids_BTK:  optional [B, T, K] int64, the teacher's top-K ids for column i's
+                           next-token distribution π(· | x_<i) at response columns, else 0.
+    teacher_topk_logp_BTK: optional [B, T, K] float32, their teacher log-probs, else 0.
     """
 
     input_ids_BT: Tensor
@@ -38,6 +41,8 @@ class TrainBatch:
     logp_sampler_BT: Tensor
     versions_B: Tensor
     sample_ids: tuple[str, ...]
+    teacher_topk_ids_BTK: Tensor | None = None
+    teacher_topk_logp_BTK: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids_BT.shape)
@@ -53,6 +58,22 @@ class TrainBatch:
             )
         if len(self.sample_ids) != shape[0]:
             raise ValueError(f"{len(self.sample_ids)} sample_ids for {shape[0]} rows")
+        ids, logp = self.teacher_topk_ids_BTK, self.teacher_topk_logp_BTK
+        if (ids is None) != (logp is None):
+            raise ValueError("teacher_topk_ids_BTK and teacher_topk_logp_BTK come together")
+        if ids is not None and not (
+            ids.dim() == 3 and tuple(ids.shape[:2]) == shape and ids.shape == logp.shape
+        ):
+            raise ValueError(
+                f"teacher top-K shapes {tuple(ids.shape)} / {tuple(logp.shape)}, "
+                f"expected [B, T, K] with [B, T] = {shape}"
+            )
+
+    @property
+    def topk(self) -> int:
+        """K of the teacher's top-K (0: sampled-token OPD+ only)."""
+        ids = self.teacher_topk_ids_BTK
+        return 0 if ids is None else ids.shape[-1]
 
     @property
     def num_sequences(self) -> int:
@@ -81,6 +102,9 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     response_mask_BT = torch.zeros((B, T), dtype=torch.float32)
     logp_teacher_BT = torch.zeros((B, T), dtype=torch.float32)
     logp_sampler_BT = torch.zeros((B, T), dtype=torch.float32)
+    topk = _common_topk(scored)
+    topk_ids_BTK = torch.zeros((B, T, topk), dtype=torch.int64) if topk else None
+    topk_logp_BTK = torch.zeros((B, T, topk), dtype=torch.float32) if topk else None
     for b, s in enumerate(scored):
         r = s.rollout
         P, R = len(r.prompt_ids), len(r.response_ids)
@@ -90,6 +114,9 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         response_mask_BT[b, span] = 1.0
         logp_teacher_BT[b, span] = torch.tensor(s.logp_teacher, dtype=torch.float32)
         logp_sampler_BT[b, span] = torch.tensor(r.logp_sampler, dtype=torch.float32)
+        if topk and R:
+            topk_ids_BTK[b, span] = torch.tensor(s.teacher_topk_ids, dtype=torch.int64)
+            topk_logp_BTK[b, span] = torch.tensor(s.teacher_topk_logp, dtype=torch.float32)
     versions_B = torch.tensor([s.policy_version for s in scored], dtype=torch.int64)
     return TrainBatch(
         input_ids_BT=input_ids_BT,
@@ -99,7 +126,21 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         logp_sampler_BT=logp_sampler_BT,
         versions_B=versions_B,
         sample_ids=tuple(s.sample_id for s in scored),
+        teacher_topk_ids_BTK=topk_ids_BTK,
+        teacher_topk_logp_BTK=topk_logp_BTK,
     )
+
+
+def _common_topk(scored: list[ScoredRollout]) -> int:
+    """The K all rollouts share (0 = none carries top-K); mixed or unequal K is an error."""
+    carries = {s.teacher_topk_ids is not None for s in scored}
+    if len(carries) > 1:
+        raise ValueError("some rollouts carry the teacher's top-K and some do not")
+    ks = {s.topk for s in scored if s.rollout.response_ids}
+    if len(ks) > 1:
+        raise ValueError(f"rollouts carry different teacher top-K sizes {sorted(ks)}")
+    # All responses empty: no position to carry top-K for; the batch has no loss either way.
+    return ks.pop() if carries == {True} and ks else 0
 
 
 def split(batch: TrainBatch, n: int) -> list[TrainBatch]:
@@ -115,6 +156,9 @@ def split(batch: TrainBatch, n: int) -> list[TrainBatch]:
     shards = []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
         # clone(): a pickled view (e.g. sent to a Ray actor) would carry the whole storage.
-        rows = {name: getattr(batch, name)[lo:hi].clone() for name in names}
+        rows = {
+            name: None if getattr(batch, name) is None else getattr(batch, name)[lo:hi].clone()
+            for name in names
+        }
         shards.append(TrainBatch(**rows, sample_ids=batch.sample_ids[lo:hi]))
     return shards

@@ -41,7 +41,8 @@ log-probs are gathered from the logits chunk by chunk (`topk_token_logprobs`) wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -49,6 +50,9 @@ from torch import Tensor
 from learner.advantages import compute_dtype, discounted_future_sum
 from learner.divergences import Divergence, get_divergence
 from learner.loss import AGGREGATIONS, surrogate_loss
+
+if TYPE_CHECKING:
+    from learner.batch import TrainBatch
 
 _LOG2 = math.log(2.0)
 
@@ -73,6 +77,14 @@ class DenseStats:
     is_truncated_frac: float
     is_weight_mean: float
     mismatch: float
+    ell_mean: float = 0.0
+
+    def step_fields(self) -> dict[str, float]:
+        """The fields `learner.step.StepStats` shares with these stats, by its names."""
+        names = ("divergence", "ell_mean", "clamped_frac", "adv_abs_max")
+        names += ("is_truncated_frac", "is_weight_mean", "mismatch")
+        values = asdict(self)
+        return {name: values[name] for name in names}
 
 
 def log1mexp(x: Tensor) -> Tensor:
@@ -161,6 +173,7 @@ def dense_surrogate_loss(
     aggregation: str = "token_mean",
     normaliser: float | Tensor | None = None,
     tail_min: float | None = None,
+    logp_teacher_BT: Tensor | None = None,
 ) -> tuple[Tensor, DenseStats]:
     """Scalar OPD+ top-K surrogate loss and its `DenseStats`.
 
@@ -175,6 +188,7 @@ def dense_surrogate_loss(
     mask_BT:          [B, T] nonzero on response positions; the rest (padding, prompt) adds
                       nothing and may hold garbage.
     discount: γ ∈ [0, 1]; ratio_clip, is_cap: None disables.
+    logp_teacher_BT: optional [B, T] teacher log-prob of y_t, only for the `ell_mean` stat.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -223,7 +237,9 @@ def dense_surrogate_loss(
 
     with torch.no_grad():
         n = keep_BT.sum().clamp(min=1).to(dtype)
-        logp_p_BTJ, logp_q_BTJ = restricted_log_dists(logp_s_BTK.detach(), logp_t_BTK)
+        logp_p_BTJ, logp_q_BTJ = restricted_log_dists(
+            logp_s_BTK.detach(), logp_t_BTK, tail_min=tail_min
+        )
         terms = [
             d_BT.detach().sum() / n,
             (clamped_BTJ & keep_BT1).sum().to(dtype) / (n * (K + 1)),
@@ -231,14 +247,59 @@ def dense_surrogate_loss(
             torch.where(keep_BT, logp_q_BTJ[..., -1].exp(), 0.0).sum() / n,
             torch.where(keep_BT, logp_p_BTJ[..., -1].exp(), 0.0).sum() / n,
         ]
+        # The sampled token's ell, as on the sampled path (estimates KL(student‖teacher)).
+        if logp_teacher_BT is not None:
+            ell_BT = logp_learner_BT.detach().to(dtype) - logp_teacher_BT.to(dtype)
+            if ratio_clip is not None:
+                ell_BT = ell_BT.clamp(-ratio_clip, ratio_clip)
+            terms.append(torch.where(keep_BT, ell_BT, 0.0).sum() / n)
         values = torch.stack(terms).tolist()
     stats = DenseStats(
-        *values,
+        *values[:5],
+        ell_mean=values[5] if len(values) > 5 else 0.0,
         is_truncated_frac=loss_stats.is_truncated_frac,
         is_weight_mean=loss_stats.is_weight_mean,
         mismatch=loss_stats.mismatch,
     )
     return loss, stats
+
+
+def dense_batch_loss(
+    logp_learner_BT: Tensor,
+    logp_topk_BTK: Tensor,
+    batch: TrainBatch,
+    *,
+    divergence: Divergence | str,
+    discount: float,
+    ratio_clip: float | None,
+    is_cap: float | None,
+    aggregation: str,
+    normaliser: float,
+) -> tuple[Tensor, DenseStats]:
+    """`dense_surrogate_loss` of a `learner.batch.TrainBatch` that carries the teacher's top-K.
+
+    logp_learner_BT: [B, T] the learner's log-prob of each sampled token, with gradient.
+    logp_topk_BTK:   [B, T, K] the learner's log-probs at batch.teacher_topk_ids_BTK (same
+        alignment: column i holds log π_θ(· | x_<i)), with gradient; e.g. `topk_token_logprobs`
+        on the logits, or the extra ids of a chunked log-prob pass.
+    The rest as `dense_surrogate_loss`; ratio_clip None (or 0) disables clamping.
+    """
+    if batch.teacher_topk_logp_BTK is None:
+        raise ValueError("the batch carries no teacher top-K (distill.teacher_topk = 0)")
+    return dense_surrogate_loss(
+        logp_topk_BTK,
+        batch.teacher_topk_logp_BTK,
+        logp_learner_BT,
+        batch.logp_sampler_BT,
+        batch.response_mask_BT,
+        divergence=divergence,
+        discount=discount,
+        ratio_clip=ratio_clip or None,
+        is_cap=is_cap,
+        aggregation=aggregation,
+        normaliser=normaliser,
+        logp_teacher_BT=batch.logp_teacher_BT,
+    )
 
 
 def _aggregate(

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from learner.advantages import token_advantages_with_stats
 from learner.batch import TrainBatch
-from learner.dense import topk_token_logprobs
+from learner.dense import dense_batch_loss, topk_token_logprobs
 from learner.divergences import Divergence, get_divergence
 from learner.logprobs import DEFAULT_CHUNK_SIZE, sampled_logprobs
 from learner.loss import surrogate_loss
@@ -157,16 +157,16 @@ def learner_logprobs(
             batch.response_mask_BT,
             temperature=temperature,
             chunk_size=chunk_size,
-            extra_ids_BTK=getattr(batch, "teacher_topk_ids_BTK", None),
+            extra_ids_BTK=batch.teacher_topk_ids_BTK,
         )
-        return out if getattr(batch, "topk", 0) else (out, None)
+        return out if batch.topk else (out, None)
     logits_BTV = model(
         input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
     ).logits
     if temperature != 1.0:
         logits_BTV = logits_BTV.float() / temperature
     logp_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
-    if not getattr(batch, "topk", 0):
+    if not batch.topk:
         return logp_BT, None
     return logp_BT, topk_token_logprobs(logits_BTV, batch.teacher_topk_ids_BTK)
 
@@ -208,6 +208,25 @@ def compute_loss(
     logp_learner_BT, logp_topk_BTK = learner_logprobs(
         model, batch, temperature=temperature, chunk_size=logprob_chunk_size
     )
+    if batch.topk:  # OPD+ over the teacher's top-K (distill.teacher_topk > 0): learner/dense.py
+        loss, dense = dense_batch_loss(
+            logp_learner_BT,
+            logp_topk_BTK,
+            batch,
+            divergence=divergence,
+            discount=discount,
+            ratio_clip=ratio_clip,
+            is_cap=is_cap,
+            aggregation=aggregation,
+            normaliser=normaliser,
+        )
+        return loss, StepStats(
+            loss=loss.item(),
+            **dense.step_fields(),
+            num_tokens=batch.num_response_tokens,
+            num_sequences=batch.num_sequences,
+            staleness=tuple(staleness(policy_version, v) for v in batch.versions_B.tolist()),
+        )
     mask_BT = batch.response_mask_BT
     adv_BT, adv_stats = token_advantages_with_stats(
         logp_learner_BT.detach(),

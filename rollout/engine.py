@@ -43,6 +43,8 @@ class EngineSettings:
     kv_cache_fraction: vLLM's gpu_memory_utilization, used on GPU only.
     weight_transfer: "none" (weights arrive through ``load_weights``) or "nccl" (vLLM's NCCL
     weight-transfer engine is built into the worker; see ``NcclWeightReceiver``; GPU only).
+    teacher_topk: TeacherEngine only: K > 0 also returns the teacher's top-K token ids and
+    log-probs at every response position (dense OPD+, learner/dense.py); 0 = sampled token only.
     """
 
     model_path: str
@@ -54,6 +56,7 @@ class EngineSettings:
     enforce_eager: bool = True
     max_num_seqs: int = 256
     weight_transfer: str = "none"
+    teacher_topk: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class _Engine:
                 max_model_len=settings.max_model_len,
                 max_num_seqs=settings.max_num_seqs,
                 enforce_eager=settings.enforce_eager,
+                # vLLM refuses prompt_logprobs above max_logprobs (default 20).
+                max_logprobs=max(20, settings.teacher_topk),
                 # Stale KV blocks after a weight push would silently mix policies.
                 enable_prefix_caching=False,
                 worker_extension_cls="rollout.engine.WeightLoaderExtension",
@@ -237,17 +242,18 @@ def _to_generation(completion) -> Generation:
 class TeacherEngine(_Engine):
     """Scores given token sequences: log π_teacher of each response token (temperature 1)."""
 
-    def score(
-        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
-    ) -> list[list[float]]:
-        """log π_T(y_t | x, y_<t) for each response token; one list per sequence.
+    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list:
+        """log π_T(y_t | x, y_<t) for each response token; one entry per sequence.
 
         Uses prompt_logprobs on prompt+response (position 0 has none); the response span is
-        cut by ``rollout.alignment.response_positions``.
+        cut by ``rollout.alignment.response_positions``. With ``settings.teacher_topk`` = K > 0
+        each entry is a dict of ScoredRollout fields instead of a list: ``logp_teacher`` [R],
+        ``teacher_topk_ids`` and ``teacher_topk_logp`` [R][K] (rank order).
         """
         seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
         self._check_lengths(seqs, 1)
-        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        k = self.settings.teacher_topk
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=k, detokenize=False)
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=s) for s in seqs], params, use_tqdm=False
         )
@@ -262,8 +268,38 @@ class TeacherEngine(_Engine):
             lps = [float(per_pos[i][seq[i]].logprob) for i in range(span.start, span.stop)]
             if not all(math.isfinite(x) for x in lps):
                 raise EngineError("teacher returned a non-finite log-prob")
-            scores.append(lps)
+            if k == 0:
+                scores.append(lps)
+                continue
+            top = [_top_k(per_pos[i], seq[i], k) for i in range(span.start, span.stop)]
+            scores.append(
+                {
+                    "logp_teacher": lps,
+                    "teacher_topk_ids": tuple(ids for ids, _ in top),
+                    "teacher_topk_logp": tuple(lp for _, lp in top),
+                }
+            )
         return scores
+
+
+def _top_k(entry, token: int, k: int) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The teacher's top-k (ids, log-probs) at one position, in rank order.
+
+    vLLM's prompt_logprobs=k returns the top-k PLUS the actual token (with its own rank). The
+    support must be a function of the state only, so the actual token is dropped unless it is
+    one of the top-k: with k + 1 entries it is the extra one (even when a tie gives it a rank
+    <= k); with k entries it was among the top-k (its entry then carries a top-k rank).
+    """
+    items = dict(entry)
+    if len(items) == k + 1:
+        del items[token]
+    if len(items) != k:
+        raise EngineError(f"teacher returned {len(entry)} log-probs for top-{k} at a position")
+    ranked = sorted(items.items(), key=lambda kv: kv[1].rank)
+    logps = tuple(float(lp.logprob) for _, lp in ranked)
+    if not all(math.isfinite(x) for x in logps):
+        raise EngineError("teacher returned a non-finite top-k log-prob")
+    return tuple(int(t) for t, _ in ranked), logps
 
 
 # Engine-side choice of weight transport; the transport itself is rollout/weight_transfer.py.

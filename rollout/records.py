@@ -69,10 +69,17 @@ class Rollout:
 
 @dataclass(frozen=True, slots=True)
 class ScoredRollout:
-    """A rollout plus the teacher's log-prob of each response token: logp_teacher [R]."""
+    """A rollout plus the teacher's log-prob of each response token: logp_teacher [R].
+
+    teacher_topk_ids / teacher_topk_logp: optional [R][K], the teacher's top-K token ids and
+    log-probs at each response position, in rank order (dense OPD+, learner/dense.py). Both
+    or neither; every position has the same K.
+    """
 
     rollout: Rollout
     logp_teacher: tuple[float, ...]
+    teacher_topk_ids: tuple[tuple[int, ...], ...] | None = None
+    teacher_topk_logp: tuple[tuple[float, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         r = self.rollout
@@ -82,6 +89,35 @@ class ScoredRollout:
                 f"{len(self.logp_teacher)} teacher log-probs"
             )
         _check_logps("logp_teacher", self.logp_teacher, r.sample_id)
+        self._check_topk()
+
+    def _check_topk(self) -> None:
+        ids, logps, sid = self.teacher_topk_ids, self.teacher_topk_logp, self.rollout.sample_id
+        if ids is None and logps is None:
+            return
+        if ids is None or logps is None:
+            raise RecordError(f"{sid}: teacher_topk_ids and teacher_topk_logp come together")
+        R = len(self.rollout.response_ids)
+        if len(ids) != R or len(logps) != R:
+            raise RecordError(
+                f"{sid}: {R} response ids but top-K for {len(ids)} / {len(logps)} positions"
+            )
+        k = len(ids[0]) if R else 0
+        for t, (row_ids, row_logps) in enumerate(zip(ids, logps, strict=True)):
+            if not (len(row_ids) == len(row_logps) == k) or k < 1:
+                raise RecordError(
+                    f"{sid}: position {t} has {len(row_ids)} top-K ids and {len(row_logps)} "
+                    f"log-probs, expected {k} >= 1 of each"
+                )
+            if min(row_ids) < 0 or len(set(row_ids)) != k:
+                raise RecordError(f"{sid}: position {t} top-K ids {row_ids} not distinct ids >= 0")
+            _check_logps(f"teacher_topk_logp[{t}]", row_logps, sid)
+
+    @property
+    def topk(self) -> int:
+        """K of the teacher's top-K (0 when absent or the response is empty)."""
+        ids = self.teacher_topk_ids
+        return len(ids[0]) if ids else 0
 
     @property
     def sample_id(self) -> str:

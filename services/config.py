@@ -138,6 +138,11 @@ class LearnerConfig:
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
     lr: float = _f(1e-3, "peak AdamW learning rate")
     lr_schedule: Literal["constant", "cosine"] = _f(
+    teacher_topk: int = _f(
+        0,
+        "K > 0: dense OPD+ over the teacher's top-K tokens at every position (learner/dense.py); "
+        "0 = sampled-token OPD+",
+    )
         "constant", "learning-rate schedule after warm-up"
     )
     warmup_steps: int = _f(0, "linear warm-up steps")
@@ -321,6 +326,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     need(r.num_samplers >= 1, "rollout.num_samplers", "must be >= 1")
     need(r.num_scorers >= 1, "rollout.num_scorers", "must be >= 1")
+    need(d.teacher_topk >= 0, "distill.teacher_topk", f"must be >= 0, got {d.teacher_topk}")
+    need(
+        d.teacher_topk == 0 or d.estimator == "opd_plus",
+        "distill.teacher_topk",
+        "the top-K estimator is OPD+ (its direct term is exact); set distill.estimator = 'opd_plus'",
+    )
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
     need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     need(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")

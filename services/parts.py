@@ -61,7 +61,9 @@ def build_publisher(cfg: Config, learner, rollout):
     )
 
 
-def engine_settings(cfg: Config, model_dir: Path, *, seed: int, weight_transfer: str = "none"):
+def engine_settings(
+    cfg: Config, model_dir: Path, *, seed: int, weight_transfer: str = "none", teacher_topk: int = 0
+):
     from rollout.engine import EngineSettings
 
     r = cfg.rollout
@@ -71,6 +73,7 @@ def engine_settings(cfg: Config, model_dir: Path, *, seed: int, weight_transfer:
         seed=seed,
         kv_cache_mb=r.kv_cache_mb,
         kv_cache_fraction=r.kv_cache_fraction,
+        teacher_topk=teacher_topk,
         max_model_len=r.max_model_len,
         weight_transfer=weight_transfer,
     )
@@ -97,7 +100,9 @@ def build_rollout(cfg: Config, pair):
             seed=cfg.run.seed,
             weight_transfer="nccl" if sync_backend(cfg) == "nccl" else "none",
         ),
-        teacher_settings=engine_settings(cfg, pair.teacher, seed=cfg.run.seed),
+        teacher_settings=engine_settings(
+            cfg, pair.teacher, seed=cfg.run.seed, teacher_topk=cfg.distill.teacher_topk
+        ),
         num_samplers=r.num_samplers,
         num_scorers=r.num_scorers,
         sampler_resources=ray_options(r.sampler_cpus, r.sampler_gpus, r.sampler_resources),
