@@ -1,4 +1,4 @@
-"""Per-token OPD / OPD+ advantages (docs: opdplus-math.md §2).
+"""Per-token OPD / OPD+ advantages (docs/math.md §2, §3).
 
 For a response sampled from the student, with ell_t = log π_student(y_t|s_t) − log π_teacher(y_t|s_t)
 and discount γ ∈ [0, 1],

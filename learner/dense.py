@@ -1,4 +1,4 @@
-"""Dense OPD+ over the teacher's top-K tokens ("OPD+ top-K"; docs: opdplus-math.md §8).
+"""Dense OPD+ over the teacher's top-K tokens ("OPD+ top-K"; docs/math.md §8).
 
 At each visited state s_t the teacher reports its top-K tokens S_t (a function of the state
 only) and their log-probs. With one tail bucket holding each side's remaining mass,
@@ -21,7 +21,7 @@ g(r_k) replaced by its conditional expectation D~_k, i.e. the advantage
 
 in the ordinary surrogate −A_t · w_t · log π_θ(y_t|s_t) (`learner.loss.surrogate_loss`).
 
-Stale samples (§5). y was sampled by π_old, not π_θ. The truncated weight
+Stale samples (docs/math.md §7). y was sampled by π_old, not π_θ. The truncated weight
 w_t = min(π_θ(y_t|s_t)/π_old(y_t|s_t), is_cap) corrects the choice of y_t at s_t, so it multiplies
 the state-distribution term exactly as on the sampled path. The direct term makes no choice at
 s_t: D~_t depends on the state only, so w_t is NOT applied to it (E_{y_t~π_old}[w_t] = 1 would

@@ -1,6 +1,6 @@
 """f-divergences between the student's and the teacher's next-token distributions.
 
-Conventions (docs: opdplus-math.md §1 and §3). P = π_student(·|s), Q = π_teacher(·|s),
+Conventions (docs/math.md §1 and §4). P = π_student(·|s), Q = π_teacher(·|s),
 r = P/Q on a token and ell = log r = log π_student − log π_teacher. For a convex generator f
 with f(1) = 0,
 

@@ -1,4 +1,4 @@
-"""The surrogate loss whose gradient is the OPD/OPD+ estimator (docs: opdplus-math.md §2, §5).
+"""The surrogate loss whose gradient is the OPD/OPD+ estimator (docs/math.md §3, §7).
 
 Per token, with detached advantage A_t and detached truncated importance weight w_t,
 

@@ -3,9 +3,9 @@
 The learner recomputes logp_learner = log π_θ(y_t|s_t) with a forward pass of the causal LM
 (`rollout.alignment.token_logprobs`, the one home of the off-by-one), then
 
-    ell_t = sg(logp_learner_t) − logp_teacher_t            (docs/opdplus-math.md §1)
-    A_t   = −( c_t + Σ_{k>t} γ^{k−t} g(r_k) )              (`learner.advantages`, §2)
-    loss  = Σ_t −A_t · w_t · logp_learner_t / N            (`learner.loss`, §2 and §5)
+    ell_t = sg(logp_learner_t) − logp_teacher_t            (docs/math.md §1)
+    A_t   = −( c_t + Σ_{k>t} γ^{k−t} g(r_k) )              (`learner.advantages`, §3)
+    loss  = Σ_t −A_t · w_t · logp_learner_t / N            (`learner.loss`, §3 and §7)
 
 with w_t = min(exp(logp_learner_t − logp_sampler_t), is_cap). N is the GLOBAL normaliser of the
 whole step's batch (`global_normaliser`), so the losses and gradients of data-parallel shards

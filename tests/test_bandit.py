@@ -1,4 +1,4 @@
-"""The paper's central finding in miniature (opdplus-math.md §6, item 5).
+"""The paper's central finding in miniature (docs/math.md §9).
 
 One state, vocabulary 32, a random teacher. Gradient descent on the student's logits with the
 exact expected update (a sum over the whole vocabulary, no sampling): the OPD+ direction drives

@@ -1,4 +1,4 @@
-"""Brute-force proofs for dense OPD+ over the teacher's top-K (opdplus-math.md §8).
+"""Brute-force proofs for dense OPD+ over the teacher's top-K (docs/math.md §8).
 
 A tabular autoregressive student (vocabulary 4, length 3: 64 sequences, 21 prefixes, one softmax
 per prefix) and a random teacher. S(s) = the teacher's top-K tokens at each prefix. By

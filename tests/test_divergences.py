@@ -1,4 +1,4 @@
-"""Every divergence's three functions agree with each other (opdplus-math.md §3 table)."""
+"""Every divergence's three functions agree with each other (docs/math.md §4 table)."""
 
 import pytest
 import torch

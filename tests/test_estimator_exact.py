@@ -1,4 +1,4 @@
-"""Brute force over every sequence of a tiny tabular student (opdplus-math.md §6, items 1–4).
+"""Brute force over every sequence of a tiny tabular student (docs/math.md §9).
 
 Vocabulary 3, length 3: 27 sequences, 13 prefixes (states), one softmax per prefix. J(θ) and
 ∇J are exact (enumeration + autograd); the estimator's exact expectation is

@@ -1,4 +1,4 @@
-"""The maths modules import only torch (style.md §2)."""
+"""The maths modules import only torch (docs/architecture.md, import rules)."""
 
 import json
 import os
@@ -34,8 +34,8 @@ def test_maths_modules_import_only_torch():
     assert set(MATH_MODULES) <= set(loaded)
 
 
-# Each heavy dependency has exactly one home (style.md §3). Checked on the source text, so a
-# lazy import inside a function counts too.
+# Each heavy dependency has exactly one home (docs/architecture.md, import rules). Checked on
+# the source text, so a lazy import inside a function counts too.
 HEAVY_HOMES = {
     "vllm": {"rollout/engine.py", "rollout/weight_transfer.py"},
     "deepspeed": {"learner/engine.py"},
