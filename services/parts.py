@@ -1,7 +1,7 @@
 """Builders that turn the config into the pipeline's parts, and per-step bookkeeping.
 
-Functions here take the config and hand plain values to the parts (style.md §10): the
-parts themselves never see the config object.
+Functions here take the config and hand plain values to the parts (docs/architecture.md,
+import rules): the parts themselves never see the config object.
 """
 
 from __future__ import annotations
