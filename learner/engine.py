@@ -24,6 +24,7 @@ import torch
 from deepspeed import comm as ds_comm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from learner import manifest
 from learner.batch import TrainBatch
 from learner.divergences import Divergence
 from learner.logprobs import DEFAULT_CHUNK_SIZE
@@ -310,6 +311,7 @@ class LearnerEngine:
         )
         ds_comm.barrier()
         if self.rank == 0:
+            manifest.write(partial)  # hashes of every rank's files, checked before a load
             partial.rename(final)
             _write_latest(root, tag)
             if keep is not None:
@@ -327,6 +329,7 @@ class LearnerEngine:
         tag = _read_latest(root)
         if tag is None:
             raise FileNotFoundError(f"{root} has no 'latest' checkpoint marker")
+        manifest.verify(root / tag)  # before DeepSpeed unpickles anything in it
         load_path, state = self.engine.load_checkpoint(str(root), tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")

@@ -77,10 +77,11 @@ def sender_address() -> tuple[str, int]:
     The port is released before the sender binds it; another process could take it in between,
     which makes setup fail loudly, not hang.
     """
+    ip = ray.util.get_node_ip_address()  # probe on the node's address, not every interface
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
+        sock.bind((ip, 0))
         port = sock.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    return ip, port
 
 
 @dataclass(frozen=True)
