@@ -92,7 +92,7 @@ def token_advantages(
         c_t = f'(r_t) − f'(1). A constant times E[∇log π] is zero, so the expected gradient is
         unchanged while the variance is not: uncentred reverse-KL OPD+ (cost ell + 1) pushes
         every sampled token down by 1 in a single sample; centred it is the usual ell cost.
-        f'(1) = 0 for every divergence here except reverse and forward KL (and alpha).
+        f'(1) = 0 for every divergence here except reverse and forward KL.
     Returns A_BT in the inputs' promoted dtype, upcast to float32 if narrower.
     """
     adv_BT, *_ = _advantage_terms(
