@@ -33,6 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--resume", action="store_true", help="continue the run from its last checkpoint"
     )
+    t.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show engine and library logs (vLLM, Ray, DeepSpeed) instead of only run/engine.log",
+    )
 
     d = sub.add_parser("demo", help="the main job: build toy models, distil, report before/after")
     d.add_argument(
@@ -41,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a key of deploy/configs/demo.toml",
+    )
+    d.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show engine and library logs (vLLM, Ray, DeepSpeed) instead of only run/engine.log",
     )
 
     e = sub.add_parser("eval", help="held-out accuracy of a model with the vLLM engine (JSON)")
@@ -104,9 +114,11 @@ def _cmd_train(args) -> int:
     from services.config import load_config
 
     cfg = load_config(args.config, args.set)
+    from services.console import quiet_console
     from services.driver import train
 
-    summary = train(cfg, resume=args.resume)
+    with quiet_console(cfg.run.out_dir, verbose=args.verbose):
+        summary = train(cfg, resume=args.resume)
     print(json.dumps({"run_dir": summary.run_dir, "eval_after": summary.eval_after}, indent=2))
     return 0
 
@@ -115,9 +127,11 @@ def _cmd_demo(args) -> int:
     from services.config import load_config
 
     cfg = load_config(DEMO_CONFIG, args.set)
+    from services.console import quiet_console
     from services.demo import run_demo
 
-    run_demo(cfg)
+    with quiet_console(cfg.run.out_dir, verbose=args.verbose):
+        run_demo(cfg)
     return 0
 
 

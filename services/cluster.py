@@ -17,6 +17,7 @@ reads as the pipeline and two runs on one cluster do not collide.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import uuid
@@ -50,6 +51,19 @@ def worker_env() -> dict[str, str]:
     return env
 
 
+def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
+    """Drop variables the submitted job's runtime env already sets: Ray refuses to merge a
+    driver runtime env that names the same keys (and the job's values are the ones wanted)."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return env
+    try:
+        job_env = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return env
+    return {k: v for k, v in env.items() if k not in job_env}
+
+
 def joins_cluster(address: str) -> bool:
     """True when the run joins an existing cluster (config address, or launched as a Ray job)."""
     return bool(address or os.environ.get("RAY_ADDRESS"))
@@ -63,7 +77,7 @@ def ray_session(
     Ray instance (dashboard on 127.0.0.1) for the block, in ``namespace``."""
     import ray
 
-    env = {"env_vars": worker_env()}
+    env = {"env_vars": _not_set_by_job(worker_env())}
     if ray.is_initialized():
         yield RayInfo(address="(already initialised)", dashboard_url=None)
         return
@@ -78,10 +92,16 @@ def ray_session(
             num_cpus=num_cpus or None,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
+            # The node's address: Ray's own servers, the learner's rendezvous and the weight-sync
+            # probes then listen on loopback only (a cluster node uses its real IP instead).
+            _node_ip_address="127.0.0.1",
             namespace=ns,
             runtime_env=env,
             log_to_driver=True,
         )
+    from services.console import route_ray_worker_logs
+
+    route_ray_worker_logs()  # quiet console: actor output to the run's engine.log
     url = getattr(ctx, "dashboard_url", None) or None
     if url and not url.startswith("http"):
         url = "http://" + url

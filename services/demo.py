@@ -10,6 +10,7 @@ from services.config import Config
 
 def run_demo(cfg: Config) -> None:
     from models.pairs import resolve_pair
+    from services.console import say
     from services.driver import train
     from services.eval_command import cached_teacher_eval
     from services.parts import build_source
@@ -17,10 +18,9 @@ def run_demo(cfg: Config) -> None:
     t0 = time.perf_counter()
     name = f"{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     cfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name))
-    print(
+    say(
         f"[opdplus] demo: toy teacher → toy student, {cfg.distill.divergence} with "
         f"{cfg.distill.estimator}, {cfg.run.steps} steps; run dir {cfg.run.out_dir}/{name}",
-        flush=True,
     )
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=cfg.log.progress)
     problems = build_source(cfg).eval_set()[: cfg.task.eval_size]
@@ -28,7 +28,7 @@ def run_demo(cfg: Config) -> None:
         pair.teacher, problems, k=cfg.eval.samples, max_tokens=cfg.eval.max_tokens
     )
     summary = train(cfg)
-    print(format_table(cfg, teacher, summary, time.perf_counter() - t0))
+    say(format_table(cfg, teacher, summary, time.perf_counter() - t0))
 
 
 def _acc(result: dict | None) -> str:

@@ -49,6 +49,7 @@ def train(
     logged and checkpointed (tests and tooling); raises RunStopped."""
     from models.pairs import resolve_pair
     from services.cluster import ray_session, run_namespace
+    from services.console import adopt_run_dir, say
     from services.parts import (
         build_learner,
         build_publisher,
@@ -63,6 +64,7 @@ def train(
 
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, resume=resume)
+    adopt_run_dir(run_dir)  # quiet console: engine/library output → run_dir/engine.log
     show = cfg.log.progress if progress is None else progress
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
     tokenizer = load_tokenizer(pair.student)
@@ -73,7 +75,7 @@ def train(
         namespace=run_namespace(cfg.run.name),
     ) as ray_info:
         if ray_info.dashboard_url:
-            print(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}", flush=True)
+            say(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}")
         source = build_source(cfg)
         learner = build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0)
         rollout = build_rollout(cfg, pair)

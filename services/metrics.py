@@ -1,7 +1,9 @@
-"""Run metrics: metrics.jsonl (the record), TensorBoard, optional wandb, PNG plots.
+"""Run metrics: metrics.jsonl (the record), TensorBoard, optional wandb, Ray metrics
+(Prometheus, the Ray dashboard, deploy/grafana/opdplus.json), PNG plots.
 
 Every row is flushed as it is written, so a run that dies keeps every step it logged.
-Keys are namespaced (``learner/…``, ``distill/…``, ``rollout/…``, ``time/…``, ``eval/…``).
+Keys are namespaced (``learner/…``, ``distill/…``, ``rollout/…``, ``time/…``, ``eval/…``,
+``worker/<actor name>/…``). One ``MetricsLogger.log`` call writes a row everywhere.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ class MetricsLogger:
         run_name: str = "run",
         config: dict | None = None,
         resume_from_step: int | None = None,
+        ray_metrics: bool = True,
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.samples_path = Path(run_dir) / "samples.jsonl"
@@ -37,6 +41,8 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        # Live gauges on Ray's Prometheus endpoint (only when this process is connected to Ray).
+        self._ray = process_metrics(run_name) if ray_metrics else None
         self._wandb = None
         if wandb:
             import wandb as wandb_lib  # optional dependency: pip install opdplus[wandb]
@@ -69,6 +75,8 @@ class MetricsLogger:
                     self._tb.add_scalar(key, value, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in values.items() if not isinstance(v, list)}, step=step)
+        if self._ray is not None and "learner/loss" in values:
+            self._ray.step(step, values)
 
     def log_samples(
         self, step: int, sample_ids: list[str], versions: list[int], **columns: list
@@ -86,6 +94,142 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _ray_connected() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")  # never import Ray here: metrics also runs without it
+    return ray is not None and ray.is_initialized()
+
+
+# Ray metric name (exported to Prometheus as ``ray_<name>``) → (row key, description).
+STEP_GAUGES: dict[str, tuple[str, str]] = {
+    "opdplus_step": ("", "last learner step logged"),
+    "opdplus_samples_per_s": ("perf/samples_per_s", "samples trained per second of step time"),
+    "opdplus_tokens_per_s": ("perf/tokens_per_s", "response tokens trained per second"),
+    "opdplus_channel_depth": (
+        "rollout/channel_depth",
+        "scored samples waiting in the channel between scorers and learner",
+    ),
+    "opdplus_staleness_mean": ("rollout/staleness_mean", "mean policy-version lag of a batch"),
+    "opdplus_staleness_max": ("rollout/staleness_max", "largest policy-version lag of a batch"),
+    "opdplus_divergence": ("distill/divergence", "per-token divergence to the teacher"),
+    "opdplus_clamped_frac": ("distill/clamped_frac", "fraction of tokens with ell clamped"),
+    "opdplus_is_truncated_frac": (
+        "distill/is_truncated_frac",
+        "fraction of tokens whose importance weight was truncated at distill.is_cap",
+    ),
+    "opdplus_weight_sync_seconds": ("time/sync", "seconds the step spent pushing weights"),
+    "opdplus_loss": ("learner/loss", "surrogate loss"),
+    "opdplus_restarts": ("", "worker restarts so far (all roles)"),
+}
+WORKER_GAUGES: dict[str, str] = {
+    "opdplus_worker_samples_per_s": "samples a worker produced per second since the last step",
+    "opdplus_worker_samples": "samples a worker has produced in this run",
+    "opdplus_worker_restarts": "times a worker was restarted",
+}
+CHANNEL_DEPTH_KEYS = ("rollout/channel_depth", "rollout/channel_count", "rollout/channel_size")
+
+
+class RayMetrics:
+    """The per-step row as ``ray.util.metrics`` gauges (tag ``run``; per-worker ones also
+    ``role`` and ``worker``), read by Ray's Prometheus endpoint and the dashboard.
+
+    Gauges, not counters: a row holds the step's value (or a worker's running total), and
+    Prometheus' ``rate()`` works on the ``*_samples`` totals too. Worker keys in the row are
+    ``worker/<actor name>/samples`` and ``worker/<actor name>/restarts`` (the pools' counters);
+    the role is the actor name without its index (``student-sampler``).
+    """
+
+    def __init__(self, run_name: str) -> None:
+        from ray.util.metrics import Gauge
+
+        self.tags = {"run": run_name}
+        self.gauges = {
+            name: Gauge(name, description=doc, tag_keys=("run",))
+            for name, (_, doc) in STEP_GAUGES.items()
+        }
+        self.worker_gauges = {
+            name: Gauge(name, description=doc, tag_keys=("run", "role", "worker"))
+            for name, doc in WORKER_GAUGES.items()
+        }
+        self._last: dict[str, tuple[float, float]] = {}  # worker → (time, samples)
+        self.restarts_here = 0  # restarts reported through record_restart in this process
+
+    def step(self, step: int, row: dict[str, Any]) -> None:
+        values = {"opdplus_step": float(step)}
+        for name, (key, _) in STEP_GAUGES.items():
+            v = row.get(key) if key else None
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                values[name] = float(v)
+        if "opdplus_channel_depth" not in values:
+            for key in CHANNEL_DEPTH_KEYS:
+                if isinstance(row.get(key), (int, float)):
+                    values["opdplus_channel_depth"] = float(row[key])
+                    break
+        now = time.time()
+        restarts = 0.0
+        for worker, fields in _worker_fields(row).items():
+            tags = self.tags | {"role": worker.rsplit("-", 1)[0], "worker": worker}
+            if "samples" in fields:
+                total = fields["samples"]
+                self.worker_gauges["opdplus_worker_samples"].set(total, tags=tags)
+                t0, s0 = self._last.get(worker, (None, 0.0))
+                if t0 is not None and now > t0:
+                    rate = max(0.0, total - s0) / (now - t0)
+                    self.worker_gauges["opdplus_worker_samples_per_s"].set(rate, tags=tags)
+                self._last[worker] = (now, total)
+            if "restarts" in fields:
+                restarts += fields["restarts"]
+                self.worker_gauges["opdplus_worker_restarts"].set(fields["restarts"], tags=tags)
+        values["opdplus_restarts"] = max(restarts, float(self.restarts_here))
+        for name, v in values.items():
+            self.gauges[name].set(v, tags=self.tags)
+
+    def worker_throughput(self, role: str, index: int, samples_per_s: float) -> None:
+        tags = self.tags | {"role": role, "worker": f"{role}-{index}"}
+        self.worker_gauges["opdplus_worker_samples_per_s"].set(samples_per_s, tags=tags)
+
+
+def _worker_fields(row: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """``worker/<name>/<field>`` keys of a row → {name: {field: value}}."""
+    out: dict[str, dict[str, float]] = {}
+    for key, v in row.items():
+        if key.startswith("worker/") and isinstance(v, (int, float)):
+            _, name, field = key.split("/", 2)
+            out.setdefault(name, {})[field] = float(v)
+    return out
+
+
+_PROCESS_METRICS: RayMetrics | None = None
+
+
+def process_metrics(run_name: str | None = None) -> RayMetrics | None:
+    """This process's RayMetrics (None without Ray); ``run_name`` sets the ``run`` tag (the
+    driver's MetricsLogger does). One instance per process: Ray metrics are process-wide."""
+    global _PROCESS_METRICS
+    if not _ray_connected():
+        return None
+    if _PROCESS_METRICS is None:
+        _PROCESS_METRICS = RayMetrics(run_name or "run")
+    elif run_name:
+        _PROCESS_METRICS.tags = {"run": run_name}
+    return _PROCESS_METRICS
+
+
+def record_restart(role: str, index: int) -> None:
+    """Count a worker restart (call where the pool restarts an actor)."""
+    m = process_metrics()
+    if m is not None:
+        m.restarts_here += 1
+
+
+def record_worker_throughput(role: str, index: int, samples: int, seconds: float) -> None:
+    """A worker's throughput over a span: ``samples`` produced in ``seconds``."""
+    m = process_metrics()
+    if m is not None and seconds > 0:
+        m.worker_throughput(role, index, samples / seconds)
 
 
 def _truncate_after(path: Path, step: int) -> None:

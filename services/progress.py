@@ -19,7 +19,12 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+            from services.console import console
+
+            # The terminal, also when the quiet console sends stderr to the engine log.
+            self.bar = tqdm(
+                total=total, initial=initial, desc=desc, dynamic_ncols=True, file=console()
+            )
         self.last: dict = {}
 
     def update(self, row: dict) -> None:
