@@ -131,7 +131,11 @@ class Channel:
                 raise RolloutError(f"rollout producer failed: {self._error}") from self._error
             if not ok:
                 have = len(self._by_step.get(step, ()))
-                raise RolloutError(f"step {step}: only {have}/{n} samples after {timeout:.0f} s")
+                state = {k: v for k, v in self._stats.items() if not k.endswith("/samples")}
+                raise RolloutError(
+                    f"step {step}: only {have}/{n} samples after {timeout:.0f} s "
+                    f"(rollout tier: {state})"
+                )
             items = self._by_step.pop(step)
             self._count -= len(items)
             # The state for step + 1 is what a checkpoint after this step needs; older ones

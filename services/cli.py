@@ -78,6 +78,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="output folder (default <cache>/models/smollm2)")
     s.add_argument("--student-layers", type=int, default=6)
 
+    lg = sub.add_parser("ledger", help="check a run's samples.jsonl (each step its batch, once)")
+    lg.add_argument("run_dir", help="run directory (holds config.toml and samples.jsonl)")
+
+    sc = sub.add_parser("scale", help="resize the rollout pools of a running job")
+    sc.add_argument("run_dir", help="run directory of the running job")
+    sc.add_argument("--samplers", type=int, default=None, help="student samplers wanted")
+    sc.add_argument("--scorers", type=int, default=None, help="teacher scorers wanted")
+
     c = sub.add_parser("config", help="print the resolved config, or every key with its doc")
     c.add_argument("--config", default=None)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -170,6 +178,23 @@ def _cmd_smollm2(args) -> int:
     return 0
 
 
+def _cmd_ledger(args) -> int:
+    from dataclasses import asdict
+
+    from services.ledger import check_ledger
+
+    report = check_ledger(Path(args.run_dir))
+    print(json.dumps(asdict(report) | {"ok": report.ok}, indent=2))
+    return 0 if report.ok else 1
+
+
+def _cmd_scale(args) -> int:
+    from services.control import scale
+
+    print(json.dumps(scale(Path(args.run_dir), samplers=args.samplers, scorers=args.scorers)))
+    return 0
+
+
 def _cmd_config(args) -> int:
     from services.config import describe, load_config, to_toml
 
@@ -188,6 +213,8 @@ _COMMANDS = {
     "toy-models": _cmd_toy_models,
     "smollm2": _cmd_smollm2,
     "config": _cmd_config,
+    "ledger": _cmd_ledger,
+    "scale": _cmd_scale,
 }
 
 

@@ -256,4 +256,6 @@ class Pool:
             row[f"worker/{w.name}/redispatched_groups"] = (
                 row.get(f"worker/{w.name}/redispatched_groups", 0) + w.redispatched
             )
+        for w in self.workers:
+            row[f"worker/{w.name}/held_groups"] = max(0, w.outstanding)
         return row

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from rollout.records import Rollout
 from rollout.sampler import SampleRequest, WorkItem
-from services.channel import Channel, Provenance
+from services.channel import Channel, Provenance, RolloutError
 from services.pool import DRAINING, READY, STARTING, SYNCING, Pool, Worker, WorkerFailed
 from services.publisher import Publisher, WeightSyncError
 
@@ -158,6 +158,7 @@ class Producer:
                 self._poll_control()
                 self._open_steps()
                 self._dispatch()
+                self._sweep_drained()
                 self._deliver()
                 self._check_pushes()
                 self.channel.set_stats(self.stats())
@@ -168,6 +169,9 @@ class Producer:
                     fut.set_exception(exc)
             self.channel.fail(exc)
         finally:
+            for _, fut in self.waiters:
+                if not fut.done():
+                    fut.set_exception(RolloutError("rollout service is stopped"))
             for w in self.samplers.workers + self.scorers.workers:
                 self.calls.kill(w.handle)
 
@@ -224,6 +228,9 @@ class Producer:
             reply.set_result([w.version for w in self.samplers.live()])
         elif kind == "handles":
             reply.set_result([w.handle for w in self.samplers.live()])
+        elif kind == "handle":
+            pool_workers = self.samplers.workers + self.scorers.workers
+            reply.set_result(next((w.handle for w in pool_workers if w.name == args[0]), None))
         elif kind == "generate":  # in-process evaluation: engines are not thread-safe
             prompt_ids, kwargs = args
             w = min(self.samplers.live(), key=lambda w: w.slot)
@@ -305,7 +312,7 @@ class Producer:
 
     def _dispatch(self) -> None:
         for w in sorted(self.samplers.ready(), key=lambda w: w.slot):
-            if w.outstanding:
+            if w.outstanding > 0:
                 continue
             chunk = next(
                 (
@@ -366,7 +373,7 @@ class Producer:
             raise RuntimeError(
                 f"{w.name} ended a stream after {len(task.received)}/{len(chunk.items)} groups"
             )
-        w.outstanding = 0
+        # outstanding already fell by one per group; the sampler may hold its next chunk now
         self.channel.add_times(sample=time.perf_counter() - task.t0)
         self._retire_if_drained(self.samplers, w)
 
@@ -439,7 +446,7 @@ class Producer:
         if not self.calls.is_death(exc):
             raise exc
         pool = self.samplers if w in self.samplers.workers else self.scorers
-        groups = self._reclaim(w)
+        groups = self._reclaim(w, task)
         self.deaths.append(Death(time.perf_counter(), w.name, groups, str(exc)[-300:]))
         if w.state == DRAINING:
             pool.retire(w)
@@ -447,13 +454,16 @@ class Producer:
         pool.restart(w, exc)  # raises WorkerFailed once the budget is spent
         self._ping(pool, w)
 
-    def _reclaim(self, w: Worker) -> int:
-        """Hand back every group ``w`` holds; returns how many."""
-        groups = 0
+    def _reclaim(self, w: Worker, failed: _Task) -> int:
+        """Hand back every group ``w`` holds (``failed``, the call that told us, included:
+        it has already left ``tasks``); returns how many."""
+        held = [failed]
         for ref, task in list(self.tasks.items()):
-            if getattr(task, "worker", None) is not w:
-                continue
-            del self.tasks[ref]
+            if getattr(task, "worker", None) is w:
+                del self.tasks[ref]
+                held.append(task)
+        groups = 0
+        for task in held:
             if isinstance(task, _Sample):
                 chunk = task.chunk
                 todo = [i for i in range(len(chunk.items)) if i not in task.received]
@@ -486,6 +496,15 @@ class Producer:
         self.tasks[ref] = _Load(w, w.restarts, version=self.publisher.version)
         return True
 
+    def _sweep_drained(self) -> None:
+        for pool in (self.samplers, self.scorers):
+            for w in [w for w in pool.workers if w.state == DRAINING]:
+                held = any(
+                    isinstance(t, (_Sample, _Score)) and t.worker is w for t in self.tasks.values()
+                )
+                if not held:
+                    self._retire_if_drained(pool, w)
+
     def _retire_if_drained(self, pool: Pool, w: Worker) -> None:
         if w.state == DRAINING and w.outstanding <= 0:
             for ref, task in list(self.tasks.items()):
@@ -511,7 +530,13 @@ class Producer:
                 w.redispatched for p in (self.samplers, self.scorers) for w in p.workers + p.removed
             ),
             "rollout/deaths": len(self.deaths),
+            "rollout/queued_groups": sum(len(c.items) for c in self.queue),
+            "rollout/unscored_groups": len(self.unscored),
+            "rollout/calls_in_flight": len(self.tasks),
         }
+        for pool in (self.samplers, self.scorers):
+            for w in pool.workers:
+                row[f"worker/{w.name}/state"] = w.state
         row.update(self.samplers.counters())
         row.update(self.scorers.counters())
         return row

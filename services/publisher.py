@@ -6,6 +6,14 @@ at version v and trained at version v' has staleness v' − v (``rollout.records
 Step k may be sampled by a worker serving version ≥ ``need(k)`` = k − 1 − max_staleness, so no
 sample lags the learner by more than ``max_staleness``; 0 makes the pipeline strictly on-policy.
 
+Resume: a checkpoint saves the version its weights are (``policy_version``) and the driver
+publishes exactly that version on resume. At max_staleness = 0 a resumed run is then identical
+to the uninterrupted one (same samples, tokens, losses, weights: tests/test_resume_exact.py).
+At max_staleness = s > 0 it is not: which version samples step k (k − 1 − s .. k − 1) depends on
+how far the producer had run ahead, and a resumed run starts with an empty pipeline, so the
+first s steps after the resume are sampled from a newer policy than they were originally. The
+prompts and sample ids are the same; the sampled tokens, losses and weights differ.
+
 Transport: the latest weights stay in the object store (one ``ray.put``; in the in-process mode
 the tensors themselves), so a new or restarted sampler loads them before it takes work. With
 the NCCL path the broadcast happens outside (services/weight_sync.py) and only the version is

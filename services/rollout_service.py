@@ -102,11 +102,12 @@ class RolloutService:
         scorer_resources: dict,
         plan: RolloutPlan,
         in_process: bool = False,
-        control=None,
+        control_name: str | None = None,
         sampler_faults: dict[int, Faults] | None = None,
         scorer_faults: dict[int, Faults] | None = None,
     ) -> None:
-        """sampler_faults / scorer_faults: test-only faults per slot (rollout.sampler.Faults)."""
+        """control_name: name of the control actor ``opdplus scale`` talks to (none if None or
+        in-process). sampler_faults / scorer_faults: test-only faults per slot."""
         self.plan = plan
         self.in_process = in_process
         self.calls = LocalCalls() if in_process else RayCalls()
@@ -145,8 +146,19 @@ class RolloutService:
         publisher = Publisher(
             self.calls, max_staleness=plan.max_staleness, sync_timeout_s=plan.sync_timeout_s
         )
+        self._control = None
+        if control_name and not in_process:
+            from services.control import start_control
+
+            self._control = start_control(control_name)
         self._producer = Producer(
-            self._samplers, self._scorers, publisher, self._channel, plan, self.calls, control
+            self._samplers,
+            self._scorers,
+            publisher,
+            self._channel,
+            plan,
+            self.calls,
+            self._control,
         )
         self._thread = threading.Thread(target=self._producer.run, daemon=True, name="producer")
         self._thread.start()
@@ -194,7 +206,12 @@ class RolloutService:
         return self._channel.take_times()
 
     def worker_metrics(self) -> dict:
-        """Per-worker samples / restarts / re-dispatched groups and the channel depth."""
+        """Per-worker samples / restarts / re-dispatched groups and the channel depth (numbers
+        only, for metrics.jsonl)."""
+        return {k: v for k, v in self._channel.stats().items() if isinstance(v, (int, float))}
+
+    def tier_state(self) -> dict:
+        """The producer's last snapshot, worker states included (for tools and errors)."""
         return self._channel.stats()
 
     def deaths(self):
@@ -231,6 +248,10 @@ class RolloutService:
         """Handles of the live samplers now (for NCCL set-up and tools)."""
         return self._ask("handles")
 
+    def worker_handle(self, name: str):
+        """The current handle of pool worker ``name`` (e.g. ``student-sampler-0``), or None."""
+        return self._ask("handle", name)
+
     def scale(self, *, samplers: int | None = None, scorers: int | None = None) -> None:
         self._ask("scale", samplers, scorers)
 
@@ -243,6 +264,8 @@ class RolloutService:
     def stop(self) -> None:
         self._channel.close()
         self._thread.join(timeout=30)
+        if self._control is not None:
+            self.calls.kill(self._control)
 
 
 def _slot_faults(cls, settings, resources, faults: dict):

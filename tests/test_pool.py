@@ -1,0 +1,104 @@
+"""Pool, publisher and producer logic without engines: restart budget, draining, version
+arithmetic, re-dispatch bookkeeping (the engine-backed fault tests are in test_faults.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+
+class _Handle:
+    def __init__(self, name: str) -> None:
+        self.name, self.closed = name, False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _pool(max_restarts: int = 2, n: int = 2):
+    from services.pool import LocalCalls, Pool
+
+    made = []
+
+    def make(name, slot):
+        made.append(name)
+        return _Handle(name)
+
+    pool = Pool(
+        "sampler", "student-sampler", make, "version", max_restarts=max_restarts, calls=LocalCalls()
+    )
+    pool.resize(n)
+    return pool, made
+
+
+def test_restart_budget_then_clear_failure():
+    from services.pool import STARTING, WorkerFailed
+
+    pool, made = _pool(max_restarts=2)
+    w = pool.workers[1]
+    old = w.handle
+    pool.restart(w, RuntimeError("engine died"))
+    assert old.closed and w.handle is not old and w.state == STARTING and w.restarts == 1
+    pool.restart(w, RuntimeError("again"))
+    with pytest.raises(WorkerFailed) as info:
+        pool.restart(w, RuntimeError("Traceback...\nRuntimeError: injected start-up fault"))
+    msg = str(info.value)
+    assert "student-sampler-1" in msg and "rollout.max_restarts = 2" in msg
+    assert msg.endswith("last error: RuntimeError: injected start-up fault")
+    assert made == ["student-sampler-0", "student-sampler-1"] + ["student-sampler-1"] * 2
+
+
+def test_resize_adds_free_slots_and_drains_the_highest():
+    from services.pool import DRAINING, READY
+
+    pool, made = _pool(n=1)
+    pool.workers[0].state = READY
+    new = pool.resize(3)
+    assert [w.name for w in new] == ["student-sampler-1", "student-sampler-2"]
+    for w in new:
+        w.state = READY
+    pool.resize(1)
+    assert [w.state for w in pool.workers] == [READY, DRAINING, DRAINING]
+    pool.retire(pool.workers[2])
+    pool.workers[1].samples = 5
+    pool.retire(pool.workers[1])
+    assert [w.name for w in pool.workers] == ["student-sampler-0"]
+    assert pool.counters()["worker/student-sampler-1/samples"] == 5  # kept after removal
+    assert pool.resize(2)[0].name == "student-sampler-1"  # the freed slot is reused
+    with pytest.raises(ValueError, match="at least 1"):
+        pool.resize(0)
+
+
+def test_version_arithmetic_has_one_home():
+    from services.pool import LocalCalls, Worker
+    from services.publisher import Publisher, WeightSyncError, trained_at
+
+    pub = Publisher(LocalCalls(), max_staleness=1, sync_timeout_s=10)
+    assert trained_at(5) == 4 and pub.need(5) == 3
+    assert pub.admits(5, 3) and not pub.admits(5, 2)
+    w = Worker("student-sampler-0", 0, object(), version=2)
+    assert not pub.may_take(w, 5)
+    w.loading = 3  # a load queued on the actor runs before any chunk sent after it
+    assert pub.may_take(w, 5)
+    pub.publish("weights-v4", 4)
+    with pytest.raises(WeightSyncError, match="not newer"):
+        pub.publish("weights-v4-again", 4)
+    strict = Publisher(LocalCalls(), max_staleness=0, sync_timeout_s=10)
+    assert strict.need(1) == 0 and strict.need(7) == 6
+
+
+def test_redispatch_splits_unfinished_groups_into_runs():
+    from services.producer import _runs
+
+    assert _runs([]) == []
+    assert _runs([0, 1, 3, 4, 5, 9]) == [[0, 1], [3, 4, 5], [9]]
+
+
+def test_short_error_keeps_the_cause_line():
+    from services.pool import short_error
+
+    exc = RuntimeError(
+        "The actor died because of an error raised in its creation task\n"
+        "  File x.py, line 3\n"
+        "EngineError: vLLM could not start on /m: out of memory\n"
+    )
+    assert short_error(exc) == "EngineError: vLLM could not start on /m: out of memory"
