@@ -2,7 +2,7 @@
 
     greedy accuracy  = (1/N) Σ_i 1[greedy completion of problem i is correct]
                        CI: Wilson score interval for a binomial proportion.
-    avg@k            = (1/N) Σ_i (1/k) Σ_j 1[sample j of problem i is correct]   (temperature 1)
+    avg@k            = (1/N) Σ_i (1/k) Σ_j 1[sample j of problem i is correct]   (temperature τ)
                        CI: normal approximation over problems, mean ± 1.96 · sd(p_i) / √N, since
                        the k samples of one problem are not independent of each other.
     pass@k           = (1/N) Σ_i 1[any of the k samples is correct]              (no CI)
@@ -58,12 +58,14 @@ def evaluate(
     k: int = 4,
     max_tokens: int = 48,
     seed: int = 0,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Evaluate the model in ``model_dir`` on ``problems``; returns a JSON-serialisable dict.
 
     ``engine``: a running ``StudentEngine`` serving that model (left open). Otherwise one is
     built by ``engine_factory(model_dir)`` and closed (``services.eval_command`` builds them).
-    ``k = 0`` skips the sampled metrics.
+    ``k = 0`` skips the sampled metrics. ``temperature``: τ of the k samples (greedy is τ = 0);
+    the report records both.
     """
     from transformers import AutoTokenizer
 
@@ -83,7 +85,9 @@ def evaluate(
     try:
         greedy = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=0.0, n=1, seed=seed)
         sampled = (
-            engine.generate(prompt_ids, max_tokens=max_tokens, temperature=1.0, n=k, seed=seed)
+            engine.generate(
+                prompt_ids, max_tokens=max_tokens, temperature=temperature, n=k, seed=seed
+            )
             if k
             else []
         )
@@ -114,6 +118,7 @@ def evaluate(
     n_correct = sum(s >= 1.0 for s in greedy_scores)
     gens_flat = [g for gens in greedy for g in gens]
     report["greedy"] = {
+        "temperature": 0.0,
         "accuracy": n_correct / len(problems),
         "ci95": list(wilson_interval(n_correct, len(problems))),
         "n_correct": n_correct,
@@ -131,6 +136,7 @@ def evaluate(
             any_correct += any(s >= 1.0 for s in scores_k)
             rewards.extend(scores_k)
         report["avg_at_k"] = {
+            "temperature": temperature,
             "accuracy": statistics.fmean(per_problem),
             "ci95": list(mean_interval(per_problem)),
             "mean_reward": statistics.fmean(rewards),

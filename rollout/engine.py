@@ -45,6 +45,7 @@ class EngineSettings:
     weight-transfer engine is built into the worker; see ``NcclWeightReceiver``; GPU only).
     teacher_topk: TeacherEngine only: K > 0 also returns the teacher's top-K token ids and
     log-probs at every response position (dense OPD+, learner/dense.py); 0 = sampled token only.
+    teacher_temperature: TeacherEngine only: τ_T > 0; scores log softmax(logits / τ_T).
     """
 
     model_path: str
@@ -57,6 +58,7 @@ class EngineSettings:
     max_num_seqs: int = 256
     weight_transfer: str = "none"
     teacher_topk: int = 0
+    teacher_temperature: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,15 @@ class WeightLoaderExtension:
         self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
         return len(named_tensors)
 
+    def opdplus_scale_logits(self, factor: float) -> float:
+        # Prompt log-probs bypass the sampler, so a request's temperature never reaches them;
+        # scaling the logits themselves (vLLM's logit_scale) makes them log softmax(z · factor).
+        processor = getattr(self.model_runner.get_model(), "logits_processor", None)
+        if processor is None or not hasattr(processor, "scale"):
+            raise RuntimeError("the model has no logits_processor.scale to apply a temperature")
+        processor.scale = processor.scale * factor
+        return processor.scale
+
 
 def _check_settings(s: EngineSettings) -> None:
     path = Path(s.model_path)
@@ -88,6 +99,8 @@ def _check_settings(s: EngineSettings) -> None:
         )
     if not 0 < s.kv_cache_fraction < 1:
         raise EngineError(f"kv_cache_fraction must be in (0, 1), got {s.kv_cache_fraction}")
+    if not s.teacher_temperature > 0:
+        raise EngineError(f"teacher_temperature must be > 0, got {s.teacher_temperature}")
     if not torch.cuda.is_available():
         want = s.kv_cache_mb * 2**20
         avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
@@ -127,6 +140,9 @@ class _Engine:
                 # Stale KV blocks after a weight push would silently mix policies.
                 enable_prefix_caching=False,
                 worker_extension_cls="rollout.engine.WeightLoaderExtension",
+                # A sampled token's log-prob under the distribution it was drawn from
+                # (softmax(logits / temperature)), not the raw temperature-1 one.
+                logprobs_mode="processed_logprobs",
                 **transfer_kwargs,
             )
         except Exception as exc:  # vLLM raises many types; report which model and why
@@ -190,8 +206,9 @@ class StudentEngine(_Engine):
 
         All prompts are batched in one engine run; a prompt whose samples are done is handed
         on at once (to be scored) instead of waiting for the slowest prompt of the batch.
-        The recorded log-probs are of the raw (temperature-1) distribution, which is what
-        the learner recomputes.
+        The recorded log-probs are of the distribution actually sampled from,
+        log softmax(logits / temperature) (greedy: temperature 1); the learner recomputes its
+        log-probs at the same temperature.
         """
         if temperature == 0 and n != 1:
             raise EngineError("greedy decoding (temperature 0) with n > 1 would repeat one sample")
@@ -240,7 +257,15 @@ def _to_generation(completion) -> Generation:
 
 
 class TeacherEngine(_Engine):
-    """Scores given token sequences: log π_teacher of each response token (temperature 1)."""
+    """Scores given token sequences: log π_teacher of each response token, at the temperature
+    ``settings.teacher_temperature`` (default 1)."""
+
+    def __init__(self, settings: EngineSettings) -> None:
+        super().__init__(settings)
+        if settings.teacher_temperature != 1.0:
+            self.llm.collective_rpc(
+                "opdplus_scale_logits", args=(1.0 / settings.teacher_temperature,)
+            )
 
     def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list:
         """log π_T(y_t | x, y_<t) for each response token; one entry per sequence.
