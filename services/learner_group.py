@@ -102,7 +102,9 @@ class LearnerGroup:
     i is the named actor ``learner-rank-{i}``. Optimisation (see `LearnerEngine`): zero_stage, lr,
     lr_schedule, warmup_steps, total_steps, weight_decay, betas, grad_clip, precision, seed.
     Estimator (see `learner.step.compute_loss`): divergence (+ alpha for "alpha"), estimator,
-    discount, ratio_clip (0 = off), is_cap, aggregation.
+    discount, ratio_clip (0 = off), is_cap, aggregation, temperature (the sampling τ: the policy
+    is softmax(logits / τ)). Memory (see `LearnerEngine.train_step`): micro_batch_tokens (0 =
+    off), logprob_chunk_size (0 = full [B, T, V] logits).
     """
 
     def __init__(
@@ -132,6 +134,9 @@ class LearnerGroup:
         is_cap: float = 2.0,
         aggregation: str = "token_mean",
         center_cost: bool = True,
+        temperature: float = 1.0,
+        micro_batch_tokens: int = 0,
+        logprob_chunk_size: int = 512,
     ) -> None:
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -150,6 +155,9 @@ class LearnerGroup:
             "is_cap": is_cap,
             "aggregation": aggregation,
             "center_cost": center_cost,
+            "temperature": temperature,
+            "micro_batch_tokens": micro_batch_tokens,
+            "logprob_chunk_size": logprob_chunk_size,
         }
         from services.cluster import actor_name
 
