@@ -88,7 +88,9 @@ class RolloutConfig:
     prompts_per_step: int = _f(16, "distinct prompts per learner step")
     samples_per_prompt: int = _f(4, "samples drawn per prompt")
     max_tokens: int = _f(48, "maximum response tokens per sample")
-    temperature: float = _f(1.0, "sampling temperature (1.0 = on-policy)")
+    temperature: float = _f(
+        1.0, "sampling temperature τ: the student policy is softmax(logits / τ), learner included"
+    )
     max_staleness: int = _f(
         1, "samplers run at most this many policy versions ahead; 0 = strictly on-policy"
     )
@@ -103,6 +105,17 @@ class RolloutConfig:
     sync_timeout_s: float = _f(120.0, "a weight push that takes longer fails with an error")
     sync_backend: Literal["auto", "object_store", "nccl"] = _f(
         "auto", "weight-sync path; auto = nccl on GPU, object store on CPU"
+    )
+    max_restarts: int = _f(
+        3, "times a dead sampler or scorer is replaced (per worker) before the run stops"
+    )
+    dispatch_groups: int = _f(
+        0,
+        "prompt groups a free sampler takes at once; 0 = auto (the whole step with one "
+        "sampler, ceil(prompts_per_step / 2n) with n samplers)",
+    )
+    in_process: bool = _f(
+        False, "run samplers and scorers as plain objects in the driver (debugging; no restarts)"
     )
 
 
@@ -127,6 +140,14 @@ class DistillConfig:
         True,
         "OPD+: subtract the constant f'(1) from the immediate cost (same expected gradient, lower variance)",
     )
+    teacher_temperature: float = _f(
+        1.0, "temperature τ_T the teacher is scored at: log softmax(teacher logits / τ_T)"
+    )
+    teacher_topk: int = _f(
+        0,
+        "K > 0: dense OPD+ over the teacher's top-K tokens at every position (learner/dense.py); "
+        "0 = sampled-token OPD+",
+    )
 
 
 @dataclass(frozen=True)
@@ -138,11 +159,6 @@ class LearnerConfig:
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
     lr: float = _f(1e-3, "peak AdamW learning rate")
     lr_schedule: Literal["constant", "cosine"] = _f(
-    teacher_topk: int = _f(
-        0,
-        "K > 0: dense OPD+ over the teacher's top-K tokens at every position (learner/dense.py); "
-        "0 = sampled-token OPD+",
-    )
         "constant", "learning-rate schedule after warm-up"
     )
     warmup_steps: int = _f(0, "linear warm-up steps")
@@ -153,6 +169,16 @@ class LearnerConfig:
         "auto", "training precision; auto = bf16 on GPUs that support it, else fp32"
     )
     sync_every: int = _f(1, "push weights to the samplers every N learner steps")
+    micro_batch_tokens: int = _f(
+        0,
+        "token budget (rows × padded length) per learner micro-batch; gradients accumulate "
+        "into one optimizer step; 0 = each rank's whole shard at once",
+    )
+    logprob_chunk: int = _f(
+        512,
+        "positions per output-layer chunk of the learner's log-probs (memory ∝ chunk × vocab); "
+        "0 = the full [B, T, V] logits",
+    )
 
 
 @dataclass(frozen=True)
@@ -315,6 +341,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(0.0 <= d.discount <= 1.0, "distill.discount", f"must be in [0, 1], got {d.discount}")
     need(d.ratio_clip >= 0, "distill.ratio_clip", "must be >= 0 (0 disables clamping)")
     need(d.is_cap >= 1.0, "distill.is_cap", f"must be >= 1, got {d.is_cap}")
+    need(d.teacher_topk >= 0, "distill.teacher_topk", f"must be >= 0, got {d.teacher_topk}")
+    need(
+        d.teacher_topk == 0 or d.estimator == "opd_plus",
+        "distill.teacher_topk",
+        "the top-K estimator is OPD+ (its direct term is exact); set distill.estimator = 'opd_plus'",
+    )
     if d.divergence == "alpha":
         need(
             d.alpha not in (0.0, 1.0),
@@ -326,17 +358,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
     need(r.num_samplers >= 1, "rollout.num_samplers", "must be >= 1")
     need(r.num_scorers >= 1, "rollout.num_scorers", "must be >= 1")
-    need(d.teacher_topk >= 0, "distill.teacher_topk", f"must be >= 0, got {d.teacher_topk}")
-    need(
-        d.teacher_topk == 0 or d.estimator == "opd_plus",
-        "distill.teacher_topk",
-        "the top-K estimator is OPD+ (its direct term is exact); set distill.estimator = 'opd_plus'",
-    )
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
     need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     need(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
     need(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     need(r.temperature > 0, "rollout.temperature", "must be > 0 (on-policy sampling)")
+    need(d.teacher_temperature > 0, "distill.teacher_temperature", "must be > 0")
     need(0 < r.kv_cache_fraction < 1, "rollout.kv_cache_fraction", "must be in (0, 1)")
     need(r.kv_cache_mb >= 16, "rollout.kv_cache_mb", "must be >= 16")
     need(
@@ -345,6 +372,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         f"must be < rollout.max_model_len ({r.max_model_len})",
     )
     need(r.sync_timeout_s > 0, "rollout.sync_timeout_s", "must be > 0")
+    need(r.max_restarts >= 0, "rollout.max_restarts", "must be >= 0")
+    need(r.dispatch_groups >= 0, "rollout.dispatch_groups", "must be >= 0 (0 = auto)")
     batch = r.prompts_per_step * r.samples_per_prompt
     need(
         r.channel_capacity >= batch,
@@ -372,6 +401,8 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         f"pushed versions, so a smaller bound could never be met",
     )
     need(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
+    need(lr.micro_batch_tokens >= 0, "learner.micro_batch_tokens", "must be >= 0 (0 = off)")
+    need(lr.logprob_chunk >= 0, "learner.logprob_chunk", "must be >= 0 (0 = full logits)")
     if r.sync_backend == "nccl":
         need(
             r.sampler_gpus >= 1 and lr.gpus_per_rank >= 1,

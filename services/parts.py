@@ -10,8 +10,6 @@ import statistics
 import time
 from pathlib import Path
 
-import ray
-
 from rollout.records import staleness
 from services.config import Config
 
@@ -62,7 +60,13 @@ def build_publisher(cfg: Config, learner, rollout):
 
 
 def engine_settings(
-    cfg: Config, model_dir: Path, *, seed: int, weight_transfer: str = "none", teacher_topk: int = 0
+    cfg: Config,
+    model_dir: Path,
+    *,
+    seed: int,
+    weight_transfer: str = "none",
+    teacher_topk: int = 0,
+    teacher_temperature: float = 1.0,
 ):
     from rollout.engine import EngineSettings
 
@@ -73,13 +77,15 @@ def engine_settings(
         seed=seed,
         kv_cache_mb=r.kv_cache_mb,
         kv_cache_fraction=r.kv_cache_fraction,
-        teacher_topk=teacher_topk,
         max_model_len=r.max_model_len,
         weight_transfer=weight_transfer,
+        teacher_topk=teacher_topk,
+        teacher_temperature=teacher_temperature,
     )
 
 
 def build_rollout(cfg: Config, pair):
+    from services.control import control_name
     from services.rollout_service import RolloutPlan, RolloutService
 
     r = cfg.rollout
@@ -92,6 +98,8 @@ def build_rollout(cfg: Config, pair):
         channel_capacity=r.channel_capacity,
         sync_timeout_s=r.sync_timeout_s,
         seed=cfg.run.seed,
+        max_restarts=r.max_restarts,
+        dispatch_groups=r.dispatch_groups,
     )
     return RolloutService(
         student_settings=engine_settings(
@@ -101,13 +109,19 @@ def build_rollout(cfg: Config, pair):
             weight_transfer="nccl" if sync_backend(cfg) == "nccl" else "none",
         ),
         teacher_settings=engine_settings(
-            cfg, pair.teacher, seed=cfg.run.seed, teacher_topk=cfg.distill.teacher_topk
+            cfg,
+            pair.teacher,
+            seed=cfg.run.seed,
+            teacher_topk=cfg.distill.teacher_topk,
+            teacher_temperature=cfg.distill.teacher_temperature,
         ),
         num_samplers=r.num_samplers,
         num_scorers=r.num_scorers,
         sampler_resources=ray_options(r.sampler_cpus, r.sampler_gpus, r.sampler_resources),
         scorer_resources=ray_options(r.scorer_cpus, r.scorer_gpus, r.scorer_resources),
         plan=plan,
+        in_process=r.in_process,
+        control_name=control_name(cfg.run.name),
     )
 
 
@@ -149,17 +163,10 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
         is_cap=d.is_cap,
         aggregation=d.aggregation,
         center_cost=d.center_cost,
+        temperature=cfg.rollout.temperature,
+        micro_batch_tokens=lr.micro_batch_tokens,
+        logprob_chunk_size=lr.logprob_chunk,
     )
-
-
-class _ActorEngine:
-    """Lets rollout.evaluate drive a sampler actor's engine (current weights) as if local."""
-
-    def __init__(self, actor) -> None:
-        self.actor = actor
-
-    def generate(self, prompt_ids, **kwargs):
-        return ray.get(self.actor.generate.remote(prompt_ids, **kwargs))
 
 
 def evaluate_student(
@@ -174,7 +181,7 @@ def evaluate_student(
     report = evaluate(
         model_dir,
         problems,
-        engine=_ActorEngine(rollout.samplers[0]),
+        engine=rollout.eval_engine(),
         k=cfg.eval.samples,
         max_tokens=cfg.eval.max_tokens,
         seed=cfg.run.seed,
