@@ -1,0 +1,266 @@
+"""The learner step at real-model scale: naive full-vocabulary log-probs vs the chunked path.
+
+One learner step (forward, OPD+ loss, backward, AdamW step) of `learner.step.compute_loss` on
+the SmolLM2 student (49,152-token vocabulary, tied output layer), for two batch sizes, with
+
+    naive:   the model's full [B, T, V] float32 logits through `token_logprobs`
+             (`logprob_chunk_size = 0`)
+    chunked: `learner.logprobs` (response positions only, chunked, recomputed in backward)
+    body:    reference without any output layer (loss on the hidden states), to isolate the
+             memory the log-prob path adds
+
+Each (size, path) runs in its own process. Step peak is the process's peak RSS (VmHWM) during
+forward + backward of the measured steps (after a warm-up step, so AdamW's state exists),
+minus the RSS before them: activations, logits and gradients. (The AdamW step itself is timed
+but left out of the peak: its temporaries are the same for every path.) The logits' share is
+the path's step peak minus the body's. Step time (forward, backward, AdamW) is the median over
+the measured steps.
+
+    python bench/learner.py [--sizes 8x256,16x512] [--steps 2] [--chunk 512] [--threads 1]
+
+Writes bench/results/learner-<timestamp>.json and learner-latest.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import save
+
+REPO = Path(__file__).resolve().parents[1]
+PATHS = ("body", "naive", "chunked")
+PROMPT_TOKENS = 32
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    rows, tokens = text.lower().split("x")
+    return int(rows), int(tokens)
+
+
+# --------------------------------------------------------------------------- worker process
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    # "5" resets the peak RSS (VmHWM) to the current RSS (Linux >= 4.0, proc(5)).
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def synthetic_batch(rows: int, response: int, vocab: int, seed: int = 0):
+    """`rows` sequences of PROMPT_TOKENS + `response` random ids, with random log-probs."""
+    import torch
+
+    from learner.batch import TrainBatch
+
+    g = torch.Generator().manual_seed(seed)
+    T = PROMPT_TOKENS + response
+    resp_BT = torch.zeros(rows, T)
+    resp_BT[:, PROMPT_TOKENS:] = 1.0
+    logp = lambda: (-2.0 + 0.5 * torch.randn(rows, T, generator=g)).clamp(max=0) * resp_BT  # noqa: E731
+    return TrainBatch(
+        input_ids_BT=torch.randint(0, vocab, (rows, T), generator=g),
+        attention_mask_BT=torch.ones(rows, T, dtype=torch.long),
+        response_mask_BT=resp_BT,
+        logp_teacher_BT=logp(),
+        logp_sampler_BT=logp(),
+        versions_B=torch.zeros(rows, dtype=torch.long),
+        sample_ids=tuple(f"s{i}" for i in range(rows)),
+    )
+
+
+def worker(model_dir: str, path: str, rows: int, response: int, steps: int, chunk: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.logprobs import final_hidden_states
+    from learner.settings import LossSettings
+    from learner.step import compute_loss, global_normaliser
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.train()
+    optim = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    batch = synthetic_batch(rows, response, model.config.vocab_size)
+    n = global_normaliser(batch, "token_mean")
+    settings = LossSettings(
+        divergence="js", divergence_params=(), estimator="opd_plus", discount=0.0,
+        ratio_clip=10.0, is_cap=2.0, aggregation="token_mean", center_cost=True,
+        temperature=0.7, logprob_chunk=0 if path == "naive" else chunk,
+    )  # fmt: skip
+
+    def step() -> tuple[float, float, int]:
+        """(step seconds, forward+backward seconds, peak RSS KiB during forward+backward)."""
+        _reset_peak_rss()
+        t0 = time.perf_counter()
+        if path == "body":
+            hidden_BTH = final_hidden_states(model, batch.input_ids_BT, batch.attention_mask_BT)
+            loss = hidden_BTH.square().mean()
+        else:
+            loss, _ = compute_loss(model, batch, settings=settings, normaliser=n, policy_version=0)
+        loss.backward()
+        del loss
+        t1 = time.perf_counter()
+        peak_kib = _rss_kib("VmHWM")
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        return time.perf_counter() - t0, t1 - t0, peak_kib
+
+    warmup_s = step()[0]
+    base_kib = _rss_kib("VmRSS")
+    measured = [step() for _ in range(steps)]
+    peak_kib = max(m[2] for m in measured)
+    times = [m[0] for m in measured]
+    return {
+        "path": path,
+        "rows": rows,
+        "response_tokens": response,
+        "prompt_tokens": PROMPT_TOKENS,
+        "vocab": model.config.vocab_size,
+        "chunk": chunk if path == "chunked" else None,
+        "threads": torch.get_num_threads(),
+        "warmup_s": warmup_s,
+        "step_s": times,
+        "step_s_median": statistics.median(times),
+        "fwd_bwd_s_median": statistics.median(m[1] for m in measured),
+        "base_rss_mib": base_kib / 1024,
+        "peak_rss_mib": peak_kib / 1024,
+        "step_peak_mib": (peak_kib - base_kib) / 1024,
+    }
+
+
+def default_student() -> Path:
+    """The cached SmolLM2 student (its architecture is what matters here, not its weights)."""
+    from models.common import cache_dir
+
+    root = cache_dir() / "models" / "smollm2"
+    for name in ("student", "pruned"):
+        if (root / name / "config.json").is_file():
+            return root / name
+    raise SystemExit(f"no SmolLM2 student under {root}: run `opdplus smollm2` or pass --model")
+
+
+def run_in_subprocess(model_dir: Path, path: str, rows: int, response: int, args) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", path, "--model", str(model_dir),
+        "--sizes", f"{rows}x{response}", "--steps", str(args.steps), "--chunk", str(args.chunk),
+        "--threads", str(args.threads),
+    ]  # fmt: skip
+    # Fixed malloc thresholds: large buffers are mmapped and returned to the OS when freed, so
+    # RSS tracks live memory instead of glibc's cached heap.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"path": path, "rows": rows, "response_tokens": response,
+                "error": f"exit {out.returncode}: {out.stderr[-2000:]}"}  # fmt: skip
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- report
+
+
+def figures(report: dict) -> list[tuple[str, str, str]]:
+    """(figure, value, target) rows of the table."""
+    rows = []
+    for size, runs in report["sizes"].items():
+        if any("error" in r for r in runs.values()):
+            rows.append((f"{size}", "failed: see JSON", ""))
+            continue
+        for p in PATHS:
+            r = runs[p]
+            rows.append(
+                (f"{size} {p}: step peak / time",
+                 f"{r['step_peak_mib']:8.0f} MiB {r['step_s_median']:7.2f} s", "")
+            )  # fmt: skip
+        s = report["ratios"][size]
+        rows.append((f"{size} logits' share of peak, naive / chunked",
+                     f"{s['logits_mib_naive']:.0f} / {s['logits_mib_chunked']:.0f} MiB "
+                     f"= {s['logits_share_cut']:.1f}x", ">= 4x"))  # fmt: skip
+        rows.append((f"{size} step peak, naive / chunked", f"{s['peak_cut']:.2f}x", ""))
+        rows.append((f"{size} step time, chunked / naive", f"{s['time_ratio']:.2f}x", "<= 1.1x"))
+    return rows
+
+
+def ratios(runs: dict) -> dict:
+    body, naive, chunked = (runs[p] for p in PATHS)
+    logits_naive = naive["step_peak_mib"] - body["step_peak_mib"]
+    logits_chunked = chunked["step_peak_mib"] - body["step_peak_mib"]
+    return {
+        "logits_mib_naive": logits_naive,
+        "logits_mib_chunked": logits_chunked,
+        "logits_share_cut": logits_naive / max(logits_chunked, 1.0),
+        "peak_cut": naive["step_peak_mib"] / max(chunked["step_peak_mib"], 1.0),
+        "time_ratio": chunked["step_s_median"] / naive["step_s_median"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="8x256,16x512", help="ROWSxRESPONSE_TOKENS,...")
+    parser.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up")
+    parser.add_argument("--chunk", type=int, default=512, help="positions per output chunk")
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)"
+    )
+    parser.add_argument("--model", help="student HF folder (default: the SmolLM2 student)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    sizes = [parse_size(s) for s in args.sizes.split(",")]
+    sys.path.insert(0, str(REPO))
+
+    if args.worker:
+        ((rows, response),) = sizes
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        print(json.dumps(worker(args.model, args.worker, rows, response, args.steps, args.chunk)))
+        return
+
+    if args.model is None:
+        args.model = str(default_student())
+    report = {
+        "meta": {
+            "model": args.model, "chunk": args.chunk, "steps": args.steps,
+            "cpu_count": os.cpu_count(), "load_avg_1min_start": os.getloadavg()[0],
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "sizes": {},
+        "ratios": {},
+    }  # fmt: skip
+    for rows, response in sizes:
+        size = f"{rows}x{response}"
+        runs = {}
+        for path in PATHS:
+            runs[path] = run_in_subprocess(Path(args.model), path, rows, response, args)
+            print(f"{size} {path}: {json.dumps(runs[path])}", flush=True)
+        report["sizes"][size] = runs
+        if not any("error" in r for r in runs.values()):
+            report["ratios"][size] = ratios(runs)
+    report["meta"]["load_avg_1min_end"] = os.getloadavg()[0]
+    loads = report["meta"]["load_avg_1min_start"], report["meta"]["load_avg_1min_end"]
+    busy = "  -- BUSY MACHINE: times are skewed" if max(loads) > (os.cpu_count() or 1) else ""
+    print(f"\nload average (1 min) start / end: {loads[0]:.1f} / {loads[1]:.1f}{busy}")
+    table = figures(report)
+    width = max(len(r[0]) for r in table)
+    print(f"\n{'figure':<{width}}  {'value':<28}  target")
+    for figure, value, target in table:
+        print(f"{figure:<{width}}  {value:<28}  {target}")
+    print(f"\nsaved {save(report, args.out, 'learner')}")
+
+
+if __name__ == "__main__":
+    main()
