@@ -380,18 +380,21 @@ class DispatchSizes:
     prompts_per_step: int = 16
     samples_per_prompt: int = 4
     max_tokens: int = 32
-    slow_delay_s: float = 1.5  # test-only delay the slow sampler adds to every chunk it takes
+    slow_group_delay_s: float = 0.3  # test-only delay the slow sampler adds per prompt group
 
 
 DISPATCH_CASES = (
-    # label, samplers, dispatch, slowed
-    ("fast sampler alone", 1, "dynamic", False),
-    ("static, 1 fast + 1 slow", 2, "static", True),
-    ("dynamic, 1 fast + 1 slow", 2, "dynamic", True),
+    # label, samplers, dispatch, slowed, groups per chunk (0 = auto)
+    ("fast sampler alone", 1, "dynamic", False, 0),
+    ("static, 1 fast + 1 slow", 2, "static", True, 0),
+    ("dynamic (auto chunks), fast + slow", 2, "dynamic", True, 0),
+    ("dynamic (2-group chunks), fast + slow", 2, "dynamic", True, 2),
 )
 
 
-def dispatch_case(folder: Path, sz: DispatchSizes, samplers: int, dispatch: str, slowed: bool):
+def dispatch_case(
+    folder: Path, sz: DispatchSizes, samplers: int, dispatch: str, slowed: bool, groups: int
+):
     """Seconds per batch (steady state) of the rollout tier producing batches back to back."""
     from transformers import AutoTokenizer
 
@@ -413,6 +416,7 @@ def dispatch_case(folder: Path, sz: DispatchSizes, samplers: int, dispatch: str,
         sync_timeout_s=120,
         seed=0,
         dispatch=dispatch,
+        dispatch_groups=groups,
     )
     svc = RolloutService(
         student_settings=settings,
@@ -422,7 +426,7 @@ def dispatch_case(folder: Path, sz: DispatchSizes, samplers: int, dispatch: str,
         sampler_resources={"num_cpus": 0.1},
         scorer_resources={"num_cpus": 0.1},
         plan=plan,
-        sampler_faults={1: Faults(delay_s=sz.slow_delay_s)} if slowed else None,
+        sampler_faults={1: Faults(group_delay_s=sz.slow_group_delay_s)} if slowed else None,
     )
     tok = AutoTokenizer.from_pretrained(str(folder))
     try:
@@ -460,9 +464,9 @@ def run_dispatch(args: argparse.Namespace) -> dict:
     report = {"meta": {**machine_info(), "model": str(folder), "sizes": asdict(sz)}, "cases": {}}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        for label, samplers, dispatch, slowed in DISPATCH_CASES:
+        for label, samplers, dispatch, slowed, groups in DISPATCH_CASES:
             print(f"[pipeline] dispatch: {label} ...", flush=True)
-            report["cases"][label] = dispatch_case(folder, sz, samplers, dispatch, slowed)
+            report["cases"][label] = dispatch_case(folder, sz, samplers, dispatch, slowed, groups)
     finally:
         ray.shutdown()
     report["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -474,11 +478,12 @@ def print_dispatch(report: dict) -> None:
     print(
         f"\nStatic vs dynamic dispatch: {sz['prompts_per_step']} prompts x "
         f"{sz['samples_per_prompt']} samples per batch, one sampler slowed by "
-        f"{sz['slow_delay_s']} s per chunk, {sz['steps'] - sz['warmup_steps']} steady batches"
+        f"{sz['slow_group_delay_s']} s per prompt group, {sz['steps'] - sz['warmup_steps']} "
+        "steady batches"
     )
-    print(f"{'case':28} {'s/batch':>8}  samples per sampler")
+    print(f"{'case':38} {'s/batch':>8}  samples per sampler")
     for label, r in report["cases"].items():
-        print(f"{label:28} {r['s_per_batch']:8.2f}  {r['samples_per_worker']}")
+        print(f"{label:38} {r['s_per_batch']:8.2f}  {r['samples_per_worker']}")
 
 
 # --------------------------------------------------------------------------- main

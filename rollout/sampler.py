@@ -39,11 +39,14 @@ class SampleRequest:
 class Faults:
     """Test-only faults injected into a worker (never set by a run config).
 
-    delay_s:         sleep this long before each chunk/score call (a deliberately slow worker).
+    delay_s:         sleep this long before each chunk/score call (a worker slow to respond).
+    group_delay_s:   sleep this long per prompt group sampled (a sampler that is slower in
+                     proportion to its work, as a slower device would be).
     fail_start_file: refuse to start while this file exists (a crash loop on restart).
     """
 
     delay_s: float = 0.0
+    group_delay_s: float = 0.0
     fail_start_file: str = ""
 
     def check_start(self) -> None:
@@ -92,6 +95,8 @@ class Sampler:
             seed=req.seed,
         )
         for index, gens in stream:
+            if self.faults.group_delay_s > 0:
+                time.sleep(self.faults.group_delay_s)
             item = items[index]
             yield (
                 index,
