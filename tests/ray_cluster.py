@@ -405,11 +405,14 @@ def list_alive_actors(cluster: LocalCluster) -> list[dict]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def wait_for_actors(cluster: LocalCluster, namespace: str, names: set[str], timeout: float):
-    """Block until every actor in ``names`` is ALIVE in ``namespace``; returns them all."""
+def wait_for_actors(
+    cluster: LocalCluster, namespace: str, names: set[str], timeout: float, alive=lambda: True
+):
+    """Block until every actor in ``names`` is ALIVE in ``namespace``; returns them all.
+    ``alive()`` False (the driver exited) stops the wait at once."""
     deadline = time.time() + timeout
     actors: list = []
-    while time.time() < deadline:
+    while time.time() < deadline and alive():
         try:
             actors = [a for a in list_alive_actors(cluster) if a["namespace"] == namespace]
         except (RuntimeError, subprocess.TimeoutExpired):
@@ -417,4 +420,5 @@ def wait_for_actors(cluster: LocalCluster, namespace: str, names: set[str], time
         if names <= {a["name"] for a in actors}:
             return actors
         time.sleep(3)
-    raise TimeoutError(f"actors {names} not all alive in {namespace} after {timeout:.0f} s")
+    seen = sorted(a["name"] for a in actors)
+    raise TimeoutError(f"actors {names} not all alive in {namespace} (alive: {seen})")

@@ -1,0 +1,125 @@
+"""Two Ray nodes on one machine (``ray start --head`` + ``ray start --address``, each with its
+own ports, temp dir and custom resources); a short run with the roles' custom resources set
+puts the samplers and scorers on the rollout node and the learner on the learner node, as
+``ray.util.state.list_actors`` reports while the run is going."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.ray_cluster import REPO, LocalCluster, toy_entrypoint, wait_for_actors
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def two_nodes():
+    cluster = LocalCluster(num_cpus=1, resources={"rollout": 2})
+    try:
+        cluster.add_node(num_cpus=1, resources={"learner": 1})
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_roles_land_on_the_nodes_their_resources_name(two_nodes, cache_root, toy_pair, tmp_path):
+    cluster = two_nodes
+    name = "multinode"
+    argv = toy_entrypoint(
+        tmp_path,
+        name,
+        steps=3,
+        **{
+            "ray.address": cluster.address,
+            "rollout.sampler_resources": "{rollout = 1}",
+            "rollout.scorer_resources": "{rollout = 1}",
+            "learner.resources": "{learner = 1}",
+        },
+    )
+    # The driver joins the cluster as a plain `opdplus train` with the cluster's token.
+    env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
+    env["OPDPLUS_CACHE"] = str(cache_root)
+    out, err = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "opdplus"), *argv[1:]],
+        cwd=REPO,
+        env=env,
+        stdout=out,
+        stderr=err,
+    )
+    engine_log = tmp_path / name / "engine.log"
+
+    def output() -> str:
+        text = (tmp_path / "stdout.txt").read_text() + (tmp_path / "stderr.txt").read_text()
+        return text[-3000:] + (engine_log.read_text()[-5000:] if engine_log.exists() else "")
+
+    try:
+        actors = wait_for_actors(
+            cluster,
+            f"opdplus-{name}",
+            {"student-sampler-0", "teacher-scorer-0", "learner-rank-0"},
+            timeout=900,  # engines + DeepSpeed start; minutes on a loaded 2-core machine
+            alive=lambda: proc.poll() is None,
+        )
+        rc = proc.wait(timeout=600)
+    except TimeoutError as exc:
+        raise AssertionError(f"{exc}\n{output()}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stdout, stderr = (tmp_path / "stdout.txt").read_text(), (tmp_path / "stderr.txt").read_text()
+    assert rc == 0, (stdout + stderr)[-4000:] + (
+        engine_log.read_text()[-4000:] if engine_log.exists() else ""
+    )
+    assert_quiet_console(stdout + stderr, engine_log)
+    node_of = {a["name"]: a["node_id"] for a in actors}
+    rollout_nodes = {node_of["student-sampler-0"], node_of["teacher-scorer-0"]}
+    assert len(rollout_nodes) == 1, node_of
+    assert node_of["learner-rank-0"] not in rollout_nodes, node_of
+    # Which node is which: the head offers `rollout`, the second node `learner`.
+    nodes = json.loads(
+        subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import json,sys; from ray.util.state import list_nodes; "
+                "print(json.dumps([{'id': n.node_id, 'head': n.is_head_node, "
+                "'res': n.resources_total} for n in list_nodes(address=sys.argv[1])]))",
+                cluster.dashboard_url,
+            ],
+            env=cluster.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
+    by_id = {n["id"]: n for n in nodes}
+    assert by_id[node_of["student-sampler-0"]]["res"].get("rollout") == 2
+    assert by_id[node_of["learner-rank-0"]]["res"].get("learner") == 1
+    rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in rows if "learner/loss" in r] == [1, 2, 3]
+
+
+def assert_quiet_console(console: str, engine_log: Path) -> None:
+    """Only opdplus's own lines reached the terminal: ``[opdplus] …`` lines, the progress bar
+    and the closing JSON summary; everything from vLLM, Ray and DeepSpeed is in
+    run_dir/engine.log."""
+    lines = console.replace("\r", "\n").splitlines()
+    if "{" in lines:  # the closing summary, printed as indented JSON
+        at = lines.index("{")
+        json.loads("\n".join(lines[at:]))
+        lines = lines[:at]
+    for line in lines:
+        s = line.strip()
+        assert not s or s.startswith("[opdplus]") or "OPD+ train" in s, (
+            f"a foreign line on the console: {line!r}"
+        )
+    log = engine_log.read_text()
+    assert "pid=" in log, "the actors' forwarded output belongs in engine.log"
