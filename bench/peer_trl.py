@@ -9,8 +9,9 @@ starting weights:
    on bf16 autocast; the toy models are fp32 and opdplus trains them in fp32), no gradient
    checkpointing (TRL's default recomputes activations), one generation batch of the whole
    step (``per_device_train_batch_size`` = samples per step, no accumulation: one
-   ``generate`` call per step), both cores for torch's threads, no dataloader workers, no
-   logging backends, checkpoints with the model only (``save_only_model``). TRL's vLLM mode is
+   ``generate`` call per step), torch threads by ``trl_threads`` (one per core on an idle
+   machine, one on a busy one), no dataloader workers, no logging backends, checkpoints with
+   the model only (``save_only_model``). TRL's vLLM mode is
    not used: on CPU its weight sync fails (see issue 10).
 2. **opdplus** ``services.driver.train`` on ``--config`` (``deploy/configs/demo.toml``) with
    ``--opdplus-set`` overrides, plus one more run per ``--extra-arm`` (e.g. the dense top-K
@@ -28,9 +29,9 @@ the toy models were trained with).
 
 Every checkpoint (and the starting student, once) is judged by the same evaluation,
 ``services.eval_command.evaluate_model_dir`` (what ``opdplus eval`` runs): ``task.eval_size``
-held-out problems, greedy accuracy and avg@``eval.samples`` at temperature 1, in a vLLM engine
-in this process, after all training is done (an in-process vLLM engine pins this process's
-OpenMP threads, which would slow TRL).
+held-out problems, greedy accuracy and avg@``eval.samples`` at temperature 1, in a child
+process after each side's training (an in-process vLLM engine pins OpenMP threads and sets
+variables that later Ray workers would inherit).
 
 Clocks. Training time is each run's training loop only, checkpoint pauses excluded: TRL from
 ``on_train_begin`` to each checkpoint step's ``on_step_end``, less the time spent saving
@@ -64,6 +65,7 @@ import gc
 import importlib.metadata
 import importlib.util
 import json
+import os
 import re
 import shlex
 import sys
@@ -164,16 +166,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--trl-threads",
         type=int,
         default=0,
-        help="torch threads for TRL (0: torch's default, one per core)",
+        help="torch threads for TRL (0: auto, one per core on an idle machine, else 1)",
+    )
+    p.add_argument(
+        "--trl-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one of TRL's DistillationConfig fields (repeatable; TOML value)",
     )
     p.add_argument("--work", type=Path, default=None, help="keep run folders here (default: temp)")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {NAME}-*.json")
     args = p.parse_args(argv)
+    args.trl_overrides = dict(_trl_override(p, text) for text in args.trl_set)
     args.steps = args.steps or (4 if args.quick else 150)
     args.every = args.every or (2 if args.quick else 25)
     if args.steps < 1 or args.every < 1:
         p.error("--steps and --every must be >= 1")
     return args
+
+
+def _trl_override(p: argparse.ArgumentParser, text: str) -> tuple[str, object]:
+    import tomllib
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        p.error(f"--trl-set {text!r}: expected KEY=VALUE, e.g. gradient_checkpointing=true")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word
+    return key.strip(), value
 
 
 def require_trl() -> str:
@@ -273,16 +296,24 @@ def trl_trainer_class():
 
 
 def run_trl(
-    cfg, prompts: list[str], *, beta: float, every: int, threads: int, out_dir: Path
+    cfg,
+    prompts: list[str],
+    *,
+    beta: float,
+    every: int,
+    threads: int,
+    out_dir: Path,
+    overrides: dict | None = None,
 ) -> dict:
-    """Train with TRL; returns the settings, clocks and ``checkpoints`` [{step, dir, train_s}]."""
+    """Train with TRL; returns the settings, clocks and ``checkpoints`` [{step, dir, train_s}].
+    ``overrides``: DistillationConfig fields replacing the bench's settings (``--trl-set``)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DistillationConfig
 
-    if threads:
-        torch.set_num_threads(threads)
+    threads, why = trl_threads(threads)
+    torch.set_num_threads(threads)
 
     r, lr = cfg.rollout, cfg.learner
     batch = r.prompts_per_step * r.samples_per_prompt
@@ -318,6 +349,10 @@ def run_trl(
         "disable_tqdm": True,
         "use_vllm": False,
     }
+    unknown = set(overrides or {}) - set(DistillationConfig.__dataclass_fields__)
+    if unknown:
+        raise BenchError(f"--trl-set: DistillationConfig has no field {', '.join(sorted(unknown))}")
+    settings |= overrides or {}
     clock = _TrlClock(every=every, last=steps, callback=TrainerCallback)
     t0 = time.perf_counter()
     student_dir, teacher_dir = Path(cfg.models.student), Path(cfg.models.teacher)
@@ -346,11 +381,24 @@ def run_trl(
         "trl": importlib.metadata.version("trl"),
         "settings": settings,
         "torch_threads": torch.get_num_threads(),
+        "threads_why": why,
         "startup_s": startup_s,
         "pauses_s": clock.paused,
         "checkpoints": checkpoints,
         "loss": [{"step": h["step"], "loss": h["loss"]} for h in history],
     }
+
+
+def trl_threads(requested: int) -> tuple[int, str]:
+    """TRL's torch threads. On a busy machine one thread: with two OpenMP threads on two
+    contended cores TRL's step took 74 s against 5.6 s with one (toy pair, 128 x 40, load
+    average ~30); on an idle machine one per core."""
+    if requested:
+        return requested, "--trl-threads"
+    cores, load = os.cpu_count() or 1, os.getloadavg()[0]
+    if load >= 1.0:
+        return 1, f"auto: load average {load:.1f} >= 1 (other processes busy)"
+    return cores, f"auto: load average {load:.1f} < 1 (idle machine)"
 
 
 class _TrlClock:
@@ -461,6 +509,37 @@ def cfg_diff(cfg) -> dict:
 
 
 # --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_dirs(dirs: list[Path], cfg) -> list[dict]:
+    """``evaluate_dir`` of each folder, in a child process: an in-process vLLM CPU engine
+    pins this process's OpenMP threads and sets variables (``LD_PRELOAD``,
+    ``LOCAL_WORLD_SIZE``) that the Ray workers of a later opdplus run would inherit."""
+    import subprocess
+
+    from services.config import to_toml
+
+    with tempfile.TemporaryDirectory(prefix="peer_trl-eval-") as tmp:
+        spec, result = Path(tmp) / "config.toml", Path(tmp) / "result.json"
+        spec.write_text(to_toml(cfg))
+        code = (
+            "import sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]; "
+            "from peer_trl import eval_worker; eval_worker(*sys.argv[3:])"
+        )
+        argv = [sys.executable, "-c", code, str(REPO), str(Path(__file__).parent)]
+        subprocess.run([*argv, str(spec), str(result), *map(str, dirs)], check=True)
+        return json.loads(result.read_text())
+
+
+def eval_worker(config_path: str, result_path: str, *dirs: str) -> None:
+    """The child of ``evaluate_dirs``: load the config, evaluate each folder, write JSON."""
+    from services.config import load_config
+
+    prepare_process()
+    cfg = load_config(config_path)
+    problems = eval_problems(cfg)
+    results = [evaluate_dir(Path(d), problems, cfg) for d in dirs]
+    Path(result_path).write_text(json.dumps(results))
 
 
 def evaluate_dir(model_dir: Path, problems: list, cfg) -> dict:
@@ -628,6 +707,8 @@ def main(argv: list[str] | None = None) -> None:
         "config": str(args.config),
         "opdplus_set": args.opdplus_set,
         "extra_arms": args.extra_arm,
+        "trl_set": args.trl_set,
+        "trl_threads": args.trl_threads,
     }
     with contextlib.ExitStack() as stack:
         work = args.work or Path(
@@ -641,6 +722,7 @@ def main(argv: list[str] | None = None) -> None:
                 beta=beta,
                 every=args.every,
                 threads=args.trl_threads,
+                trl_overrides=args.trl_overrides,
                 work=work,
                 out=args.out,
             )
@@ -648,42 +730,56 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def measure(
-    report: dict, cfgs: dict, *, beta: float, every: int, threads: int, work: Path, out: Path
+    report: dict,
+    cfgs: dict,
+    *,
+    beta: float,
+    every: int,
+    threads: int,
+    trl_overrides: dict,
+    work: Path,
+    out: Path,
 ) -> None:
-    """Train every side, then evaluate every checkpoint; a partial JSON is kept as it goes."""
+    """Train and evaluate one side after the other (TRL first: its torch threads must run
+    before any in-process vLLM engine, which pins OpenMP threads); a partial JSON
+    (``peer_trl-partial.json``, figures so far) is rewritten after every phase."""
     cfg = cfgs["opdplus"]
     partial = out / f"{NAME}-partial.json"
     out.mkdir(parents=True, exist_ok=True)
+    batch = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
+    runs = report["runs"] = {}
+    start: dict = {}
 
-    def keep(stage: str) -> None:
-        report["stage"] = stage
+    def evaluate_run(name: str, *, with_start: bool = False) -> None:
+        checkpoints = runs[name]["checkpoints"]
+        dirs = [Path(cfg.models.student)] * with_start + [Path(c["dir"]) for c in checkpoints]
+        results = evaluate_dirs(dirs, cfg)
+        if with_start:
+            start.update(results.pop(0))
+            report["start"] = start
+        for c, result in zip(checkpoints, results, strict=True):
+            c.update(result)
+        figs = report["figures"] = {n: side_figures(r, start, batch) for n, r in runs.items()}
+        report["comparison"] = {n: compare(figs["trl"], f) for n, f in figs.items() if n != "trl"}
+        report["stage"] = f"{name} evaluated"
         partial.write_text(json.dumps(report, indent=2, default=str))
 
-    runs = report["runs"] = {}
     print(f"[{NAME}] TRL: {cfg.run.steps} steps ...", flush=True)
     runs["trl"] = run_trl(
-        cfg, training_prompts(cfg), beta=beta, every=every, threads=threads, out_dir=work / "trl"
+        cfg,
+        training_prompts(cfg),
+        beta=beta,
+        every=every,
+        threads=threads,
+        out_dir=work / "trl",
+        overrides=trl_overrides,
     )
-    keep("trl trained")
+    print(f"[{NAME}] evaluating the start and TRL's checkpoints ...", flush=True)
+    evaluate_run("trl", with_start=True)
     for name, arm in cfgs.items():
-        print(f"[{NAME}] {name}: {arm.run.steps} steps ...", flush=True)
+        print(f"[{NAME}] {name}: {arm.run.steps} steps, then its checkpoints ...", flush=True)
         runs[name] = run_opdplus(name, arm, every=every, out_dir=work)
-        keep(f"{name} trained")
-    problems = eval_problems(cfg)
-    print(
-        f"[{NAME}] evaluating {sum(len(x['checkpoints']) for x in runs.values()) + 1} folders ...",
-        flush=True,
-    )
-    start = report["start"] = evaluate_dir(Path(cfg.models.student), problems, cfg)
-    for run in runs.values():
-        for c in run["checkpoints"]:
-            c.update(evaluate_dir(Path(c["dir"]), problems, cfg))
-            keep(f"evaluating {run['side']}")
-    batch = cfg.rollout.prompts_per_step * cfg.rollout.samples_per_prompt
-    figs = report["figures"] = {name: side_figures(run, start, batch) for name, run in runs.items()}
-    report["comparison"] = {
-        name: compare(figs["trl"], f) for name, f in figs.items() if name != "trl"
-    }
+        evaluate_run(name)
     report["stage"] = "done"
     with contextlib.suppress(FileNotFoundError):
         partial.unlink()
