@@ -26,10 +26,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from learner import manifest
 from learner.batch import TrainBatch
-from learner.divergences import Divergence
-from learner.logprobs import DEFAULT_CHUNK_SIZE
 from learner.microbatch import padding_cells, plan_micro_batches
-from learner.schedule import LR_SCHEDULES, lr_factor
+from learner.schedule import lr_factor
+from learner.settings import LossSettings, OptimSettings
 from learner.step import compute_loss, merge_metrics
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
@@ -41,6 +40,29 @@ warnings.filterwarnings(
 PRECISIONS = ("auto", "bf16", "fp32")
 _TAG_PREFIX = "step_"
 _PARTIAL = ".partial"
+
+
+# DeepSpeed JIT-loads its CPU communication op through torch's extension loader, which takes a
+# lock file in the build folder on EVERY load (the no-op check takes well under a second; the
+# first build about a minute). A process killed while holding it (a crashed or killed rank)
+# leaves the file behind, and every later rank then waits on it forever.
+_STALE_LOCK_S = 300.0
+
+
+def clear_stale_build_lock(name: str = "deepspeed_shm_comm") -> bool:
+    """Remove the op's build lock if it is older than any real build; True if one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < _STALE_LOCK_S:
+        return False
+    warnings.warn(f"removing a stale build lock {lock} ({age:.0f} s old)", stacklevel=2)
+    lock.unlink(missing_ok=True)
+    return True
 
 
 def resolve_precision(precision: str) -> str:
@@ -56,45 +78,29 @@ class LearnerEngine:
     """One DeepSpeed data-parallel rank training a Hugging Face causal LM.
 
     model_path: HF folder of the initial student (weights, config, maybe tokenizer).
-    zero_stage: DeepSpeed ZeRO stage 0–3. lr, betas, weight_decay: AdamW (weight decay on
-        matrices only, not on norms or biases). lr_schedule: "constant" | "cosine" after
-        `warmup_steps` of linear warm-up, over `total_steps`. grad_clip: global gradient-norm clip
-        (0 = off). precision: "auto" | "bf16" | "fp32" (`resolve_precision`).
+    optim: `learner.settings.OptimSettings` (ZeRO stage, AdamW, schedule, clipping, precision,
+        seed, micro-batch budget). loss: `learner.settings.LossSettings`, used by every step.
     rank, world_size, master_addr, master_port: the data-parallel group (every rank must be
         constructed concurrently: process-group set-up is a collective).
-    seed: torch seed, set before the model is loaded.
     """
 
     def __init__(
         self,
         *,
         model_path: str,
-        zero_stage: int = 1,
-        lr: float = 1e-3,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
-        total_steps: int = 1,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        grad_clip: float = 1.0,
-        precision: str = "auto",
-        rank: int = 0,
-        world_size: int = 1,
-        master_addr: str = "127.0.0.1",
-        master_port: int = 29500,
-        seed: int = 0,
+        optim: OptimSettings,
+        loss: LossSettings,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
     ) -> None:
-        if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"zero_stage must be 0, 1, 2 or 3, got {zero_stage}")
-        if lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}"
-            )
         self.model_path = model_path
         self.rank = rank
         self.world_size = world_size
-        self.zero_stage = zero_stage
-        self.precision = resolve_precision(precision)
+        self.optim, self.loss_settings = optim, loss
+        self.zero_stage = zero_stage = optim.zero_stage
+        self.precision = resolve_precision(optim.precision)
 
         # DeepSpeed reads the process group from the environment (env:// rendezvous). On GPU the
         # actor sees exactly one device (CUDA_VISIBLE_DEVICES), so the local rank is always 0.
@@ -105,33 +111,37 @@ class LearnerEngine:
             WORLD_SIZE=str(world_size),
             LOCAL_RANK="0",
         )
+        clear_stale_build_lock()
         deepspeed.init_distributed(verbose=False)
-        torch.manual_seed(seed)
+        torch.manual_seed(optim.seed)
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": weight_decay},
+                {"params": decay, "weight_decay": optim.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            lr=lr,
-            betas=tuple(betas),
+            lr=optim.lr,
+            betas=tuple(optim.betas),
         )
 
         def schedule(opt: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
             return torch.optim.lr_scheduler.LambdaLR(
                 opt,
                 lambda step: lr_factor(
-                    step, schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps
+                    step,
+                    schedule=optim.lr_schedule,
+                    warmup_steps=optim.warmup_steps,
+                    total_steps=optim.total_steps,
                 ),
             )
 
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,
             "gradient_accumulation_steps": 1,
-            "gradient_clipping": grad_clip,
+            "gradient_clipping": optim.grad_clip,
             "zero_optimization": {"stage": zero_stage},
             "bf16": {"enabled": self.precision == "bf16"},
             "steps_per_print": 2**31 - 1,
@@ -146,31 +156,15 @@ class LearnerEngine:
     # ------------------------------------------------------------------ training
 
     def train_step(
-        self,
-        batch: TrainBatch,
-        *,
-        normaliser: float,
-        policy_version: int,
-        divergence: Divergence | str,
-        estimator: str,
-        discount: float,
-        ratio_clip: float | None,
-        is_cap: float | None,
-        aggregation: str,
-        center_cost: bool = False,
-        temperature: float = 1.0,
-        micro_batch_tokens: int = 0,
-        logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
+        self, batch: TrainBatch, *, normaliser: float, policy_version: int
     ) -> dict[str, float]:
         """Forward and backward per micro-batch, then one optimizer step on this rank's shard.
 
         normaliser: `learner.step.global_normaliser` of the whole step batch (all ranks); every
             micro-batch's loss is divided by it, so the micro-batches' gradients add up to the
             shard's and the shards' to the batch's.
-        divergence ... aggregation, temperature, logprob_chunk_size: as in
-            `learner.step.compute_loss`.
-        micro_batch_tokens: token budget per micro-batch (`learner.microbatch`); 0 = the whole
-            shard in one forward pass.
+        policy_version: the learner's current version (staleness stats). The loss and the
+            micro-batch budget come from the settings given at construction.
         Returns the merged `StepStats.metrics()` of this shard's micro-batches (its
         `learner/loss` is this shard's share of the global loss) plus `learner/grad_norm`
         (global, before clipping), `learner/lr` (the lr this step used),
@@ -181,6 +175,7 @@ class LearnerEngine:
         self.engine.train()
         lr = self.engine.get_lr()[0]
         batch = batch.to(self.device)
+        micro_batch_tokens = self.optim.micro_batch_tokens
         micro = plan_micro_batches(batch, micro_batch_tokens)
         count = len(micro)
         if micro_batch_tokens and self.world_size > 1:
@@ -196,17 +191,9 @@ class LearnerEngine:
             loss, stats = compute_loss(
                 self.engine,
                 mb,
-                divergence=divergence,
-                estimator=estimator,
-                discount=discount,
-                ratio_clip=ratio_clip,
-                is_cap=is_cap,
-                aggregation=aggregation,
-                center_cost=center_cost,
+                settings=self.loss_settings,
                 normaliser=normaliser,
                 policy_version=policy_version,
-                temperature=temperature,
-                logprob_chunk_size=logprob_chunk_size,
             )
             real = i < len(micro)
             # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.

@@ -22,9 +22,9 @@ from torch import Tensor
 from learner.advantages import token_advantages_with_stats
 from learner.batch import TrainBatch
 from learner.dense import dense_batch_loss, topk_token_logprobs
-from learner.divergences import Divergence, get_divergence
-from learner.logprobs import DEFAULT_CHUNK_SIZE, sampled_logprobs
+from learner.logprobs import sampled_logprobs
 from learner.loss import surrogate_loss
+from learner.settings import LossSettings
 from rollout.alignment import token_logprobs
 from rollout.records import staleness
 
@@ -175,38 +175,26 @@ def compute_loss(
     model: torch.nn.Module,
     batch: TrainBatch,
     *,
-    divergence: Divergence | str,
-    estimator: str,
-    discount: float,
-    ratio_clip: float | None,
-    is_cap: float | None,
-    aggregation: str,
+    settings: LossSettings,
     normaliser: float,
     policy_version: int,
-    center_cost: bool = False,
-    temperature: float = 1.0,
-    logprob_chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[Tensor, StepStats]:
     """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
 
     model: a Hugging Face causal LM (or a DeepSpeed engine wrapping one).
-    batch: tensors already on the model's device.
-    temperature: the sampling temperature τ; the student policy is softmax(logits / τ).
-    logprob_chunk_size: positions per output-layer chunk (`learner.logprobs`); 0 = the naive
-        path through the full [B, T, V] logits.
-    ratio_clip / is_cap: None (or 0 for ratio_clip, the config's "off") disables them.
+    batch: tensors already on the model's device; with the teacher's top-K it takes the dense
+        path (`learner.dense`).
+    settings: the run's `LossSettings` (divergence, estimator, discount, clips, aggregation,
+        cost centring, the sampling temperature, the log-prob chunk size).
     normaliser: `global_normaliser` of the whole step batch, not of this shard.
     policy_version: the learner's current version, for the staleness stats.
-    center_cost: for OPD+, subtract the constant f'(1) from every immediate cost, i.e. use the
-        generator f − f'(1)·(r − 1), which defines the same divergence. A constant times
-        E[∇log π] is zero, so the expected gradient is unchanged; the variance is not: for
-        reverse KL the raw cost ell + 1 pushes every sampled token down by 1 in a single
-        sample. Centred, reverse-KL OPD+ is exactly the usual ell cost. (f'(1) = 0 already
-        for every divergence here except reverse and forward KL.)
     Returns the scalar loss (with gradient) and `StepStats`.
     """
+    s = settings
+    divergence = s.get_divergence()
+    ratio_clip = s.ratio_clip or None
     logp_learner_BT, logp_topk_BTK = learner_logprobs(
-        model, batch, temperature=temperature, chunk_size=logprob_chunk_size
+        model, batch, temperature=s.temperature, chunk_size=s.logprob_chunk
     )
     if batch.topk:  # OPD+ over the teacher's top-K (distill.teacher_topk > 0): learner/dense.py
         loss, dense = dense_batch_loss(
@@ -214,10 +202,10 @@ def compute_loss(
             logp_topk_BTK,
             batch,
             divergence=divergence,
-            discount=discount,
+            discount=s.discount,
             ratio_clip=ratio_clip,
-            is_cap=is_cap,
-            aggregation=aggregation,
+            is_cap=s.is_cap,
+            aggregation=s.aggregation,
             normaliser=normaliser,
         )
         return loss, StepStats(
@@ -233,20 +221,18 @@ def compute_loss(
         batch.logp_teacher_BT,
         mask_BT,
         divergence=divergence,
-        estimator=estimator,
-        discount=discount,
-        ratio_clip=ratio_clip or None,
+        estimator=s.estimator,
+        discount=s.discount,
+        ratio_clip=ratio_clip,
+        center_cost=s.center_cost,
     )
-    if center_cost and estimator == "opd_plus":
-        f_prime_at_1 = get_divergence(divergence).grad_cost(torch.zeros((), dtype=adv_BT.dtype))
-        adv_BT = adv_BT + f_prime_at_1 * mask_BT.to(adv_BT.dtype)
     loss, loss_stats = surrogate_loss(
         logp_learner_BT,
         adv_BT,
         batch.logp_sampler_BT,
         mask_BT,
-        is_cap=is_cap,
-        aggregation=aggregation,
+        is_cap=s.is_cap,
+        aggregation=s.aggregation,
         normaliser=normaliser,
     )
     stats = StepStats(

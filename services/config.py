@@ -18,20 +18,6 @@ from typing import Any, Literal
 
 from services.errors import UserError
 
-# Kept in sync with learner.divergences.DIVERGENCES by tests/test_config.py; duplicated here
-# so config validation does not import torch.
-DIVERGENCE_NAMES = (
-    "reverse_kl",
-    "forward_kl",
-    "js",
-    "hellinger",
-    "tv",
-    "pearson",
-    "neyman",
-    "jeffreys",
-    "alpha",
-)
-
 
 class ConfigError(UserError, ValueError):
     """A run config is invalid; the message names the key and what was expected."""
@@ -122,7 +108,7 @@ class RolloutConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     divergence: str = _f(
-        "reverse_kl", "f-divergence to the teacher: " + ", ".join(DIVERGENCE_NAMES)
+        "reverse_kl", "f-divergence to the teacher, a name in learner.divergences: {divergences}"
     )
     alpha: float = _f(0.5, "Amari alpha (divergence = 'alpha' only)")
     estimator: Literal["opd_plus", "opd"] = _f(
@@ -325,6 +311,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return cfg
 
 
+def _divergence_names() -> tuple[str, ...]:
+    # The registry is the one list of divergences. Importing it loads torch (about a second):
+    # only validation pays that, never parsing or --help.
+    from learner.divergences import divergence_names
+
+    return divergence_names()
+
+
 def validate(cfg: Config, source: str = "<config>") -> None:
     """Cross-field checks that types alone cannot express."""
 
@@ -334,9 +328,9 @@ def validate(cfg: Config, source: str = "<config>") -> None:
 
     d, r, lr, run = cfg.distill, cfg.rollout, cfg.learner, cfg.run
     need(
-        d.divergence in DIVERGENCE_NAMES,
+        d.divergence in _divergence_names(),
         "distill.divergence",
-        f"unknown divergence {d.divergence!r}; valid: {', '.join(DIVERGENCE_NAMES)}",
+        f"unknown divergence {d.divergence!r}; valid: {', '.join(_divergence_names())}",
     )
     need(0.0 <= d.discount <= 1.0, "distill.discount", f"must be in [0, 1], got {d.discount}")
     need(d.ratio_clip >= 0, "distill.ratio_clip", "must be >= 0 (0 disables clamping)")
@@ -490,5 +484,7 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
                 from rollout.sources import SOURCES
 
                 doc = doc.format(sources="; ".join(f"{k.name}: {k.doc}" for k in SOURCES.values()))
+            if "{divergences}" in doc:
+                doc = doc.format(divergences=", ".join(_divergence_names()))
             rows.append((f"{prefix}{f.name}", _toml_value(default), doc))
     return rows

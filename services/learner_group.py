@@ -16,7 +16,7 @@ import ray
 import torch
 
 from learner.batch import collate, split
-from learner.divergences import get_divergence
+from learner.settings import LossSettings, OptimSettings
 from learner.step import global_normaliser, merge_metrics
 from rollout.records import ScoredRollout
 
@@ -47,8 +47,8 @@ class LearnerRank:
 
         self.engine = LearnerEngine(**engine_kwargs)
 
-    def train_step(self, batch, **kwargs) -> dict[str, float]:
-        return self.engine.train_step(batch, **kwargs)
+    def train_step(self, batch, *, normaliser: float, policy_version: int) -> dict[str, float]:
+        return self.engine.train_step(batch, normaliser=normaliser, policy_version=policy_version)
 
     def export_weights(self, keep_result: bool) -> list[tuple[str, torch.Tensor]]:
         # Every rank takes part (ZeRO-3 gathers are collective); one copy travels back.
@@ -97,46 +97,21 @@ class LearnerGroup:
     """`num_ranks` data-parallel DeepSpeed ranks training the student.
 
     model_path: HF folder of the initial student. pad_id: id used to right-pad batches (padding is
-    masked out, any valid id works). Ranks: num_ranks actors with cpus_per_rank CPUs (fractions
-    allowed) and gpus_per_rank GPUs each, plus ``resources`` (Ray custom resources) if given; rank
-    i is the named actor ``learner-rank-{i}``. Optimisation (see `LearnerEngine`): zero_stage, lr,
-    lr_schedule, warmup_steps, total_steps, weight_decay, betas, grad_clip, precision, seed.
-    Estimator (see `learner.step.compute_loss`): divergence (+ alpha for "alpha"), estimator,
-    discount, ratio_clip (0 = off), is_cap, aggregation, temperature (the sampling τ: the policy
-    is softmax(logits / τ)). Memory (see `LearnerEngine.train_step`): micro_batch_tokens (0 =
-    off), logprob_chunk_size (0 = full [B, T, V] logits).
+    masked out, any valid id works). Ranks: `num_ranks` actors, each with the Ray options
+    `rank_options` (num_cpus, num_gpus, custom resources); rank i is the named actor
+    ``learner-rank-{i}``. optim / loss: the run's `learner.settings` objects, given to every rank
+    once, at construction (built from the config by `services.parts.learner_settings`).
     """
 
     def __init__(
         self,
         model_path: str,
         *,
-        pad_id: int = 0,
-        num_ranks: int = 1,
-        cpus_per_rank: float = 1.0,
-        gpus_per_rank: float = 0.0,
-        resources: dict | None = None,
-        zero_stage: int = 1,
-        lr: float = 1e-3,
-        lr_schedule: str = "constant",
-        warmup_steps: int = 0,
-        total_steps: int = 1,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.99),
-        grad_clip: float = 1.0,
-        precision: str = "auto",
-        seed: int = 0,
-        divergence: str = "reverse_kl",
-        alpha: float = 0.5,
-        estimator: str = "opd_plus",
-        discount: float = 0.0,
-        ratio_clip: float = 10.0,
-        is_cap: float = 2.0,
-        aggregation: str = "token_mean",
-        center_cost: bool = True,
-        temperature: float = 1.0,
-        micro_batch_tokens: int = 0,
-        logprob_chunk_size: int = 512,
+        pad_id: int,
+        num_ranks: int,
+        rank_options: dict,
+        optim: OptimSettings,
+        loss: LossSettings,
     ) -> None:
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -145,50 +120,33 @@ class LearnerGroup:
                 f"{model_path} is not a Hugging Face model folder (no config.json)"
             )
         self.pad_id = pad_id
-        self.aggregation = aggregation
-        params = {"alpha": alpha} if divergence == "alpha" else {}
-        self._distill = {
-            "divergence": get_divergence(divergence, **params),
-            "estimator": estimator,
-            "discount": discount,
-            "ratio_clip": ratio_clip,
-            "is_cap": is_cap,
-            "aggregation": aggregation,
-            "center_cost": center_cost,
-            "temperature": temperature,
-            "micro_batch_tokens": micro_batch_tokens,
-            "logprob_chunk_size": logprob_chunk_size,
-        }
+        self.aggregation = loss.aggregation
         from services.cluster import actor_name
 
-        opts = {"num_cpus": cpus_per_rank, "num_gpus": gpus_per_rank}
-        if resources:
-            opts["resources"] = dict(resources)  # custom resources place ranks on learner nodes
-        num_threads = max(1, int(cpus_per_rank))
+        num_threads = max(1, int(rank_options.get("num_cpus", 1)))
         # Named by role and index so the dashboard's actor list reads as the pipeline.
         self.ranks = [
-            LearnerRank.options(name=actor_name(f"learner-rank-{i}"), **opts).remote(num_threads)
+            LearnerRank.options(name=actor_name(f"learner-rank-{i}"), **rank_options).remote(
+                num_threads
+            )
             for i in range(num_ranks)
         ]
         master_addr, master_port = ray.get(self.ranks[0].rendezvous_address.remote())
-        engine_kwargs = dict(
-            model_path=model_path,
-            zero_stage=zero_stage,
-            lr=lr,
-            lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps,
-            total_steps=total_steps,
-            weight_decay=weight_decay,
-            betas=tuple(betas),
-            grad_clip=grad_clip,
-            precision=precision,
-            world_size=num_ranks,
-            master_addr=master_addr,
-            master_port=master_port,
-            seed=seed,
-        )
         # All at once: process-group initialisation blocks until every rank has joined.
-        _get_all([r.build.remote(rank=i, **engine_kwargs) for i, r in enumerate(self.ranks)])
+        _get_all(
+            [
+                r.build.remote(
+                    model_path=model_path,
+                    optim=optim,
+                    loss=loss,
+                    rank=i,
+                    world_size=num_ranks,
+                    master_addr=master_addr,
+                    master_port=master_port,
+                )
+                for i, r in enumerate(self.ranks)
+            ]
+        )
 
     @property
     def num_ranks(self) -> int:
@@ -207,9 +165,7 @@ class LearnerGroup:
         shards = split(batch, self.num_ranks)
         per_rank = _get_all(
             [
-                r.train_step.remote(
-                    shard, normaliser=normaliser, policy_version=policy_version, **self._distill
-                )
+                r.train_step.remote(shard, normaliser=normaliser, policy_version=policy_version)
                 for r, shard in zip(self.ranks, shards, strict=True)
             ]
         )

@@ -134,38 +134,51 @@ def ray_options(cpus: float, gpus: float, custom: dict) -> dict:
     return opts
 
 
-def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
-    from services.learner_group import LearnerGroup
+def learner_settings(cfg: Config):
+    """The learner's (OptimSettings, LossSettings): the one place they are built from config."""
+    from learner.settings import LossSettings, OptimSettings
 
     lr, d = cfg.learner, cfg.distill
-    return LearnerGroup(
-        str(student_dir),
-        pad_id=pad_id,
-        num_ranks=lr.num_ranks,
-        cpus_per_rank=lr.cpus_per_rank,
-        gpus_per_rank=lr.gpus_per_rank,
-        resources=dict(lr.resources),
+    optim = OptimSettings(
         zero_stage=lr.zero_stage,
         lr=lr.lr,
         lr_schedule=lr.lr_schedule,
         warmup_steps=lr.warmup_steps,
         total_steps=cfg.run.steps,
         weight_decay=lr.weight_decay,
-        betas=tuple(lr.betas),
+        betas=(lr.betas[0], lr.betas[1]),
         grad_clip=lr.grad_clip,
         precision=lr.precision,
         seed=cfg.run.seed,
+        micro_batch_tokens=lr.micro_batch_tokens,
+    )
+    loss = LossSettings(
         divergence=d.divergence,
-        alpha=d.alpha,
+        divergence_params=(("alpha", d.alpha),) if d.divergence == "alpha" else (),
         estimator=d.estimator,
         discount=d.discount,
-        ratio_clip=d.ratio_clip,
+        ratio_clip=d.ratio_clip or None,  # the config's 0 means off
         is_cap=d.is_cap,
         aggregation=d.aggregation,
         center_cost=d.center_cost,
         temperature=cfg.rollout.temperature,
-        micro_batch_tokens=lr.micro_batch_tokens,
-        logprob_chunk_size=lr.logprob_chunk,
+        logprob_chunk=lr.logprob_chunk,
+    )
+    return optim, loss
+
+
+def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
+    from services.learner_group import LearnerGroup
+
+    lr = cfg.learner
+    optim, loss = learner_settings(cfg)
+    return LearnerGroup(
+        str(student_dir),
+        pad_id=pad_id,
+        num_ranks=lr.num_ranks,
+        rank_options=ray_options(lr.cpus_per_rank, lr.gpus_per_rank, lr.resources),
+        optim=optim,
+        loss=loss,
     )
 
 

@@ -9,16 +9,25 @@ from pathlib import Path
 
 import pytest
 
-from services.config import DIVERGENCE_NAMES, Config, ConfigError, load_config, to_toml
+from services.config import Config, ConfigError, describe, load_config, to_toml
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((REPO / "deploy" / "configs").glob("*.toml"))
 
 
-def test_divergence_names_match_the_maths_registry():
-    from learner.divergences import divergence_names
+def test_divergences_come_from_the_maths_registry(tmp_path):
+    """A name added to the registry is a valid distill.divergence with no other edit."""
+    from learner import divergences
 
-    assert set(DIVERGENCE_NAMES) == set(divergence_names())
+    doc = dict((k, d) for k, _, d in describe())["distill.divergence"]
+    assert all(name in doc for name in divergences.divergence_names())
+    divergences.DIVERGENCES["test_only"] = divergences.DIVERGENCES["js"]
+    try:
+        assert load_config(None, ["distill.divergence=test_only"]).distill.divergence == "test_only"
+    finally:
+        del divergences.DIVERGENCES["test_only"]
+    with pytest.raises(ConfigError, match="unknown divergence 'test_only'"):
+        load_config(None, ["distill.divergence=test_only"])
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

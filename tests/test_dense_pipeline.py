@@ -3,11 +3,12 @@ teacher's top-K against transformers' full softmax."""
 
 import pytest
 import torch
+from learner_settings import loss_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.batch import collate, split
 from learner.dense import dense_surrogate_loss
-from learner.step import compute_loss, global_normaliser
+from learner.step import global_normaliser
 from rollout.alignment import response_positions
 from rollout.records import RecordError, Rollout, ScoredRollout
 
@@ -148,7 +149,7 @@ def test_step_uses_the_dense_loss_on_a_topk_batch(aggregation):
     batch = collate(scored, pad_id=0)
     kw = dict(divergence="js", discount=1.0, ratio_clip=10.0, is_cap=2.0)
     normaliser = global_normaliser(batch, aggregation)
-    loss, stats = compute_loss(
+    loss, stats = loss_of(
         model,
         batch,
         estimator="opd_plus",
@@ -184,7 +185,7 @@ def test_step_uses_the_dense_loss_on_a_topk_batch(aggregation):
     sampled = collate(
         [ScoredRollout(rollout=s.rollout, logp_teacher=s.logp_teacher) for s in scored], pad_id=0
     )
-    plain, _ = compute_loss(
+    plain, _ = loss_of(
         model,
         sampled,
         estimator="opd_plus",
@@ -209,8 +210,8 @@ def test_dense_step_shards_sum_to_the_full_batch():
         normaliser=global_normaliser(batch, "token_mean"),
         policy_version=1,
     )
-    full, _ = compute_loss(model, batch, **kw)
-    parts = sum(compute_loss(model, shard, **kw)[0] for shard in split(batch, 2))
+    full, _ = loss_of(model, batch, **kw)
+    parts = sum(loss_of(model, shard, **kw)[0] for shard in split(batch, 2))
     torch.testing.assert_close(parts, full, rtol=1e-5, atol=1e-7)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from learner_settings import loss_settings, optim_settings
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -28,14 +29,7 @@ from rollout.records import Rollout, ScoredRollout
 pytestmark = pytest.mark.slow
 
 VOCAB = 32
-DISTILL = dict(
-    divergence="forward_kl",
-    estimator="opd_plus",
-    discount=0.0,
-    ratio_clip=10.0,
-    is_cap=2.0,
-    aggregation="token_mean",
-)
+LOSS = loss_settings(divergence="forward_kl")
 
 
 def save_tiny_student(path: Path, *, tie: bool = False) -> str:
@@ -87,12 +81,20 @@ def free_port() -> int:
 def _engine(model_dir, stage, **kw):
     from learner.engine import LearnerEngine
 
-    return LearnerEngine(model_path=model_dir, zero_stage=stage, master_port=free_port(), **kw)
+    return LearnerEngine(
+        model_path=model_dir,
+        optim=optim_settings(zero_stage=stage, **kw),
+        loss=LOSS,
+        rank=0,
+        world_size=1,
+        master_addr="127.0.0.1",
+        master_port=free_port(),
+    )
 
 
 def _step(engine, batch, version=0):
-    n = global_normaliser(batch, DISTILL["aggregation"])
-    return engine.train_step(batch, normaliser=n, policy_version=version, **DISTILL)
+    n = global_normaliser(batch, LOSS.aggregation)
+    return engine.train_step(batch, normaliser=n, policy_version=version)
 
 
 def _stages_and_export(model_dir, batch):

@@ -9,6 +9,7 @@ norm, same parameters after the step).
 import pytest
 import ray
 import torch
+from learner_settings import loss_settings, optim_settings
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rollout.records import Rollout, ScoredRollout
@@ -17,7 +18,18 @@ from services.learner_group import LearnerGroup
 pytestmark = pytest.mark.slow
 
 VOCAB = 32
-OPTIM = dict(lr=1e-3, grad_clip=1.0, divergence="js", estimator="opd_plus", discount=0.5)
+LOSS = loss_settings(divergence="js", discount=0.5, center_cost=True)
+
+
+def make_group(student, *, num_ranks, zero_stage, cpus_per_rank=1.0):
+    return LearnerGroup(
+        student,
+        pad_id=0,
+        num_ranks=num_ranks,
+        rank_options={"num_cpus": cpus_per_rank, "num_gpus": 0.0},
+        optim=optim_settings(zero_stage=zero_stage),
+        loss=LOSS,
+    )
 
 
 def scored_batch(n, seed=0, version=0):
@@ -63,7 +75,7 @@ def rank_weights(group):
 @pytest.fixture(scope="module")
 def one_rank_reference(ray_cluster, student, tmp_path_factory):
     """One step on the full batch with a single rank, plus a checkpoint round trip."""
-    group = LearnerGroup(student, num_ranks=1, zero_stage=1, **OPTIM)
+    group = make_group(student, num_ranks=1, zero_stage=1)
     metrics = group.train_step(scored_batch(6), policy_version=1)
     weights = group.export_weights()
 
@@ -81,7 +93,7 @@ def one_rank_reference(ray_cluster, student, tmp_path_factory):
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
 def test_two_ranks_equal_one_rank(one_rank_reference, student, tmp_path, zero_stage):
-    group = LearnerGroup(student, num_ranks=2, cpus_per_rank=1, zero_stage=zero_stage, **OPTIM)
+    group = make_group(student, num_ranks=2, zero_stage=zero_stage)
     metrics = group.train_step(scored_batch(6), policy_version=1)
     per_rank = rank_weights(group)
     exported = group.export_weights()
@@ -118,4 +130,4 @@ def test_group_checkpoint_round_trip(one_rank_reference):
 
 def test_group_rejects_a_folder_without_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
-        LearnerGroup(str(tmp_path), num_ranks=2)
+        make_group(str(tmp_path), num_ranks=2, zero_stage=1)

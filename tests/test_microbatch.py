@@ -12,11 +12,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import pytest
 import torch
+from learner_settings import loss_of, loss_settings, optim_settings
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.batch import collate
 from learner.microbatch import padding_cells, plan_micro_batches, row_lengths
-from learner.step import compute_loss, global_normaliser, merge_metrics
+from learner.step import global_normaliser, merge_metrics
 from rollout.records import Rollout, ScoredRollout
 
 VOCAB = 32
@@ -98,7 +99,7 @@ def test_micro_batch_losses_and_gradients_add_up(aggregation, temperature):
     kw.update(normaliser=global_normaliser(batch, aggregation), policy_version=2)
 
     model.zero_grad()
-    loss_full, stats_full = compute_loss(model, batch, **kw)
+    loss_full, stats_full = loss_of(model, batch, **kw)
     loss_full.backward()
     grads_full = [p.grad.clone() for p in model.parameters()]
 
@@ -107,7 +108,7 @@ def test_micro_batch_losses_and_gradients_add_up(aggregation, temperature):
     assert len(micro) >= 3
     total, metrics = 0.0, []
     for mb in micro:
-        loss, stats = compute_loss(model, mb, **kw)
+        loss, stats = loss_of(model, mb, **kw)
         loss.backward()
         total += loss.item()
         metrics.append(stats.metrics())
@@ -132,13 +133,20 @@ def free_port() -> int:
 LR = 1e-3
 
 
-def _engine(model_dir, stage, rank, world, port):
+def _engine(model_dir, stage, rank, world, port, mb_tokens):
     from learner.engine import LearnerEngine
 
     return LearnerEngine(
-        model_path=model_dir, zero_stage=stage, lr=LR, grad_clip=1.0, precision="fp32",
-        rank=rank, world_size=world, master_port=port,
-    )  # fmt: skip
+        model_path=model_dir,
+        optim=optim_settings(
+            zero_stage=stage, lr=LR, precision="fp32", micro_batch_tokens=mb_tokens
+        ),
+        loss=loss_settings(temperature=0.8, **DISTILL),
+        rank=rank,
+        world_size=world,
+        master_addr="127.0.0.1",
+        master_port=port,
+    )
 
 
 def _rank_run(model_dir, rank, world, port, shard, normaliser, budget):
@@ -147,11 +155,8 @@ def _rank_run(model_dir, rank, world, port, shard, normaliser, budget):
     out = {}
     for stage in (1, 2, 3):
         for mb_tokens in (0, budget):
-            engine = _engine(model_dir, stage, rank, world, port)
-            metrics = engine.train_step(
-                shard, normaliser=normaliser, policy_version=1, micro_batch_tokens=mb_tokens,
-                temperature=0.8, **DISTILL,
-            )  # fmt: skip
+            engine = _engine(model_dir, stage, rank, world, port, mb_tokens)
+            metrics = engine.train_step(shard, normaliser=normaliser, policy_version=1)
             out[stage, mb_tokens] = (metrics, engine.export_weights())
     return out
 

@@ -14,7 +14,7 @@ import pytest
 
 from tests.ray_cluster import REPO, LocalCluster, toy_entrypoint, wait_for_actors
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
+from learner_settings import loss_of
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from learner.batch import collate, split
-from learner.step import compute_loss, global_normaliser, merge_metrics
+from learner.step import global_normaliser, merge_metrics
 from rollout.alignment import response_positions, token_logprobs
 from rollout.records import Rollout, ScoredRollout
 
@@ -69,7 +70,7 @@ def test_student_equals_teacher_and_sampler_invariants():
     model = tiny_llama()
     batch = collate(with_own_logprobs(model, random_scored(5)), pad_id=0)
     n = global_normaliser(batch, "token_mean")
-    loss, stats = compute_loss(
+    loss, stats = loss_of(
         model, batch, divergence="forward_kl", aggregation="token_mean", normaliser=n,
         policy_version=4, **DISTILL,
     )  # fmt: skip
@@ -103,14 +104,14 @@ def test_shards_with_global_normaliser_sum_to_full_batch(divergence, aggregation
     )  # fmt: skip
 
     model.zero_grad()
-    loss_full, stats_full = compute_loss(model, batch, **kw)
+    loss_full, stats_full = loss_of(model, batch, **kw)
     loss_full.backward()
     grads_full = [p.grad.clone() for p in model.parameters()]
 
     model.zero_grad()
     loss_sum, shard_metrics = 0.0, []
     for shard in split(batch, 2):
-        loss, stats = compute_loss(model, shard, **kw)
+        loss, stats = loss_of(model, shard, **kw)
         loss.backward()  # accumulates: the shards' gradients add up
         loss_sum += loss.item()
         shard_metrics.append(stats.metrics())
@@ -173,9 +174,9 @@ def test_center_cost_is_a_constant_shift(divergence, shifts):
         normaliser=global_normaliser(batch, "token_mean"),
         policy_version=1,
     )
-    raw, _ = compute_loss(model, batch, estimator="opd_plus", **kw)
-    centred, _ = compute_loss(model, batch, estimator="opd_plus", center_cost=True, **kw)
+    raw, _ = loss_of(model, batch, estimator="opd_plus", **kw)
+    centred, _ = loss_of(model, batch, estimator="opd_plus", center_cost=True, **kw)
     assert (abs(raw.item() - centred.item()) > 1e-3) is shifts
     if divergence == "reverse_kl":
-        opd, _ = compute_loss(model, batch, estimator="opd", **kw)
+        opd, _ = loss_of(model, batch, estimator="opd", **kw)
         assert centred.item() == pytest.approx(opd.item(), rel=1e-6, abs=1e-7)

@@ -8,11 +8,12 @@ own temperature.
 
 import pytest
 import torch
+from learner_settings import loss_of
 from transformers import AutoModelForCausalLM
 
 from learner.batch import collate
 from learner.logprobs import sampled_logprobs
-from learner.step import compute_loss, global_normaliser
+from learner.step import global_normaliser
 from rollout.records import Rollout, ScoredRollout
 
 pytestmark = pytest.mark.slow
@@ -63,14 +64,14 @@ def test_learner_matches_the_sampler_at_the_sampling_temperature(tiny_model, eng
 
     # Through the learner's loss: strictly on-policy, the importance weights are 1.
     n = global_normaliser(batch, "token_mean")
-    _, stats = compute_loss(
+    _, stats = loss_of(
         model, batch, divergence="js", estimator="opd_plus", discount=0.0, ratio_clip=10.0,
         is_cap=2.0, aggregation="token_mean", normaliser=n, policy_version=0, temperature=TAU,
     )  # fmt: skip
     assert stats.mismatch < 1e-4
     assert stats.is_weight_mean == pytest.approx(1.0, abs=1e-4)
     assert stats.is_truncated_frac == 0.0
-    _, naive = compute_loss(
+    _, naive = loss_of(
         model, batch, divergence="js", estimator="opd_plus", discount=0.0, ratio_clip=10.0,
         is_cap=2.0, aggregation="token_mean", normaliser=n, policy_version=0, temperature=TAU,
         logprob_chunk_size=0,
