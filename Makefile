@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opdplus-installed
 
-.PHONY: demo test test-fast lint bench setup clean-cache
+.PHONY: demo test test-realweights test-fast lint bench setup clean-cache
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
 	bash scripts/setup_env.sh $(VENV)
@@ -16,7 +16,10 @@ demo: $(STAMP)
 	$(VENV)/bin/opdplus demo
 
 test: $(STAMP)
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not realweights"
+
+test-realweights: $(STAMP)
+	$(PY) -m pytest tests -m realweights
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
