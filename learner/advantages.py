@@ -95,17 +95,17 @@ def token_advantages(
         f'(1) = 0 for every divergence here except reverse and forward KL.
     Returns A_BT in the inputs' promoted dtype, upcast to float32 if narrower.
     """
-    adv_BT, *_ = _advantage_terms(
+    terms = _advantage_terms(
         logp_student_BT,
         logp_teacher_BT,
         mask_BT,
-        divergence,
-        estimator,
-        discount,
-        ratio_clip,
-        center_cost,
+        divergence=divergence,
+        estimator=estimator,
+        discount=discount,
+        ratio_clip=ratio_clip,
+        center_cost=center_cost,
     )
-    return adv_BT
+    return terms[0]
 
 
 def token_advantages_with_stats(
