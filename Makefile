@@ -25,8 +25,8 @@ test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check rollout learner services tests bench scripts
-	$(VENV)/bin/ruff format --check rollout learner services tests bench scripts
+	$(VENV)/bin/ruff check rollout learner services models tests bench scripts
+	$(VENV)/bin/ruff format --check rollout learner services models tests bench scripts
 
 bench: $(STAMP)
 	$(PY) bench/sampling.py
