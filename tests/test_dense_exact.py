@@ -10,10 +10,10 @@ enumeration, for every divergence in the registry:
   divergence objective) when K = V, and equals the frozen-state gradient at γ = 0.
 """
 
-import itertools
-
 import pytest
 import torch
+from divergence_cases import registry_divergences
+from enumeration import sequence_space
 
 from learner import divergences as divergences_module
 from learner.dense import (
@@ -21,27 +21,19 @@ from learner.dense import (
     restricted_divergence,
     topk_token_logprobs,
 )
-from learner.divergences import DIVERGENCES, Divergence, divergence_names, get_divergence
+from learner.divergences import DIVERGENCES, Divergence, divergence_names
 
 V, L = 4, 3
-SEQS = list(itertools.product(range(V), repeat=L))
-PREFIXES = [p for t in range(L) for p in itertools.product(range(V), repeat=t)]
-PREFIX_ID = {p: i for i, p in enumerate(PREFIXES)}
-STATE_BT = torch.tensor([[PREFIX_ID[y[:t]] for t in range(L)] for y in SEQS])
-TOKEN_BT = torch.tensor(SEQS)
-PREFIX_STATE_PT = torch.tensor(
-    [[PREFIX_ID[p[:t]] if t < len(p) else 0 for t in range(L - 1)] for p in PREFIXES]
-)
-PREFIX_TOKEN_PT = torch.tensor([list(p) + [0] * (L - 1 - len(p)) for p in PREFIXES])
-PREFIX_MASK_PT = torch.tensor([[float(t < len(p)) for t in range(L - 1)] for p in PREFIXES])
+SPACE = sequence_space(V, L)
+SEQS, PREFIXES = SPACE.seqs, SPACE.prefixes
+STATE_BT, TOKEN_BT = SPACE.state_BT, SPACE.token_BT
+PREFIX_STATE_PT, PREFIX_TOKEN_PT = SPACE.prefix_state_PT, SPACE.prefix_token_PT
+PREFIX_MASK_PT = SPACE.prefix_mask_PT
 
 # Every divergence the registry offers; parametric families at a few parameters. A new
 # parametric family without parameters here fails `test_every_registry_name_is_covered`.
 PARAMS = {"alpha": [{"alpha": 0.5}, {"alpha": 2.0}, {"alpha": -1.0}]}
-DIVS = [
-    *DIVERGENCES.values(),
-    *(get_divergence(name, **kw) for name, kws in PARAMS.items() for kw in kws),
-]
+DIVS = registry_divergences(PARAMS)
 KS = [2, V]
 
 

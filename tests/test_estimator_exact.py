@@ -5,29 +5,21 @@ Vocabulary 3, length 3: 27 sequences, 13 prefixes (states), one softmax per pref
 Σ_y sg(P_θ(y)) · ∇ surrogate(y), with the surrogate the real `surrogate_loss` (w ≡ 1).
 """
 
-import itertools
-
 import pytest
 import torch
 from divergence_cases import registry_divergences, shifted
+from enumeration import sequence_space
 
 from learner.advantages import token_advantages
 from learner.divergences import Divergence, get_divergence
 from learner.loss import surrogate_loss
 
 V, L = 3, 3
-SEQS = list(itertools.product(range(V), repeat=L))
-PREFIXES = [p for t in range(L) for p in itertools.product(range(V), repeat=t)]
-PREFIX_ID = {p: i for i, p in enumerate(PREFIXES)}
-# STATE_BT[b, t] is the prefix id before token t of sequence b; TOKEN_BT[b, t] the token.
-STATE_BT = torch.tensor([[PREFIX_ID[y[:t]] for t in range(L)] for y in SEQS])
-TOKEN_BT = torch.tensor(SEQS)
-# The same for prefixes, right-padded to length L − 1 (padding reads state 0, token 0, masked).
-PREFIX_STATE_PT = torch.tensor(
-    [[PREFIX_ID[p[:t]] if t < len(p) else 0 for t in range(L - 1)] for p in PREFIXES]
-)
-PREFIX_TOKEN_PT = torch.tensor([list(p) + [0] * (L - 1 - len(p)) for p in PREFIXES])
-PREFIX_MASK_PT = torch.tensor([[float(t < len(p)) for t in range(L - 1)] for p in PREFIXES])
+SPACE = sequence_space(V, L)
+SEQS, PREFIXES = SPACE.seqs, SPACE.prefixes
+STATE_BT, TOKEN_BT = SPACE.state_BT, SPACE.token_BT
+PREFIX_STATE_PT, PREFIX_TOKEN_PT = SPACE.prefix_state_PT, SPACE.prefix_token_PT
+PREFIX_MASK_PT = SPACE.prefix_mask_PT
 
 DIVS = registry_divergences()
 BIASED_UNDER_OPD = ["forward_kl", "js", "hellinger", "tv", "pearson", "neyman", "jeffreys"]
