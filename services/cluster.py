@@ -130,3 +130,21 @@ def actor_name(base: str) -> str:
     except ValueError:
         return base
     return f"{base}-{uuid.uuid4().hex[:4]}"
+
+
+def free_node_address() -> tuple[str, int]:
+    """This node's IP and a port free on it now, for a TCP rendezvous (run it on that node).
+
+    Probed on the node's own address (127.0.0.1 for a local instance), not on every interface:
+    nothing a run opens should listen wider than it has to. The port is released before the
+    caller binds it; another process could take it in between, which fails loudly, not hangs.
+    """
+    import socket
+
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((ip, 0))
+        port = sock.getsockname()[1]
+    return ip, port

@@ -9,7 +9,6 @@ once — DeepSpeed's collectives need all ranks inside the same call.
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import ray
@@ -34,13 +33,9 @@ class LearnerRank:
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it, for the process group's master."""
-        # Probe on the node's own address (127.0.0.1 for a local instance), not on every
-        # interface: nothing this run opens should listen wider than it has to.
-        ip = ray.util.get_node_ip_address()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind((ip, 0))
-            port = sock.getsockname()[1]
-        return ip, port
+        from services.cluster import free_node_address
+
+        return free_node_address()
 
     def build(self, **engine_kwargs) -> None:
         from learner.engine import LearnerEngine

@@ -27,7 +27,6 @@ Recover by killing and restarting the learner and sampler actors.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,19 +68,6 @@ def resolve_sync_backend(requested: str, *, sampler_gpus: float, learner_gpus: f
     if requested == "auto":
         return "nccl" if whole_gpus else "object_store"
     return requested
-
-
-def sender_address() -> tuple[str, int]:
-    """This node's IP and a port free on it now, for the sender's TCP rendezvous (run it there).
-
-    The port is released before the sender binds it; another process could take it in between,
-    which makes setup fail loudly, not hang.
-    """
-    ip = ray.util.get_node_ip_address()  # probe on the node's address, not every interface
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((ip, 0))
-        port = sock.getsockname()[1]
-    return ip, port
 
 
 @dataclass(frozen=True)

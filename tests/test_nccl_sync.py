@@ -79,9 +79,9 @@ def _hf_sender_actor():
             return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
 
         def nccl_sender_address(self) -> tuple[str, int]:
-            from services.nccl_sync import sender_address
+            from services.cluster import free_node_address
 
-            return sender_address()
+            return free_node_address()
 
         def nccl_init_sender(self, master_address, master_port, world_size, dtype) -> None:
             from rollout.weight_transfer import NcclWeightSender
