@@ -97,8 +97,8 @@ class RolloutConfig:
     )
     dispatch_groups: int = _f(
         0,
-        "prompt groups a free sampler takes at once; 0 = auto (the whole step with one "
-        "sampler, ceil(prompts_per_step / 2n) with n samplers)",
+        "prompt groups a free sampler takes at once; 0 = auto (its share of the step in "
+        "proportion to its measured speed among the ready samplers)",
     )
     in_process: bool = _f(
         False, "run samplers and scorers as plain objects in the driver (debugging; no restarts)"

@@ -161,6 +161,13 @@ class Worker:
     outstanding: int = 0  # groups it holds (sampling or scoring)
     last_error: str = ""
     started: float = field(default_factory=time.perf_counter)
+    rate: float = 0.0  # prompt groups per second over its recent chunks (samplers; 0 = unknown)
+
+    def observe_rate(self, groups_per_s: float, weight: float = 0.5) -> None:
+        """Fold one finished chunk's speed into ``rate`` (exponential moving average)."""
+        self.rate = (
+            groups_per_s if self.rate <= 0 else (1 - weight) * self.rate + weight * groups_per_s
+        )
 
     @property
     def alive(self) -> bool:
@@ -216,7 +223,7 @@ class Pool:
             )
         w.restarts += 1
         w.handle = self.make(w.name, w.slot)
-        w.state, w.version, w.loading, w.outstanding = STARTING, 0, 0, 0
+        w.state, w.version, w.loading, w.outstanding, w.rate = STARTING, 0, 0, 0, 0.0
         w.started = time.perf_counter()
 
     def retire(self, w: Worker) -> None:
@@ -258,4 +265,6 @@ class Pool:
             )
         for w in self.workers:
             row[f"worker/{w.name}/held_groups"] = max(0, w.outstanding)
+            if w.rate > 0:
+                row[f"worker/{w.name}/groups_per_s"] = w.rate
         return row

@@ -6,9 +6,13 @@ to the least-loaded scorer, put scored groups into the channel, then wait for wh
 finishes first. A worker that dies is replaced by its pool and the work it held is handed out
 again; nothing else is shared with the driver thread except the channel.
 
-Dispatch is dynamic at prompt-group granularity: a step's prompts are cut into chunks of
-consecutive groups, and a free sampler takes the next chunk. ``static`` dispatch pins chunk i
-to sampler i (one chunk each, the old behaviour) and exists for comparison.
+Dispatch is dynamic at prompt-group granularity: a step's prompts wait in the queue as one run
+of consecutive groups, and a free sampler cuts off its share: in proportion to its measured
+speed (prompt groups per second over its recent chunks) among the ready samplers, so a slow
+sampler takes a small chunk and a fast one a large one, and each engine still batches as much
+as it can (on small models a vLLM call costs about the same for 2 prompts as for 32).
+``rollout.dispatch_groups`` fixes the chunk size instead. ``static`` dispatch pins chunk i to
+sampler i (one chunk each, the old behaviour) and exists for comparison.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class RolloutPlan:
     sync_timeout_s: float
     seed: int
     max_restarts: int = 3
-    dispatch_groups: int = 0  # prompt groups per chunk; 0 = auto (see Producer.chunk_size)
+    dispatch_groups: int = 0  # prompt groups per chunk; 0 = auto (see Producer.share)
     dispatch: str = "dynamic"  # or "static"
 
     def __post_init__(self) -> None:
@@ -260,14 +264,19 @@ class Producer:
 
     # ------------------------------------------------------------------ admission
 
-    def chunk_size(self) -> int:
-        """Prompt groups per chunk. Auto: the whole step for one sampler (one engine batch,
-        as large as possible); with n samplers, ceil(P / 2n) so a fast sampler can take a
-        slow one's share while each engine still batches several prompts."""
-        p, n = self.plan.prompts_per_step, max(1, len(self.samplers.live()))
+    def share(self, w: Worker) -> int:
+        """Prompt groups ``w`` takes at once (at least 1). Auto: its part of a step in
+        proportion to its speed among the ready samplers (``Worker.rate``; a sampler not yet
+        measured counts as the mean of the measured ones, all as equal when none is), so one
+        sampler takes the whole step as one engine batch and two equal ones half each."""
         if self.plan.dispatch_groups:
             return self.plan.dispatch_groups
-        return p if n == 1 else math.ceil(p / (2 * n))
+        ready = [v for v in self.samplers.ready()] or [w]
+        known = [v.rate for v in ready if v.rate > 0]
+        default = sum(known) / len(known) if known else 1.0
+        speed = {id(v): v.rate if v.rate > 0 else default for v in ready}
+        part = speed.get(id(w), default) / sum(speed.values())
+        return max(1, round(part * self.plan.prompts_per_step))
 
     def _open_steps(self) -> None:
         job = self.job
@@ -305,8 +314,7 @@ class Producer:
                 for i, slot in enumerate(slots)
                 if items[i * size : (i + 1) * size]
             ]
-        size = self.chunk_size()
-        return [Chunk(step, i, items[i : i + size]) for i in range(0, len(items), size)]
+        return [Chunk(step, 0, items)]  # cut by each taker's share in _dispatch
 
     # ------------------------------------------------------------------ dispatch
 
@@ -324,7 +332,12 @@ class Producer:
             )
             if chunk is None:
                 continue
-            self.queue.remove(chunk)
+            if chunk.slot is None and len(chunk.items) > (take := self.share(w)):
+                rest = Chunk(chunk.step, chunk.first + take, chunk.items[take:], chunk.attempt)
+                self.queue[self.queue.index(chunk)] = rest
+                chunk = Chunk(chunk.step, chunk.first, chunk.items[:take], chunk.attempt)
+            else:
+                self.queue.remove(chunk)
             p = self.plan
             req = SampleRequest(
                 n=p.samples_per_prompt,
@@ -374,7 +387,9 @@ class Producer:
                 f"{w.name} ended a stream after {len(task.received)}/{len(chunk.items)} groups"
             )
         # outstanding already fell by one per group; the sampler may hold its next chunk now
-        self.channel.add_times(sample=time.perf_counter() - task.t0)
+        seconds = time.perf_counter() - task.t0
+        self.channel.add_times(sample=seconds)
+        w.observe_rate(len(chunk.items) / max(seconds, 1e-6))
         self._retire_if_drained(self.samplers, w)
 
     def _finished(self, task, value) -> None:

@@ -102,3 +102,74 @@ def test_short_error_keeps_the_cause_line():
         "EngineError: vLLM could not start on /m: out of memory\n"
     )
     assert short_error(exc) == "EngineError: vLLM could not start on /m: out of memory"
+
+
+def _producer(pool, **plan_fields):
+    from services.pool import LocalCalls
+    from services.producer import Producer, RolloutPlan
+    from services.publisher import Publisher
+
+    fields = dict(
+        prompts_per_step=32,
+        samples_per_prompt=4,
+        max_tokens=8,
+        temperature=1.0,
+        max_staleness=1,
+        channel_capacity=1024,
+        sync_timeout_s=10,
+        seed=0,
+    )
+    fields.update(plan_fields)
+    calls = LocalCalls()
+    publisher = Publisher(calls, max_staleness=1, sync_timeout_s=10)
+    return Producer(pool, pool, publisher, channel=None, plan=RolloutPlan(**fields), calls=calls)
+
+
+def test_dynamic_share_follows_measured_speed():
+    from services.pool import READY
+
+    pool, _ = _pool(n=2)
+    for w in pool.workers:
+        w.state = READY
+    fast, slow = pool.workers
+    prod = _producer(pool)
+    assert prod.share(fast) == prod.share(slow) == 16  # nothing measured: halves
+    fast.observe_rate(30.0)
+    assert prod.share(slow) == 16  # an unmeasured sampler counts as the measured mean
+    slow.observe_rate(3.0)
+    assert (prod.share(fast), prod.share(slow)) == (29, 3)
+    slow.observe_rate(1.0)  # moving average: (3 + 1) / 2
+    assert slow.rate == 2.0 and prod.share(slow) == 2
+    slow.rate = 1e-6  # however slow, a ready sampler still takes one group
+    assert prod.share(slow) == 1
+    pool.workers[1].state = "draining"  # only ready samplers share a step
+    assert prod.share(fast) == 32
+    assert _producer(pool, dispatch_groups=5).share(fast) == 5  # fixed size when configured
+
+
+def test_dispatch_cuts_each_samplers_share_off_the_step():
+    from collections import deque
+
+    from rollout.sampler import WorkItem
+    from services.pool import READY
+    from services.producer import Chunk
+
+    pool, _ = _pool(n=2)
+    taken = {}
+    for w in pool.workers:
+        w.state = READY
+        w.handle.sample_stream = lambda items, req, name=w.name: taken.setdefault(
+            name, ([it.problem_id for it in items], req.seed)
+        ) and iter(())
+    fast, slow = pool.workers
+    fast.observe_rate(30.0)
+    slow.observe_rate(3.0)
+    prod = _producer(pool)
+    items = [WorkItem(f"p{i}", "0", (1, 2)) for i in range(32)]
+    prod.queue = deque([Chunk(step=1, first=0, items=items)])
+    prod._dispatch()
+    ids0, seed0 = taken["student-sampler-0"]
+    ids1, seed1 = taken["student-sampler-1"]
+    assert ids0 == [f"p{i}" for i in range(29)] and ids1 == ["p29", "p30", "p31"]
+    assert seed1 - seed0 == 29  # seeds follow the position in the step, not the chunk
+    assert not prod.queue and (fast.outstanding, slow.outstanding) == (29, 3)
