@@ -1,7 +1,7 @@
 """Worker pools: one per role (student samplers, teacher scorers).
 
 A pool owns its workers' handles, their health, restarts and membership (live resize); the
-producer asks it who is free (samplers) or least loaded (scorers). Work is never pinned to a
+producer asks it who is ready and reads each worker's load and speed. Work is never pinned to a
 worker except in ``static`` dispatch (kept for comparison, see bench/pipeline.py).
 
 Calls go through a small backend so the same producer drives Ray actors (``RayCalls``) or

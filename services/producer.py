@@ -1,9 +1,9 @@
 """The one loop that feeds the bounded channel, driven by ``ray.wait`` over outstanding work.
 
 Each turn: read the driver's commands (weights to publish, evaluation, resize), open the next
-step when the publisher admits it, hand prompt-group chunks to free samplers and sampled groups
-to the least-loaded scorer, put scored groups into the channel, then wait for whichever call
-finishes first. A worker that dies is replaced by its pool and the work it held is handed out
+step when the publisher admits it, hand prompt-group chunks to free samplers and the sampled
+groups waiting to an idle scorer (in one call), put scored groups into the channel, then wait
+for whichever call finishes first. A worker that dies is replaced by its pool and the work it held is handed out
 again; nothing else is shared with the driver thread except the channel.
 
 Dispatch is dynamic at prompt-group granularity: a step's prompts wait in the queue as one run
@@ -100,7 +100,7 @@ class _Sample(_Task):
 
 @dataclass(eq=False)
 class _Score(_Task):
-    group: Group | None = None
+    groups: list[Group] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -352,15 +352,20 @@ class Producer:
         self._dispatch_scores()
 
     def _dispatch_scores(self) -> None:
+        """An idle scorer takes the sampled groups waiting (up to its part of a step) in one
+        teacher call; while every scorer is busy, groups wait and are scored together. One
+        call per group cost a vLLM scheduling round per 4 sequences."""
         while self.unscored:
-            ready = self.scorers.ready()
-            if not ready:
+            idle = [w for w in self.scorers.ready() if w.outstanding <= 0]
+            if not idle:
                 return
-            w = min(ready, key=lambda w: (w.outstanding, w.slot))
-            group = self.unscored.popleft()
-            ref = self.calls.call(w.handle, "score", group.rollouts)
-            self.tasks[ref] = _Score(w, w.restarts, group=group)
-            w.outstanding += 1
+            w = min(idle, key=lambda w: w.slot)
+            cap = max(1, math.ceil(self.plan.prompts_per_step / len(self.scorers.ready())))
+            groups = [self.unscored.popleft() for _ in range(min(cap, len(self.unscored)))]
+            rollouts = [r for g in groups for r in g.rollouts]
+            ref = self.calls.call(w.handle, "score", rollouts)
+            self.tasks[ref] = _Score(w, w.restarts, groups=groups)
+            w.outstanding += len(groups)
 
     def _deliver(self) -> None:
         while self.out and self.channel.room() >= len(self.out[0][1]):
@@ -404,14 +409,16 @@ class Producer:
             return
         if isinstance(task, _Score):
             scored, seconds = value
-            group = task.group
-            prov = Provenance(group.sampler, w.name, group.attempt)
-            self.out.append((group.step, [(s, prov) for s in scored]))
-            w.outstanding -= 1
+            at = 0
+            for group in task.groups:  # the call's rollouts are its groups' in order
+                part, at = scored[at : at + len(group.rollouts)], at + len(group.rollouts)
+                prov = Provenance(group.sampler, w.name, group.attempt)
+                self.out.append((group.step, [(s, prov) for s in part]))
+                sampler = self._worker(self.samplers, group.sampler)
+                if sampler is not None:
+                    sampler.samples += len(part)
+            w.outstanding -= len(task.groups)
             w.samples += len(scored)
-            sampler = self._worker(self.samplers, group.sampler)
-            if sampler is not None:
-                sampler.samples += len(scored)
             self.channel.add_times(score=seconds, samples=len(scored))
             self._retire_if_drained(self.scorers, w)
         elif isinstance(task, _Ping):
@@ -494,9 +501,9 @@ class Producer:
                     )
                 groups += len(todo)
             elif isinstance(task, _Score):
-                g = task.group
-                self.unscored.appendleft(Group(g.step, g.rollouts, g.sampler, g.attempt + 1))
-                groups += 1
+                for g in reversed(task.groups):
+                    self.unscored.appendleft(Group(g.step, g.rollouts, g.sampler, g.attempt + 1))
+                groups += len(task.groups)
         w.redispatched += groups
         w.outstanding = 0
         return groups

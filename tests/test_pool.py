@@ -173,3 +173,63 @@ def test_dispatch_cuts_each_samplers_share_off_the_step():
     assert ids0 == [f"p{i}" for i in range(29)] and ids1 == ["p29", "p30", "p31"]
     assert seed1 - seed0 == 29  # seeds follow the position in the step, not the chunk
     assert not prod.queue and (fast.outstanding, slow.outstanding) == (29, 3)
+
+
+def test_waiting_groups_are_scored_in_one_call_and_split_back():
+    from services.pool import READY
+    from services.producer import Group
+
+    class _Channel:
+        def __init__(self):
+            self.times = []
+
+        def add_times(self, **kw):
+            self.times.append(kw)
+
+    calls_made = []
+    pool, _ = _pool(n=1)
+    scorer = pool.workers[0]
+    scorer.state = READY
+    scorer.handle.score = lambda rollouts: calls_made.append(list(rollouts)) or (
+        [f"scored:{r}" for r in rollouts],
+        0.5,
+    )
+    prod = _producer(pool)
+    prod.channel = _Channel()
+    prod.samplers = type(pool)("sampler", "s", lambda n, s: None, "v", max_restarts=0, calls=None)
+    prod.unscored.extend(
+        [
+            Group(1, ["a0", "a1"], "student-sampler-0", 1),
+            Group(1, ["b0", "b1"], "student-sampler-1", 2),
+            Group(2, ["c0", "c1"], "student-sampler-0", 1),
+        ]
+    )
+    prod._dispatch_scores()
+    assert calls_made == [["a0", "a1", "b0", "b1", "c0", "c1"]]  # one teacher call
+    ((ref, task),) = prod.tasks.items()
+    assert scorer.outstanding == 3
+    prod._dispatch_scores()  # busy scorer: nothing more is sent
+    assert len(calls_made) == 1
+    del prod.tasks[ref]  # as _wait does with a failed call before _failed → _reclaim
+    prod._reclaim(scorer, task)  # it died holding them: all three wait again, in order
+    assert [(g.step, g.rollouts[0], g.attempt) for g in prod.unscored] == [
+        (1, "a0", 2),
+        (1, "b0", 3),
+        (2, "c0", 2),
+    ]
+    prod.unscored.clear()
+    scorer.outstanding = 3  # now as if the call had succeeded
+    prod._finished(task, prod.calls.get(ref))
+    assert [(step, [s for s, _ in items]) for step, items in prod.out] == [
+        (1, ["scored:a0", "scored:a1"]),
+        (1, ["scored:b0", "scored:b1"]),
+        (2, ["scored:c0", "scored:c1"]),
+    ]
+    provs = [items[0][1] for _, items in prod.out]
+    assert [(p.sampler, p.attempt) for p in provs] == [
+        ("student-sampler-0", 1),
+        ("student-sampler-1", 2),
+        ("student-sampler-0", 1),
+    ]
+    assert scorer.outstanding == 0 and scorer.samples == 6
+    assert prod.channel.times == [{"score": 0.5, "samples": 6}]
