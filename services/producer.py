@@ -275,8 +275,11 @@ class Producer:
         known = [v.rate for v in ready if v.rate > 0]
         default = sum(known) / len(known) if known else 1.0
         speed = {id(v): v.rate if v.rate > 0 else default for v in ready}
-        part = speed.get(id(w), default) / sum(speed.values())
-        return max(1, round(part * self.plan.prompts_per_step))
+        mine = speed.get(id(w), default)
+        part = mine / sum(speed.values()) * self.plan.prompts_per_step
+        # The fastest rounds up and the others down, so a slow sampler's last group never
+        # outlasts the fast one's whole share (the step ends with its slowest chunk).
+        return max(1, math.ceil(part - 1e-9) if mine >= max(speed.values()) else math.floor(part))
 
     def _open_steps(self) -> None:
         job = self.job

@@ -137,7 +137,8 @@ def test_dynamic_share_follows_measured_speed():
     fast.observe_rate(30.0)
     assert prod.share(slow) == 16  # an unmeasured sampler counts as the measured mean
     slow.observe_rate(3.0)
-    assert (prod.share(fast), prod.share(slow)) == (29, 3)
+    # 32 x 30/33 = 29.1 and 32 x 3/33 = 2.9: the fastest rounds up, the others down
+    assert (prod.share(fast), prod.share(slow)) == (30, 2)
     slow.observe_rate(1.0)  # moving average: (3 + 1) / 2
     assert slow.rate == 2.0 and prod.share(slow) == 2
     slow.rate = 1e-6  # however slow, a ready sampler still takes one group
@@ -158,9 +159,9 @@ def test_dispatch_cuts_each_samplers_share_off_the_step():
     taken = {}
     for w in pool.workers:
         w.state = READY
-        w.handle.sample_stream = lambda items, req, name=w.name: taken.setdefault(
-            name, ([it.problem_id for it in items], req.seed)
-        ) and iter(())
+        w.handle.sample_stream = lambda items, req, name=w.name: (
+            taken.setdefault(name, ([it.problem_id for it in items], req.seed)) and iter(())
+        )
     fast, slow = pool.workers
     fast.observe_rate(30.0)
     slow.observe_rate(3.0)
@@ -170,9 +171,9 @@ def test_dispatch_cuts_each_samplers_share_off_the_step():
     prod._dispatch()
     ids0, seed0 = taken["student-sampler-0"]
     ids1, seed1 = taken["student-sampler-1"]
-    assert ids0 == [f"p{i}" for i in range(29)] and ids1 == ["p29", "p30", "p31"]
-    assert seed1 - seed0 == 29  # seeds follow the position in the step, not the chunk
-    assert not prod.queue and (fast.outstanding, slow.outstanding) == (29, 3)
+    assert ids0 == [f"p{i}" for i in range(30)] and ids1 == ["p30", "p31"]
+    assert seed1 - seed0 == 30  # seeds follow the position in the step, not the chunk
+    assert not prod.queue and (fast.outstanding, slow.outstanding) == (30, 2)
 
 
 def test_waiting_groups_are_scored_in_one_call_and_split_back():
@@ -190,9 +191,12 @@ def test_waiting_groups_are_scored_in_one_call_and_split_back():
     pool, _ = _pool(n=1)
     scorer = pool.workers[0]
     scorer.state = READY
-    scorer.handle.score = lambda rollouts: calls_made.append(list(rollouts)) or (
-        [f"scored:{r}" for r in rollouts],
-        0.5,
+    scorer.handle.score = lambda rollouts: (
+        calls_made.append(list(rollouts))
+        or (
+            [f"scored:{r}" for r in rollouts],
+            0.5,
+        )
     )
     prod = _producer(pool)
     prod.channel = _Channel()
