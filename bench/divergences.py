@@ -31,8 +31,8 @@ SWEEP = REPO / "bench" / "results" / "sweep.jsonl"
 TOPK = 8  # of the toy vocabulary's 20 tokens: a real top-K, not the whole distribution
 
 ESTIMATORS = {
-    "opd": ("OPD (stop-gradient)", ["distill.estimator=opd"]),
-    "opd_plus": ("OPD+", ["distill.estimator=opd_plus"]),
+    "opd": ("OPD (stop-gradient)", ["distill.estimator=opd", "distill.teacher_topk=0"]),
+    "opd_plus": ("OPD+", ["distill.estimator=opd_plus", "distill.teacher_topk=0"]),
     "opd_plus_topk": (
         f"OPD+ top-{TOPK}",
         ["distill.estimator=opd_plus", f"distill.teacher_topk={TOPK}"],
@@ -77,7 +77,13 @@ def overrides(divergence: str, estimator: str, gamma: float, seed: int, steps: i
 
 
 def run_arm(
-    divergence: str, estimator: str, gamma: float, seed: int, steps: int, out: Path
+    divergence: str,
+    estimator: str,
+    gamma: float,
+    seed: int,
+    steps: int,
+    out: Path,
+    extra: tuple[str, ...] = (),
 ) -> dict:
     """Train one arm; returns its record (the per-step and evaluation figures it is judged on)."""
     from services.config import load_config
@@ -87,7 +93,7 @@ def run_arm(
     key = arm_key(divergence, estimator, gamma, seed)
     name = key.replace("/", "-").replace(".", "_")
     sets = [f'run.name="{name}"', f'run.out_dir="{out}"']
-    sets += overrides(divergence, estimator, gamma, seed, steps)
+    sets += overrides(divergence, estimator, gamma, seed, steps) + list(extra)
     cfg = load_config(REPO / "deploy/configs/demo.toml", sets)
     t0 = time.perf_counter()
     summary = train(cfg, progress=False)
@@ -155,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     args.sweep.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp, ray_session(num_cpus=2, dashboard=False):
         for i, (d, e, g, s) in enumerate(todo, 1):
-            rec = run_arm(d, e, g, s, args.steps, Path(tmp))
+            rec = run_arm(d, e, g, s, args.steps, Path(tmp), tuple(args.set))
             with args.sweep.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
             last = rec["evals"][-1]
@@ -360,6 +366,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--arms", type=lambda s: s.split(","), default=[], help="e.g. js/opd_plus")
     r.add_argument("--no-gamma", action="store_true", help="skip the γ = 1 arms")
     r.add_argument("--sweep", type=Path, default=SWEEP)
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every arm (e.g. models.student=PATH; tests use it)",
+    )
     q = sub.add_parser("render", help="write the results table from the sweep file")
     q.add_argument("--sweep", type=Path, default=SWEEP)
     q.add_argument("--steps", type=int, default=0, help="which sweep length (default: longest)")
