@@ -249,14 +249,13 @@ def _ci(t: tuple[float, float, float]) -> str:
 
 def peer_row(peer: dict, steps: list[int]) -> list[str] | None:
     """TRL's greedy / avg@k at ``steps`` from a bench/peer_trl.py report (its own checkpoints)."""
-    run = peer.get("runs", {}).get("trl")
-    if not run:
+    curve = peer.get("figures", {}).get("trl", {}).get("curve")
+    if not curve:
         return None
-    by_step = {c["step"]: c for c in run.get("evals", [])}
-    start = peer.get("start", {})
+    by_step = {c["step"]: c for c in curve}
     cells = []
     for s in steps:
-        c = by_step.get(s) if s else start
+        c = by_step.get(s)
         if not c or "greedy_acc" not in c:
             cells.append("—")
             continue
@@ -332,7 +331,9 @@ def render(records: list[dict], peer: dict | None, steps: int, command: str) -> 
                 "",
                 "| | " + " | ".join(f"step {s}: greedy / avg@4" for s in eval_steps) + " |",
                 "|---|" + "---|" * len(eval_steps),
-                "| TRL JSD | " + " | ".join(cells) + " |",
+                f"| TRL JSD, {peer['runs']['trl'].get('torch_threads', '?')} threads | "
+                + " | ".join(cells)
+                + " |",
             ]
     return "\n".join(out) + "\n"
 
