@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def _pooled(evals: list[dict], field: str) -> tuple[float, float, float]:
     """Mean over seeds and a 95% interval: Wilson on the pooled greedy successes; for avg@k
     the normal interval of the per-problem mean (problems x seeds), from its binomial bound."""
-    from rollout.accuracy import wilson_interval
+    from rollout.accuracy import Z95, wilson_interval
 
     n = sum(e["n"] for e in evals)
     if field == "greedy":
@@ -189,7 +189,7 @@ def _pooled(evals: list[dict], field: str) -> tuple[float, float, float]:
         return hits / n, lo, hi
     # avg@k: k samples per problem; an upper bound on its variance is p(1-p)/n per problem.
     p = sum(e["avg_at_k"] * e["n"] for e in evals) / n
-    half = 1.959963984540054 * math.sqrt(max(p * (1 - p), 1e-12) / n)
+    half = Z95 * math.sqrt(max(p * (1 - p), 1e-12) / n)
     return p, max(0.0, p - half), min(1.0, p + half)
 
 

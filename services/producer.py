@@ -271,7 +271,7 @@ class Producer:
         sampler takes the whole step as one engine batch and two equal ones half each."""
         if self.plan.dispatch_groups:
             return self.plan.dispatch_groups
-        ready = [v for v in self.samplers.ready()] or [w]
+        ready = self.samplers.ready() or [w]
         known = [v.rate for v in ready if v.rate > 0]
         default = sum(known) / len(known) if known else 1.0
         speed = {id(v): v.rate if v.rate > 0 else default for v in ready}
