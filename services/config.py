@@ -140,6 +140,11 @@ class DistillConfig:
 class LearnerConfig:
     num_ranks: int = _f(1, "data-parallel learner ranks (Ray actors, one DeepSpeed rank each)")
     cpus_per_rank: float = _f(1.0, "CPUs reserved per learner rank")
+    threads: int = _f(
+        0,
+        "torch threads per learner rank; 0 = its reserved CPUs (at least 1). More than reserved "
+        "lets the learner use cores the engines leave idle while it trains",
+    )
     gpus_per_rank: float = _f(0.0, "GPUs per learner rank")
     resources: dict = _f({}, "Ray custom resources per learner rank, e.g. {learner = 1}")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
@@ -395,6 +400,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         f"pushed versions, so a smaller bound could never be met",
     )
     need(lr.grad_clip >= 0, "learner.grad_clip", "must be >= 0")
+    need(lr.threads >= 0, "learner.threads", "must be >= 0 (0 = cpus_per_rank)")
     need(lr.micro_batch_tokens >= 0, "learner.micro_batch_tokens", "must be >= 0 (0 = off)")
     need(lr.logprob_chunk >= 0, "learner.logprob_chunk", "must be >= 0 (0 = full logits)")
     if r.sync_backend == "nccl":

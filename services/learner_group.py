@@ -96,6 +96,7 @@ class LearnerGroup:
     `rank_options` (num_cpus, num_gpus, custom resources); rank i is the named actor
     ``learner-rank-{i}``. optim / loss: the run's `learner.settings` objects, given to every rank
     once, at construction (built from the config by `services.parts.learner_settings`).
+    num_threads: torch threads per rank (0 = the CPUs reserved in `rank_options`, at least 1).
     """
 
     def __init__(
@@ -107,6 +108,7 @@ class LearnerGroup:
         rank_options: dict,
         optim: OptimSettings,
         loss: LossSettings,
+        num_threads: int = 0,
     ) -> None:
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -118,7 +120,7 @@ class LearnerGroup:
         self.aggregation = loss.aggregation
         from services.cluster import actor_name
 
-        num_threads = max(1, int(rank_options.get("num_cpus", 1)))
+        num_threads = num_threads or max(1, int(rank_options.get("num_cpus", 1)))
         # Named by role and index so the dashboard's actor list reads as the pipeline.
         self.ranks = [
             LearnerRank.options(name=actor_name(f"learner-rank-{i}"), **rank_options).remote(

@@ -177,6 +177,7 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
         pad_id=pad_id,
         num_ranks=lr.num_ranks,
         rank_options=ray_options(lr.cpus_per_rank, lr.gpus_per_rank, lr.resources),
+        num_threads=lr.threads,
         optim=optim,
         loss=loss,
     )

@@ -77,6 +77,7 @@ def test_overrides_are_typed():
         ("rollout.channel_capacity=8", "must hold at least one step's samples"),
         ("ray.num_cpus=1", "the actors reserve 2 CPUs"),
         ("learner.sync_every=3", "rollout.max_staleness"),
+        ("learner.threads=-1", "learner.threads: must be >= 0"),
     ],
 )
 def test_config_errors_name_the_key(override, expected):

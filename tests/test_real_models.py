@@ -11,6 +11,7 @@ import torch
 
 from models.smollm2 import (
     SMOLLM_ROPE_THETA,
+    STUDENT_LAYERS,
     TASK_PATH,
     build_smollm_pair,
     find_smollm_gguf,
@@ -170,9 +171,9 @@ def test_smollm_pair_loads_in_transformers_and_vllm_with_matching_logprobs(smoll
     teacher_cfg = json.loads((smollm_pair.teacher_dir / "config.json").read_text())
     student_cfg = json.loads((smollm_pair.student_dir / "config.json").read_text())
     assert instruct_cfg["num_hidden_layers"] == teacher_cfg["num_hidden_layers"] == 30
-    assert student_cfg["num_hidden_layers"] == 6
+    assert student_cfg["num_hidden_layers"] == STUDENT_LAYERS == 12
     marker = json.loads((smollm_pair.student_dir / "opdplus_build.json").read_text())
-    assert marker["spec"]["layers"] == [0, 1, 2, 27, 28, 29]
+    assert marker["spec"]["layers"] == [0, 1, 2, 3, 4, 5, 24, 25, 26, 27, 28, 29]
     for cfg in (instruct_cfg, teacher_cfg, student_cfg):
         assert cfg["rope_theta"] == SMOLLM_ROPE_THETA and "quantization_config" not in cfg
     assert (smollm_pair.teacher_dir / "tokenizer.json").read_bytes() == (
@@ -251,3 +252,30 @@ def test_warm_started_student_loads_in_vllm_and_transformers_and_learned(smollm_
 
     warm, pruned = nll(smollm_pair.student_dir), nll(smollm_pair.pruned_dir)
     assert warm < 0.5 * pruned, (warm, pruned)
+
+
+@pytest.mark.slow
+@pytest.mark.realweights
+def test_opd_plus_narrows_the_gap_on_the_real_pair(smollm_pair, ray_local, tmp_path):
+    """deploy/configs/smollm2.toml, first 16 steps: the warm-started student's held-out greedy
+    accuracy rises by at least 0.1 and its interval clears the start's (measured: 0.285 →
+    0.515 at step 16, the teacher 0.955). About 10 minutes on 2 quiet cores."""
+    from services.config import load_config
+    from services.driver import train
+
+    repo = TASK_PATH.parents[2]
+    sets = [
+        f'models.teacher="{smollm_pair.teacher_dir}"',
+        f'models.student="{smollm_pair.student_dir}"',
+        f'task.path="{TASK_PATH}"',
+        f'run.out_dir="{tmp_path}"',
+        "run.steps=16",
+        "eval.every=0",
+        "log.progress=false",
+        "log.plots=false",
+        "ray.dashboard=false",
+    ]
+    summary = train(load_config(repo / "deploy/configs/smollm2.toml", sets), progress=False)
+    before, after = summary.eval_before, summary.eval_after
+    assert after["greedy_acc"] >= before["greedy_acc"] + 0.1, (before, after)
+    assert after["greedy_ci"][0] > before["greedy_ci"][1], (before, after)
