@@ -95,12 +95,12 @@ QUICK_SETS = (
     "task.eval_size=20",
     "eval.samples=2",
 )
-# Per pair: the opdplus config and TRL's fastest CPU precision. fp32 on both: on the SmolLM2
-# pair TRL's 6 steps took 130 s in fp32 and 147 s with bf16 autocast (bench/README); the toy
-# models are fp32 and their steps too small for autocast to pay. `--trl-set bf16=true` to try.
+# Per pair, the opdplus config. TRL runs in fp32 on both (its fastest CPU precision: on the
+# SmolLM2 pair its 6 steps took 130 s in fp32 and 147 s with bf16 autocast, bench/README; the
+# toy models are fp32 and their steps too small for autocast to pay). `--trl-set bf16=true`.
 PAIRS = {
-    "toy": {"config": REPO / "deploy/configs/demo.toml", "trl_bf16": False},
-    "smollm2": {"config": REPO / "deploy/configs/smollm2.toml", "trl_bf16": False},
+    "toy": REPO / "deploy/configs/demo.toml",
+    "smollm2": REPO / "deploy/configs/smollm2.toml",
 }
 # Keys both sides must share; an --extra-arm may not change them.
 SHARED_KEYS = (
@@ -203,7 +203,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.trl_overrides = dict(_trl_override(p, text) for text in args.trl_set)
     if args.quick and args.pair != "toy":
         p.error("--quick runs the tiny pair; it does not combine with --pair")
-    args.config = args.config or PAIRS[args.pair]["config"]
+    args.config = args.config or PAIRS[args.pair]
     args.steps = args.steps or (4 if args.quick else 150)
     args.every = args.every or (2 if args.quick else 25)
     if args.steps < 1 or args.every < 1:
@@ -336,10 +336,9 @@ def run_trl(
     every: int,
     threads: int,
     out_dir: Path,
-    bf16: bool = False,
     overrides: dict | None = None,
 ) -> dict:
-    """Train with TRL (``bf16``: autocast, float32 master weights); returns the settings, clocks and ``checkpoints`` [{step, dir, train_s}].
+    """Train with TRL; returns the settings, clocks and ``checkpoints`` [{step, dir, train_s}].
     ``overrides``: DistillationConfig fields replacing the bench's settings (``--trl-set``)."""
     import torch
     from datasets import Dataset
@@ -370,7 +369,7 @@ def run_trl(
         "top_k": 0,
         "seed": cfg.run.seed,
         "use_cpu": True,
-        "bf16": bf16,
+        "bf16": False,
         "gradient_checkpointing": False,
         "disable_dropout": True,
         "shuffle_dataset": False,  # the rows are already in opdplus's per-step order
@@ -805,7 +804,6 @@ def main(argv: list[str] | None = None) -> None:
                 beta=beta,
                 every=args.every,
                 threads=args.trl_threads,
-                trl_bf16=PAIRS[args.pair]["trl_bf16"],
                 trl_overrides=args.trl_overrides,
                 evaluate=args.evaluate,
                 work=work,
@@ -825,13 +823,13 @@ def measure(
     trl_overrides: dict,
     work: Path,
     out: Path,
-    trl_bf16: bool = False,
     evaluate: bool = True,
     report_name: str = NAME,
 ) -> None:
     """Train and evaluate one side after the other (TRL first: its torch threads must run
     before any in-process vLLM engine, which pins OpenMP threads); a partial JSON
-    (``peer_trl-partial.json``, figures so far) is rewritten after every phase."""
+    (``<report_name>-partial.json``, figures so far) is rewritten after every phase.
+    ``evaluate`` False: no checkpoint is judged (samples/s and memory only)."""
     cfg = cfgs["opdplus"]
     partial = out / f"{report_name}-partial.json"
     out.mkdir(parents=True, exist_ok=True)
@@ -863,7 +861,6 @@ def measure(
             every=every,
             threads=threads,
             out_dir=work / "trl",
-            bf16=trl_bf16,
             overrides=trl_overrides,
         )
     runs["trl"]["memory"] = memory.report()
