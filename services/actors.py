@@ -66,7 +66,7 @@ class StudentSampler:
         self, master_address: str, master_port: int, rank_offset: int, world_size: int
     ) -> None:
         """Join the learner's NCCL weight group as rank ``rank_offset`` (blocks until all ranks join)."""
-        from rollout.engine import NcclWeightReceiver
+        from rollout.weight_transfer import NcclWeightReceiver
 
         self.nccl_receiver = NcclWeightReceiver(
             self.sampler.engine, master_address, master_port, rank_offset, world_size
