@@ -155,16 +155,13 @@ class LearnerEngine:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(
-        self, batch: TrainBatch, *, normaliser: float, policy_version: int
-    ) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, *, normaliser: float) -> dict[str, float]:
         """Forward and backward per micro-batch, then one optimizer step on this rank's shard.
 
         normaliser: `learner.step.global_normaliser` of the whole step batch (all ranks); every
             micro-batch's loss is divided by it, so the micro-batches' gradients add up to the
-            shard's and the shards' to the batch's.
-        policy_version: the learner's current version (staleness stats). The loss and the
-            micro-batch budget come from the settings given at construction.
+            shard's and the shards' to the batch's. The loss and the micro-batch budget come
+            from the settings given at construction.
         Returns the merged `StepStats.metrics()` of this shard's micro-batches (its
         `learner/loss` is this shard's share of the global loss) plus `learner/grad_norm`
         (global, before clipping), `learner/lr` (the lr this step used),
@@ -189,11 +186,7 @@ class LearnerEngine:
         for i, mb in enumerate(passes):
             self.engine.set_gradient_accumulation_boundary(i == count - 1)
             loss, stats = compute_loss(
-                self.engine,
-                mb,
-                settings=self.loss_settings,
-                normaliser=normaliser,
-                policy_version=policy_version,
+                self.engine, mb, settings=self.loss_settings, normaliser=normaliser
             )
             real = i < len(micro)
             # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.

@@ -26,7 +26,6 @@ from learner.logprobs import sampled_logprobs
 from learner.loss import surrogate_loss
 from learner.settings import LossSettings
 from rollout.alignment import token_logprobs
-from rollout.records import staleness
 
 
 @dataclass(frozen=True)
@@ -42,7 +41,6 @@ class StepStats:
     is_weight_mean:    mean truncated importance weight w_t.
     mismatch:          mean |logp_learner − logp_sampler| (learner vs sampler numerics).
     num_tokens:        response tokens in the shard; num_sequences: rows in the shard.
-    staleness:         policy_version − version, per row.
     """
 
     loss: float
@@ -55,17 +53,13 @@ class StepStats:
     mismatch: float
     num_tokens: int
     num_sequences: int
-    staleness: tuple[int, ...]
 
     def metrics(self) -> dict[str, float]:
         """Flat metric names as the trainer logs them."""
-        stale = self.staleness or (0,)
         return {
             "learner/loss": self.loss,
             "learner/tokens": float(self.num_tokens),
             "learner/sequences": float(self.num_sequences),
-            "learner/staleness_mean": sum(stale) / len(stale),
-            "learner/staleness_max": float(max(stale)),
             "distill/divergence": self.divergence,
             "distill/ell_mean": self.ell_mean,
             "distill/clamped_frac": self.clamped_frac,
@@ -79,13 +73,7 @@ class StepStats:
 # How `merge_metrics` combines a metric across data-parallel shards; anything not listed is a
 # per-token mean of a distill statistic (token-weighted) or a global value equal on every rank.
 _SUMMED = ("learner/loss", "learner/tokens", "learner/sequences", "learner/cells")
-_MAXED = (
-    "learner/staleness_max",
-    "distill/adv_abs_max",
-    "learner/step_time_s",
-    "learner/micro_batches",
-)
-_SEQUENCE_WEIGHTED = ("learner/staleness_mean",)
+_MAXED = ("distill/adv_abs_max", "learner/step_time_s", "learner/micro_batches")
 _CELL_WEIGHTED = ("learner/padding_frac",)
 
 
@@ -98,7 +86,6 @@ def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
     shard's micro-batches.
     """
     tokens = [m["learner/tokens"] for m in per_rank]
-    seqs = [m["learner/sequences"] for m in per_rank]
     cells = [m.get("learner/cells", 0.0) for m in per_rank]
     merged = {}
     for key, first in per_rank[0].items():
@@ -107,8 +94,6 @@ def merge_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
             merged[key] = sum(values)
         elif key in _MAXED:
             merged[key] = max(values)
-        elif key in _SEQUENCE_WEIGHTED:
-            merged[key] = _weighted_mean(values, seqs)
         elif key in _CELL_WEIGHTED:
             merged[key] = _weighted_mean(values, cells)
         elif key.startswith("distill/"):
@@ -177,7 +162,6 @@ def compute_loss(
     *,
     settings: LossSettings,
     normaliser: float,
-    policy_version: int,
 ) -> tuple[Tensor, StepStats]:
     """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
 
@@ -187,7 +171,6 @@ def compute_loss(
     settings: the run's `LossSettings` (divergence, estimator, discount, clips, aggregation,
         cost centring, the sampling temperature, the log-prob chunk size).
     normaliser: `global_normaliser` of the whole step batch, not of this shard.
-    policy_version: the learner's current version, for the staleness stats.
     Returns the scalar loss (with gradient) and `StepStats`.
     """
     s = settings
@@ -213,7 +196,6 @@ def compute_loss(
             **dense.step_fields(),
             num_tokens=batch.num_response_tokens,
             num_sequences=batch.num_sequences,
-            staleness=tuple(staleness(policy_version, v) for v in batch.versions_B.tolist()),
         )
     mask_BT = batch.response_mask_BT
     adv_BT, adv_stats = token_advantages_with_stats(
@@ -246,6 +228,5 @@ def compute_loss(
         mismatch=loss_stats.mismatch,
         num_tokens=batch.num_response_tokens,
         num_sequences=batch.num_sequences,
-        staleness=tuple(staleness(policy_version, v) for v in batch.versions_B.tolist()),
     )
     return loss, stats

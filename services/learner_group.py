@@ -42,8 +42,8 @@ class LearnerRank:
 
         self.engine = LearnerEngine(**engine_kwargs)
 
-    def train_step(self, batch, *, normaliser: float, policy_version: int) -> dict[str, float]:
-        return self.engine.train_step(batch, normaliser=normaliser, policy_version=policy_version)
+    def train_step(self, batch, *, normaliser: float) -> dict[str, float]:
+        return self.engine.train_step(batch, normaliser=normaliser)
 
     def export_weights(self, keep_result: bool) -> list[tuple[str, torch.Tensor]]:
         # Every rank takes part (ZeRO-3 gathers are collective); one copy travels back.
@@ -149,20 +149,20 @@ class LearnerGroup:
     def num_ranks(self) -> int:
         return len(self.ranks)
 
-    def train_step(self, scored: list[ScoredRollout], policy_version: int) -> dict[str, float]:
+    def train_step(self, scored: list[ScoredRollout]) -> dict[str, float]:
         """One optimizer step on `scored` (at least one sample per rank).
 
         Returns the full batch's metrics: `learner/loss` (the full-batch surrogate loss),
-        token-weighted `distill/*` means, `distill/adv_abs_max` and `learner/staleness_max` as
-        maxima, `learner/tokens` / `learner/sequences` totals, and the global
-        `learner/grad_norm` and `learner/lr` (rank 0's; equal on every rank).
+        token-weighted `distill/*` means, `distill/adv_abs_max` as a maximum,
+        `learner/tokens` / `learner/sequences` totals, and the global `learner/grad_norm` and
+        `learner/lr` (rank 0's; equal on every rank).
         """
         batch = collate(scored, pad_id=self.pad_id)
         normaliser = global_normaliser(batch, self.aggregation)
         shards = split(batch, self.num_ranks)
         per_rank = _get_all(
             [
-                r.train_step.remote(shard, normaliser=normaliser, policy_version=policy_version)
+                r.train_step.remote(shard, normaliser=normaliser)
                 for r, shard in zip(self.ranks, shards, strict=True)
             ]
         )

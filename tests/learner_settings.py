@@ -45,16 +45,10 @@ def loss_settings(**changes) -> LossSettings:
     return dataclasses.replace(LOSS, **changes)
 
 
-def loss_of(model, batch, *, normaliser, policy_version, logprob_chunk_size=None, **changes):
+def loss_of(model, batch, *, normaliser, logprob_chunk_size=None, **changes):
     """`learner.step.compute_loss` with `LOSS` changed by keyword (test shorthand)."""
     from learner.step import compute_loss
 
     if logprob_chunk_size is not None:
         changes["logprob_chunk"] = logprob_chunk_size
-    return compute_loss(
-        model,
-        batch,
-        settings=loss_settings(**changes),
-        normaliser=normaliser,
-        policy_version=policy_version,
-    )
+    return compute_loss(model, batch, settings=loss_settings(**changes), normaliser=normaliser)

@@ -94,7 +94,7 @@ def _engine(model_dir, stage, **kw):
 
 def _step(engine, batch, version=0):
     n = global_normaliser(batch, LOSS.aggregation)
-    return engine.train_step(batch, normaliser=n, policy_version=version)
+    return engine.train_step(batch, normaliser=n)
 
 
 def _stages_and_export(model_dir, batch):

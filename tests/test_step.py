@@ -71,9 +71,8 @@ def test_student_equals_teacher_and_sampler_invariants():
     batch = collate(with_own_logprobs(model, random_scored(5)), pad_id=0)
     n = global_normaliser(batch, "token_mean")
     loss, stats = loss_of(
-        model, batch, divergence="forward_kl", aggregation="token_mean", normaliser=n,
-        policy_version=4, **DISTILL,
-    )  # fmt: skip
+        model, batch, divergence="forward_kl", aggregation="token_mean", normaliser=n, **DISTILL
+    )
     assert stats.mismatch == pytest.approx(0.0, abs=1e-6)
     assert stats.is_weight_mean == pytest.approx(1.0, abs=1e-6)
     assert stats.is_truncated_frac == 0.0
@@ -84,7 +83,6 @@ def test_student_equals_teacher_and_sampler_invariants():
     assert stats.adv_abs_max == pytest.approx(1.0, abs=1e-5)
     assert stats.num_tokens == batch.num_response_tokens
     assert stats.num_sequences == 5
-    assert stats.staleness == (4, 3, 4, 3, 4)
     # loss = Σ −A·w·logp / N = −mean logp over response tokens.
     mean_logp = (batch.logp_sampler_BT.sum() / n).item()
     assert loss.item() == pytest.approx(-mean_logp, rel=1e-5)
@@ -100,7 +98,6 @@ def test_shards_with_global_normaliser_sum_to_full_batch(divergence, aggregation
     kw = dict(
         divergence=divergence, estimator="opd_plus", discount=discount, ratio_clip=10.0,
         is_cap=2.0, aggregation=aggregation, normaliser=global_normaliser(batch, aggregation),
-        policy_version=3,
     )  # fmt: skip
 
     model.zero_grad()
@@ -142,18 +139,17 @@ def test_global_normaliser_counts():
 
 def test_merge_metrics_rules():
     a = {"learner/loss": 1.0, "learner/tokens": 3.0, "learner/sequences": 1.0,
-         "distill/divergence": 0.3, "distill/adv_abs_max": 2.0, "learner/staleness_mean": 1.0,
-         "learner/staleness_max": 1.0, "learner/grad_norm": 5.0}  # fmt: skip
+         "distill/divergence": 0.3, "distill/adv_abs_max": 2.0,
+         "learner/grad_norm": 5.0}  # fmt: skip
     b = {"learner/loss": 2.0, "learner/tokens": 1.0, "learner/sequences": 3.0,
-         "distill/divergence": 0.7, "distill/adv_abs_max": 1.0, "learner/staleness_mean": 0.0,
-         "learner/staleness_max": 0.0, "learner/grad_norm": 5.0}  # fmt: skip
+         "distill/divergence": 0.7, "distill/adv_abs_max": 1.0,
+         "learner/grad_norm": 5.0}  # fmt: skip
     m = merge_metrics([a, b])
     assert m["learner/loss"] == 3.0
     assert m["learner/tokens"] == 4.0
     assert m["distill/divergence"] == pytest.approx((0.3 * 3 + 0.7 * 1) / 4)
     assert m["distill/adv_abs_max"] == 2.0
-    assert m["learner/staleness_mean"] == pytest.approx(0.25)
-    assert m["learner/staleness_max"] == 1.0
+    assert m["learner/sequences"] == 4.0
     assert m["learner/grad_norm"] == 5.0
 
 
@@ -172,7 +168,6 @@ def test_center_cost_is_a_constant_shift(divergence, shifts):
         is_cap=None,
         aggregation="token_mean",
         normaliser=global_normaliser(batch, "token_mean"),
-        policy_version=1,
     )
     raw, _ = loss_of(model, batch, estimator="opd_plus", **kw)
     centred, _ = loss_of(model, batch, estimator="opd_plus", center_cost=True, **kw)

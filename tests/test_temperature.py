@@ -66,14 +66,14 @@ def test_learner_matches_the_sampler_at_the_sampling_temperature(tiny_model, eng
     n = global_normaliser(batch, "token_mean")
     _, stats = loss_of(
         model, batch, divergence="js", estimator="opd_plus", discount=0.0, ratio_clip=10.0,
-        is_cap=2.0, aggregation="token_mean", normaliser=n, policy_version=0, temperature=TAU,
+        is_cap=2.0, aggregation="token_mean", normaliser=n, temperature=TAU,
     )  # fmt: skip
     assert stats.mismatch < 1e-4
     assert stats.is_weight_mean == pytest.approx(1.0, abs=1e-4)
     assert stats.is_truncated_frac == 0.0
     _, naive = loss_of(
         model, batch, divergence="js", estimator="opd_plus", discount=0.0, ratio_clip=10.0,
-        is_cap=2.0, aggregation="token_mean", normaliser=n, policy_version=0, temperature=TAU,
+        is_cap=2.0, aggregation="token_mean", normaliser=n, temperature=TAU,
         logprob_chunk_size=0,
     )  # fmt: skip
     assert naive.mismatch < 1e-4
