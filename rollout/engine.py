@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from rollout.alignment import response_positions
+from rollout.records import TeacherScore
 from services.errors import EngineError
 
 # Must be set before vLLM is imported: keeps the engine core in this process so that
@@ -59,6 +60,14 @@ class EngineSettings:
     weight_transfer: str = "none"
     teacher_topk: int = 0
     teacher_temperature: float = 1.0
+
+    # The sampler and scorer build their engine through these, so a spec that wraps them
+    # (tests/fault_engines.py, bench/common.py) changes an engine's behaviour from outside.
+    def student_engine(self) -> StudentEngine:
+        return StudentEngine(self)
+
+    def teacher_engine(self) -> TeacherEngine:
+        return TeacherEngine(self)
 
 
 @dataclass(frozen=True)
@@ -267,13 +276,14 @@ class TeacherEngine(_Engine):
                 "opdplus_scale_logits", args=(1.0 / settings.teacher_temperature,)
             )
 
-    def score(self, prompt_ids: list[list[int]], response_ids: list[list[int]]) -> list:
-        """log π_T(y_t | x, y_<t) for each response token; one entry per sequence.
+    def score(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+    ) -> list[TeacherScore]:
+        """log π_T(y_t | x, y_<t) for each response token; one TeacherScore per sequence.
 
         Uses prompt_logprobs on prompt+response (position 0 has none); the response span is
         cut by ``rollout.alignment.response_positions``. With ``settings.teacher_topk`` = K > 0
-        each entry is a dict of ScoredRollout fields instead of a list: ``logp_teacher`` [R],
-        ``teacher_topk_ids`` and ``teacher_topk_logp`` [R][K] (rank order).
+        each score also carries the teacher's top-K ids and log-probs [R][K] (rank order).
         """
         seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
         self._check_lengths(seqs, 1)
@@ -294,15 +304,15 @@ class TeacherEngine(_Engine):
             if not all(math.isfinite(x) for x in lps):
                 raise EngineError("teacher returned a non-finite log-prob")
             if k == 0:
-                scores.append(lps)
+                scores.append(TeacherScore(tuple(lps)))
                 continue
             top = [_top_k(per_pos[i], seq[i], k) for i in range(span.start, span.stop)]
             scores.append(
-                {
-                    "logp_teacher": lps,
-                    "teacher_topk_ids": tuple(ids for ids, _ in top),
-                    "teacher_topk_logp": tuple(lp for _, lp in top),
-                }
+                TeacherScore(
+                    tuple(lps),
+                    topk_ids=tuple(ids for ids, _ in top),
+                    topk_logp=tuple(lp for _, lp in top),
+                )
             )
         return scores
 

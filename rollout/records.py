@@ -128,6 +128,20 @@ class ScoredRollout:
         return self.rollout.policy_version
 
 
-def staleness(trained_at_version: int, sampled_at_version: int) -> int:
-    """How many policy versions a sample lags the learner: v' − v (the one definition)."""
-    return trained_at_version - sampled_at_version
+@dataclass(frozen=True, slots=True)
+class TeacherScore:
+    """What the teacher engine returns for one sequence: log π_T of each response token [R]
+    and, when top-K scoring is on, its top-K token ids and log-probs [R][K] (rank order)."""
+
+    logp_teacher: tuple[float, ...]
+    topk_ids: tuple[tuple[int, ...], ...] | None = None
+    topk_logp: tuple[tuple[float, ...], ...] | None = None
+
+    def scored(self, rollout: Rollout) -> ScoredRollout:
+        """The ScoredRollout of ``rollout`` with these scores (lengths checked there)."""
+        return ScoredRollout(
+            rollout=rollout,
+            logp_teacher=self.logp_teacher,
+            teacher_topk_ids=self.topk_ids,
+            teacher_topk_logp=self.topk_logp,
+        )

@@ -1,15 +1,15 @@
 """The student sampler as a plain object: an engine plus the building of ``Rollout`` records.
 
-Usable without Ray (tests, the in-process mode); ``services.actors.StudentSamplerActor`` only
+Usable without Ray (tests, the in-process mode); ``services.actors.StudentSampler`` only
 forwards calls to it. The unit of work is a *chunk*: consecutive prompt groups of one step
-(a group = the ``n`` samples of one prompt). Sample ``k`` of the prompt at position ``pos``
-of step ``s`` is drawn with seed ``chunk.seed + (pos - chunk.first_pos)``, i.e. a seed fixed
-by (run seed, step, position), so a chunk re-run on another sampler draws the same tokens.
+(a group = the ``n`` samples of one prompt). The prompt at position ``i`` of a chunk is drawn
+with seed ``SampleRequest.seed + i``, and the producer sets that seed from (run seed, step,
+position in the step) (``services.scheduler.chunk_seed``), so a chunk re-run on another
+sampler draws the same tokens.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -35,44 +35,17 @@ class SampleRequest:
     seed: int  # seed of the chunk's first prompt; prompt i of the chunk uses seed + i
 
 
-@dataclass(frozen=True)
-class Faults:
-    """Test-only faults injected into a worker (never set by a run config).
-
-    delay_s:         sleep this long before each chunk/score call (a worker slow to respond).
-    group_delay_s:   sleep this long per prompt group sampled (a sampler that is slower in
-                     proportion to its work, as a slower device would be).
-    fail_start_file: refuse to start while this file exists (a crash loop on restart).
-    """
-
-    delay_s: float = 0.0
-    group_delay_s: float = 0.0
-    fail_start_file: str = ""
-
-    def check_start(self) -> None:
-        import os
-
-        if self.fail_start_file and os.path.exists(self.fail_start_file):
-            raise RuntimeError(f"injected start-up fault ({self.fail_start_file} exists)")
-
-    def delay(self) -> None:
-        if self.delay_s > 0:
-            time.sleep(self.delay_s)
-
-
 class Sampler:
     """Student engine + Rollout building. ``version`` is the policy version it serves."""
 
-    def __init__(self, engine, faults: Faults | None = None) -> None:
+    def __init__(self, engine) -> None:
         self.engine = engine
-        self.faults = faults or Faults()
 
     @classmethod
-    def build(cls, settings, faults: Faults | None = None) -> Sampler:
-        (faults or Faults()).check_start()
-        from rollout.engine import StudentEngine
-
-        return cls(StudentEngine(settings), faults)
+    def build(cls, spec) -> Sampler:
+        """spec: ``rollout.engine.EngineSettings`` (or any object whose ``student_engine()``
+        builds an engine with the StudentEngine methods)."""
+        return cls(spec.student_engine())
 
     @property
     def version(self) -> int:
@@ -85,7 +58,6 @@ class Sampler:
 
         group: ``n`` Rollouts of one prompt, all stamped with the version that sampled them.
         """
-        self.faults.delay()
         version = self.engine.version
         stream = self.engine.generate_stream(
             [list(it.prompt_ids) for it in items],
@@ -95,8 +67,6 @@ class Sampler:
             seed=req.seed,
         )
         for index, gens in stream:
-            if self.faults.group_delay_s > 0:
-                time.sleep(self.faults.group_delay_s)
             item = items[index]
             yield (
                 index,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import ray
 
 from rollout.records import Rollout, ScoredRollout
-from rollout.sampler import Faults, Sampler, SampleRequest, WorkItem
+from rollout.sampler import Sampler, SampleRequest, WorkItem
 from rollout.scorer import Scorer
 
 __all__ = ["StudentSampler", "TeacherScorer", "WorkItem", "actor_options"]
@@ -36,8 +36,9 @@ def actor_options(name: str | None, resources: dict) -> dict:
 class StudentSampler:
     """Runs one ``rollout.sampler.Sampler`` (one vLLM student engine)."""
 
-    def __init__(self, settings, faults: Faults | None = None) -> None:
-        self.sampler = Sampler.build(settings, faults)
+    def __init__(self, spec) -> None:
+        """spec: rollout.engine.EngineSettings (or a spec with the same ``student_engine``)."""
+        self.sampler = Sampler.build(spec)
         self.nccl_receiver = None
 
     def version(self) -> int:
@@ -55,11 +56,6 @@ class StudentSampler:
     def load_weights(self, named_tensors, version: int) -> tuple[int, float]:
         """Load pushed weights; returns (version now served, seconds spent loading)."""
         return self.sampler.load_weights(named_tensors, version)
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
 
     # GPU path (services/nccl_sync.py): weights arrive by NCCL broadcast from learner rank 0.
     def nccl_init_receiver(
@@ -89,8 +85,9 @@ class StudentSampler:
 class TeacherScorer:
     """Runs one ``rollout.scorer.Scorer`` (one vLLM teacher engine)."""
 
-    def __init__(self, settings, faults: Faults | None = None) -> None:
-        self.scorer = Scorer.build(settings, faults)
+    def __init__(self, spec) -> None:
+        """spec: rollout.engine.EngineSettings (or a spec with the same ``teacher_engine``)."""
+        self.scorer = Scorer.build(spec)
 
     def score(self, rollouts: list[Rollout]) -> tuple[list[ScoredRollout], float]:
         """Teacher outputs for each rollout; also returns the seconds spent scoring."""
@@ -99,8 +96,3 @@ class TeacherScorer:
     def ready(self) -> bool:
         """Answers once the engine is up, so start-up errors surface at construction."""
         return True
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()

@@ -1,9 +1,9 @@
 """The bounded channel: the only state the producer thread shares with the driver thread.
 
-Data flows one way (scored samples, keyed by step, producer → learner) and commands the other
-(weights to publish, evaluation requests, stop; driver → producer). The producer also leaves
-snapshots here (rollout times, per-worker counters, the prompt source's state per step), so
-the driver never reads the producer's own objects.
+Data flows one way (scored samples, keyed by step, producer → learner, handed over as one
+``Batch``) and typed messages the other (services/messages.py; driver → producer). The producer
+also leaves snapshots here (rollout times, per-worker counters), so the driver never reads the
+producer's own objects.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 
 from rollout.records import ScoredRollout
 from services.errors import UserError
+from services.messages import Message
 
 
 class RolloutError(UserError, RuntimeError):
@@ -31,6 +32,30 @@ class Provenance:
     attempt: int  # 1 + earlier failed tries of its prompt group (sampling or scoring)
 
 
+@dataclass(frozen=True)
+class Batch:
+    """Every scored sample of one step, sorted by sample id, with where each came from and
+    where the prompt source stands after the step's prompts were drawn (what a checkpoint
+    after this step must save to resume at the next one)."""
+
+    step: int
+    samples: list[ScoredRollout]
+    provenance: list[Provenance]  # same order as samples
+    source_state: dict | None
+
+    def __post_init__(self) -> None:
+        if len(self.samples) != len(self.provenance):
+            raise ValueError(
+                f"step {self.step}: {len(self.samples)} samples, {len(self.provenance)} provenances"
+            )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __iter__(self):
+        return iter(self.samples)
+
+
 @dataclass
 class RolloutTimes:
     """Seconds spent per role, accumulated since the last ``take_times``."""
@@ -43,10 +68,9 @@ class RolloutTimes:
 
 @dataclass(frozen=True)
 class Command:
-    """A request from the driver thread; the producer answers through ``reply``."""
+    """A message from the driver thread; the producer answers through ``reply``."""
 
-    kind: str
-    args: tuple = ()
+    message: Message
     reply: Future = field(default_factory=Future)
 
 
@@ -102,6 +126,7 @@ class Channel:
             self._stats = dict(stats)
 
     def set_source_state(self, step: int, state: dict) -> None:
+        """Where the prompt source stands once ``step``'s prompts are drawn."""
         with self._cond:
             self._source_states[step] = state
 
@@ -120,9 +145,8 @@ class Channel:
 
     # -------------------------------------------------------------- driver side
 
-    def take(
-        self, step: int, n: int, timeout: float | None
-    ) -> list[tuple[ScoredRollout, Provenance]]:
+    def take(self, step: int, n: int, timeout: float | None) -> Batch:
+        """Block until ``n`` samples of ``step`` are in; returns them as one Batch."""
         with self._cond:
             ok = self._cond.wait_for(
                 lambda: self._error is not None or len(self._by_step.get(step, ())) >= n, timeout
@@ -136,17 +160,14 @@ class Channel:
                     f"step {step}: only {have}/{n} samples after {timeout:.0f} s "
                     f"(rollout tier: {state})"
                 )
-            items = self._by_step.pop(step)
+            items = sorted(self._by_step.pop(step), key=lambda p: p[0].sample_id)
             self._count -= len(items)
-            # The state for step + 1 is what a checkpoint after this step needs; older ones
-            # are never asked for again.
-            for k in [k for k in self._source_states if k <= step]:
-                del self._source_states[k]
+            state = self._source_states.pop(step, None)
             self._cond.notify_all()
-            return items
+        return Batch(step, [s for s, _ in items], [p for _, p in items], state)
 
-    def send(self, kind: str, *args) -> Future:
-        cmd = Command(kind, args)
+    def send(self, message: Message) -> Future:
+        cmd = Command(message)
         with self._cond:
             if self._error is not None:
                 cmd.reply.set_exception(RolloutError(f"rollout producer failed: {self._error}"))
@@ -165,10 +186,6 @@ class Channel:
     def stats(self) -> dict[str, Any]:
         with self._cond:
             return dict(self._stats)
-
-    def source_state(self, step: int) -> dict | None:
-        with self._cond:
-            return self._source_states.get(step)
 
     def error(self) -> BaseException | None:
         with self._cond:

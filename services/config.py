@@ -23,6 +23,16 @@ class ConfigError(UserError, ValueError):
     """A run config is invalid; the message names the key and what was expected."""
 
 
+SyncBackend = Literal["auto", "object_store", "nccl"]
+SYNC_BACKENDS: tuple[str, ...] = typing.get_args(SyncBackend)
+
+
+def nccl_fits(sampler_gpus: float, learner_gpus: float) -> bool:
+    """NCCL allows one rank per device, so its weight sync needs whole GPUs on every sampler
+    and learner rank (a fraction lets Ray put two ranks on one GPU, which NCCL refuses)."""
+    return sampler_gpus >= 1 and learner_gpus >= 1
+
+
 def _f(default: Any, doc: str) -> Any:
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
@@ -89,7 +99,7 @@ class RolloutConfig:
     )
     max_model_len: int = _f(256, "longest prompt+response the engines accept")
     sync_timeout_s: float = _f(120.0, "a weight push that takes longer fails with an error")
-    sync_backend: Literal["auto", "object_store", "nccl"] = _f(
+    sync_backend: SyncBackend = _f(
         "auto", "weight-sync path; auto = nccl on GPU, object store on CPU"
     )
     max_restarts: int = _f(
@@ -405,7 +415,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(lr.logprob_chunk >= 0, "learner.logprob_chunk", "must be >= 0 (0 = full logits)")
     if r.sync_backend == "nccl":
         need(
-            r.sampler_gpus >= 1 and lr.gpus_per_rank >= 1,
+            nccl_fits(r.sampler_gpus, lr.gpus_per_rank),
             "rollout.sync_backend",
             "nccl needs at least one whole GPU per sampler and per learner rank "
             "(rollout.sampler_gpus, learner.gpus_per_rank): NCCL refuses two ranks on one device",

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from services.config import Config, to_toml
 from services.errors import UserError
-from services.publisher import trained_at
+from services.versions import published_after
 
 
 class RunError(UserError, RuntimeError):
@@ -38,23 +40,46 @@ class RunSummary:
     plots: list[str]
 
 
+@dataclass(frozen=True)
+class CheckpointDone:
+    """A checkpoint was written: after ``step``, in ``seconds``; ``learner`` is the learner
+    group (``save_hf``, ``export_weights``) for tools that export more at that point."""
+
+    step: int
+    run_dir: Path
+    seconds: float
+    learner: Any
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """Callbacks on the driver thread, for tests and tools that observe a run by its events
+    instead of polling its files. A hook that raises stops the run like any error there
+    (KeyboardInterrupt: a clean stop with the resume command, as Ctrl-C)."""
+
+    on_step: Callable[[int, dict], None] | None = None  # (step, its metrics row), once logged
+    on_checkpoint: Callable[[CheckpointDone], None] | None = None
+
+
 def train(
     cfg: Config,
     *,
     resume: bool = False,
     progress: bool | None = None,
     stop_after_step: int | None = None,
+    hooks: RunHooks | None = None,
 ) -> RunSummary:
     """Run (or resume) training. ``stop_after_step``: stop as Ctrl-C would once that step is
-    logged and checkpointed (tests and tooling); raises RunStopped."""
+    logged and checkpointed (tests and tooling); raises RunStopped. ``hooks``: RunHooks."""
     from models.pairs import resolve_pair
     from services.cluster import ray_session, run_namespace
     from services.console import adopt_run_dir, say
+    from services.ledger import ledger_row
     from services.parts import (
         build_learner,
-        build_publisher,
         build_rollout,
         build_source,
+        build_weight_publisher,
         checkpoint_dir,
         evaluate_student,
         load_tokenizer,
@@ -62,6 +87,7 @@ def train(
     )
     from services.progress import Progress
 
+    hooks = hooks or RunHooks()
     t_start = time.perf_counter()
     run_dir = prepare_run_dir(cfg, resume=resume)
     adopt_run_dir(run_dir)  # quiet console: engine/library output → run_dir/engine.log
@@ -79,14 +105,14 @@ def train(
         source = build_source(cfg)
         learner = build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0)
         rollout = build_rollout(cfg, pair)
-        publisher = build_publisher(cfg, learner, rollout)
+        weight_publisher = build_weight_publisher(cfg, learner, rollout)
         first_step, state = 1, None
         if resume:
             state = learner.load_checkpoint(checkpoint_dir(run_dir))
             first_step = state["step"] + 1
             source.restore(state["source_state"])
             # The version the checkpointed weights are, as saved (not re-derived).
-            publisher.publish(state["policy_version"], wait=True)
+            weight_publisher.publish(state["policy_version"], wait=True)
         metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
         eval_set = source.eval_set()[: cfg.task.eval_size]
         eval_before = (
@@ -108,23 +134,28 @@ def train(
                 clock = StepClock()
                 batch = rollout.next_batch(step)  # sample + score (overlapped)
                 clock.mark("wait")
-                stats = learner.train_step(batch, policy_version=trained_at(step))  # train
+                stats = learner.train_step(batch.samples)  # train
                 clock.mark("train")
                 if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
-                    publisher.publish(step)  # push weights
+                    weight_publisher.publish(published_after(step))  # push weights
                 clock.mark("sync")
-                row = step_metrics(batch, stats, rollout.take_times(), clock.spans, step=step)
+                row = step_metrics(batch, stats, rollout.take_times(), clock.spans)
                 row |= rollout.worker_metrics()
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
                     row |= eval_metrics(
                         evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
                     )
-                metrics.log(step, row, batch, ledger=rollout.ledger_columns(batch))  # log
+                metrics.log(step, row, ledger=ledger_row(batch))  # log
                 bar.update(row)
+                if hooks.on_step is not None:
+                    hooks.on_step(step, row)
                 if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
-                    checkpoint(
-                        learner, run_dir, step, eval_before, rollout, keep=cfg.run.keep_checkpoints
-                    )
+                    t0 = time.perf_counter()
+                    checkpoint(learner, run_dir, batch, eval_before, keep=cfg.run.keep_checkpoints)
+                    if hooks.on_checkpoint is not None:
+                        hooks.on_checkpoint(
+                            CheckpointDone(step, run_dir, time.perf_counter() - t0, learner)
+                        )
                 if step == stop_after_step:
                     raise KeyboardInterrupt
             eval_after = evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
@@ -138,7 +169,7 @@ def train(
         finally:
             bar.close()
             metrics.close()
-            publisher.close()
+            weight_publisher.close()
             rollout.stop()
             learner.shutdown()
     return finish_run(run_dir, cfg, eval_before, eval_after, time.perf_counter() - t_start)
@@ -150,8 +181,9 @@ def train(
 def stop_reason(exc: BaseException) -> str | None:
     """Why a run stopped, for the user, when it is a failure they can resume from; None for
     anything else (a bug keeps its traceback)."""
+    from services.calls import is_worker_death
     from services.channel import RolloutError
-    from services.pool import is_worker_death, short_error
+    from services.pool import short_error
 
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
@@ -199,16 +231,16 @@ class StepClock:
         self.last = now
 
 
-def checkpoint(learner, run_dir: Path, step: int, eval_before: dict, rollout, *, keep: int) -> None:
+def checkpoint(learner, run_dir: Path, batch, eval_before: dict, *, keep: int) -> None:
     """Learner weights + optimizer (DeepSpeed), and what resuming needs: the step, the policy
-    version, and the prompt source's position after this step's batch."""
+    version, and the prompt source's position after the step's ``batch`` was drawn."""
     from services.parts import checkpoint_dir
 
     state = {
-        "step": step,
-        "policy_version": step,
+        "step": batch.step,
+        "policy_version": published_after(batch.step),
         "eval_before": eval_before,
-        "source_state": rollout.source_state_before(step + 1),
+        "source_state": batch.source_state,
     }
     learner.save_checkpoint(checkpoint_dir(run_dir), state, keep=keep)
 

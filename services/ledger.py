@@ -14,11 +14,32 @@ the run (more often than the source dealt it), and every sample respects ``rollo
 from __future__ import annotations
 
 import json
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.versions import step_staleness
+
 COLUMNS = ("versions", "samplers", "scorers", "attempts", "response_crc")
+
+
+def response_crc(rollout) -> int:
+    """A checksum of the sampled tokens (resume exactness is checked on it)."""
+    return zlib.crc32(",".join(map(str, rollout.response_ids)).encode())
+
+
+def ledger_row(batch) -> dict:
+    """The ledger row of one trained ``services.channel.Batch`` (module docstring)."""
+    return {
+        "step": batch.step,
+        "sample_ids": [s.sample_id for s in batch.samples],
+        "versions": [s.policy_version for s in batch.samples],
+        "samplers": [p.sampler for p in batch.provenance],
+        "scorers": [p.scorer for p in batch.provenance],
+        "attempts": [p.attempt for p in batch.provenance],
+        "response_crc": [response_crc(s.rollout) for s in batch.samples],
+    }
 
 
 @dataclass
@@ -53,7 +74,7 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     steps = [row["step"] for row in rows]
     if steps != list(range(1, len(rows) + 1)):
         bad(f"steps are {steps}, expected 1..{len(rows)} each once in order")
-    expected = _replay(cfg, len(rows)) if replay else None
+    expected = _replay(cfg, max(steps, default=0)) if replay else None
     seen: Counter = Counter()
     sampler_n: Counter = Counter()
     scorer_n: Counter = Counter()
@@ -66,13 +87,14 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
         for col in COLUMNS:
             if col in row and len(row[col]) != len(ids):
                 bad(f"step {step}: column {col} has {len(row[col])} entries for {len(ids)} samples")
-        if expected is not None and step - 1 < len(expected) and set(ids) != expected[step - 1]:
-            missing = sorted(expected[step - 1] - set(ids))[:3]
-            extra = sorted(set(ids) - expected[step - 1])[:3]
+        dealt_here = expected.get(step) if expected is not None else None
+        if dealt_here is not None and set(ids) != dealt_here:
+            missing = sorted(dealt_here - set(ids))[:3]
+            extra = sorted(set(ids) - dealt_here)[:3]
             bad(f"step {step}: not its batch (missing {missing}, unexpected {extra})")
         seen.update(ids)
         for v in row.get("versions", []):
-            lag = (step - 1) - v
+            lag = step_staleness(step, v)
             if not 0 <= lag <= r.max_staleness:
                 bad(f"step {step}: a sample of version {v} (staleness {lag} > {r.max_staleness})")
         sampler_n.update(row.get("samplers", []))
@@ -81,7 +103,7 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
         report.samples += len(ids)
     # A random prompt source may deal the same problem again in a later step (its id is the
     # problem); a sample id may appear as often as the source dealt it, never more.
-    dealt = Counter(i for ids in expected for i in ids) if expected is not None else Counter()
+    dealt = Counter(i for ids in (expected or {}).values() for i in ids)
     twice = [sid for sid, n in seen.items() if n > max(1, dealt[sid])]
     if twice:
         bad(f"{len(twice)} sample ids appear more often than dealt, e.g. {twice[:3]}")
@@ -89,13 +111,13 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     return report
 
 
-def _replay(cfg, steps: int) -> list[set[str]]:
-    """The sample ids the prompt source deals for steps 1..steps of this config."""
+def _replay(cfg, steps: int) -> dict[int, set[str]]:
+    """The sample ids the prompt source deals for each step 1..steps of this config."""
     from services.parts import build_source
 
     source = build_source(cfg)
-    n = cfg.rollout.samples_per_prompt
-    return [
-        {f"{p.id}/{k}" for p in source.next_batch(cfg.rollout.prompts_per_step) for k in range(n)}
-        for _ in range(steps)
-    ]
+    n, k = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
+    return {
+        step: {f"{p.id}/{i}" for p in source.next_batch(k) for i in range(n)}
+        for step in range(1, steps + 1)
+    }

@@ -52,16 +52,12 @@ class MetricsLogger:
                 project=wandb_project, name=run_name, dir=str(run_dir), config=config or {}
             )
 
-    def log(self, step: int, values: dict[str, Any], batch=None, ledger=None) -> None:
-        """Append one row (flushed); with ``batch``, also which samples the step trained on
-        (``ledger``: extra per-sample columns for samples.jsonl, same order as ``batch``)."""
-        if batch is not None:
-            self.log_samples(
-                step,
-                [s.sample_id for s in batch],
-                [s.policy_version for s in batch],
-                **(ledger or {}),
-            )
+    def log(self, step: int, values: dict[str, Any], ledger: dict | None = None) -> None:
+        """Append one row (flushed); ``ledger``: the step's row of samples.jsonl (which samples
+        it trained on: services/ledger.py::ledger_row), written first."""
+        if ledger is not None:
+            self._samples.write(json.dumps(ledger) + "\n")
+            self._samples.flush()
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
@@ -77,15 +73,6 @@ class MetricsLogger:
             self._wandb.log({k: v for k, v in values.items() if not isinstance(v, list)}, step=step)
         if self._ray is not None and "learner/loss" in values:
             self._ray.step(step, values)
-
-    def log_samples(
-        self, step: int, sample_ids: list[str], versions: list[int], **columns: list
-    ) -> None:
-        """Which samples each step trained on (the audit trail resume is checked against);
-        ``columns``: more per-sample lists (sampler, scorer, attempt, ...; services/ledger.py)."""
-        row = {"step": step, "sample_ids": sample_ids, "versions": versions, **columns}
-        self._samples.write(json.dumps(row) + "\n")
-        self._samples.flush()
 
     def close(self) -> None:
         self._file.close()
@@ -155,7 +142,6 @@ class RayMetrics:
             for name, doc in WORKER_GAUGES.items()
         }
         self._last: dict[str, tuple[float, float]] = {}  # worker → (time, samples)
-        self.restarts_here = 0  # restarts reported through record_restart in this process
 
     def step(self, step: int, row: dict[str, Any]) -> None:
         values = {"opdplus_step": float(step)}
@@ -183,13 +169,9 @@ class RayMetrics:
             if "restarts" in fields:
                 restarts += fields["restarts"]
                 self.worker_gauges["opdplus_worker_restarts"].set(fields["restarts"], tags=tags)
-        values["opdplus_restarts"] = max(restarts, float(self.restarts_here))
+        values["opdplus_restarts"] = restarts
         for name, v in values.items():
             self.gauges[name].set(v, tags=self.tags)
-
-    def worker_throughput(self, role: str, index: int, samples_per_s: float) -> None:
-        tags = self.tags | {"role": role, "worker": f"{role}-{index}"}
-        self.worker_gauges["opdplus_worker_samples_per_s"].set(samples_per_s, tags=tags)
 
 
 def _worker_fields(row: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -216,20 +198,6 @@ def process_metrics(run_name: str | None = None) -> RayMetrics | None:
     elif run_name:
         _PROCESS_METRICS.tags = {"run": run_name}
     return _PROCESS_METRICS
-
-
-def record_restart(role: str, index: int) -> None:
-    """Count a worker restart (call where the pool restarts an actor)."""
-    m = process_metrics()
-    if m is not None:
-        m.restarts_here += 1
-
-
-def record_worker_throughput(role: str, index: int, samples: int, seconds: float) -> None:
-    """A worker's throughput over a span: ``samples`` produced in ``seconds``."""
-    m = process_metrics()
-    if m is not None and seconds > 0:
-        m.worker_throughput(role, index, samples / seconds)
 
 
 def _truncate_after(path: Path, step: int) -> None:

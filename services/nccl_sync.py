@@ -35,12 +35,9 @@ from typing import Any
 import ray
 from ray.exceptions import RayError
 
-from services.rollout_service import WeightSyncError
+from services.config import SYNC_BACKENDS, nccl_fits
+from services.versions import WeightSyncError
 
-# Mirrors rollout.weight_transfer.WIRE_DTYPES (checked by tests/test_nccl_sync.py); duplicated so the
-# driver does not import vLLM.
-WIRE_DTYPES = ("float32", "bfloat16", "float16")
-SYNC_BACKENDS = ("auto", "object_store", "nccl")
 SENDER = "learner rank 0 (sender)"
 RECOVERY_HINT = (
     "the NCCL group is unusable now (a peer may be blocked inside NCCL); "
@@ -52,13 +49,12 @@ def resolve_sync_backend(requested: str, *, sampler_gpus: float, learner_gpus: f
     """The weight-sync path the driver should use: "nccl" or "object_store".
 
     requested: ``rollout.sync_backend``. sampler_gpus / learner_gpus: GPUs per sampler actor and
-    per learner rank. NCCL allows one rank per device, so the NCCL path needs whole GPUs on
-    both sides (a fraction lets Ray put two ranks on one GPU, which NCCL refuses at init).
+    per learner rank. The NCCL path needs whole GPUs on both sides (``services.config.nccl_fits``).
     "auto" picks NCCL exactly when that holds, the object store otherwise (CPU runs).
     """
     if requested not in SYNC_BACKENDS:
         raise ValueError(f"sync backend must be one of {SYNC_BACKENDS}, got {requested!r}")
-    whole_gpus = sampler_gpus >= 1 and learner_gpus >= 1
+    whole_gpus = nccl_fits(sampler_gpus, learner_gpus)
     if requested == "nccl" and not whole_gpus:
         raise ValueError(
             "rollout.sync_backend = 'nccl' needs at least one whole GPU per sampler and per "
@@ -235,8 +231,6 @@ class NcclWeightSync:
         samplers = list(sampler_actors)
         if not samplers:
             raise ValueError("NCCL weight sync needs at least one sampler actor")
-        if wire_dtype not in WIRE_DTYPES:
-            raise ValueError(f"wire_dtype must be one of {WIRE_DTYPES}, got {wire_dtype!r}")
         address = _Calls(
             "NCCL setup (sender address)",
             {"learner rank 0 (address)": learner_rank0.nccl_sender_address.remote()},

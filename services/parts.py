@@ -10,8 +10,8 @@ import statistics
 import time
 from pathlib import Path
 
-from rollout.records import staleness
 from services.config import Config
+from services.versions import step_staleness
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -47,10 +47,10 @@ def sync_backend(cfg: Config) -> str:
     )
 
 
-def build_publisher(cfg: Config, learner, rollout):
-    from services.weight_sync import make_publisher
+def build_weight_publisher(cfg: Config, learner, rollout):
+    from services.weight_publisher import make_weight_publisher
 
-    return make_publisher(
+    return make_weight_publisher(
         sync_backend(cfg),
         learner,
         rollout,
@@ -195,7 +195,7 @@ def evaluate_student(
     report = evaluate(
         model_dir,
         problems,
-        engine=rollout.eval_engine(),
+        engine=rollout,  # RolloutService.generate: a live sampler's current weights
         k=cfg.eval.samples,
         max_tokens=cfg.eval.max_tokens,
         seed=cfg.run.seed,
@@ -205,12 +205,13 @@ def evaluate_student(
     return result
 
 
-def step_metrics(batch, stats: dict, times, spans: dict[str, float], *, step: int) -> dict:
+def step_metrics(batch, stats: dict, times, spans: dict[str, float]) -> dict:
     """The per-step row: learner/distill stats from the learner, rollout/time/perf here.
 
-    spans: the driver's StepClock spans (wait for the batch, train, sync, whole step).
+    batch: the step's ``services.channel.Batch``; spans: the driver's StepClock spans (wait
+    for the batch, train, sync, whole step).
     """
-    stale = [staleness(step - 1, s.policy_version) for s in batch]  # trained at step - 1
+    stale = [step_staleness(batch.step, s.policy_version) for s in batch]
     tokens = sum(len(s.rollout.response_ids) for s in batch)
     row = dict(stats)
     row.update(

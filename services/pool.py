@@ -1,16 +1,21 @@
 """Worker pools: one per role (student samplers, teacher scorers).
 
-A pool owns its workers' handles, their health, restarts and membership (live resize); the
-producer asks it who is ready and reads each worker's load and speed. Work is never pinned to a
-worker except in ``static`` dispatch (kept for comparison, see bench/pipeline.py).
+A pool owns its workers' handles, their lifecycle, restarts and membership (live resize): every
+change of a worker's ``state`` goes through a ``Pool`` method, along these edges::
 
-Calls go through a small backend so the same producer drives Ray actors (``RayCalls``) or
-plain objects in this process (``LocalCalls``, the in-process mode for debugging).
+    STARTING --started--> SYNCING --synced--> READY --resize--> DRAINING --retire--> DEAD
+        (a scorer goes STARTING → READY; a dead worker goes back to STARTING by restart)
+
+The producer asks the pool who is ready and reads each worker's load and speed; the scheduler
+(services/scheduler.py) decides who gets what. Work is never pinned to a worker.
+
+Calls go through a small backend (services/calls.py) so the same producer drives Ray actors
+or plain objects in this process (the in-process mode for debugging).
 """
 
 from __future__ import annotations
 
-import contextlib
+import enum
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +23,16 @@ from typing import Any
 
 from services.errors import UserError
 
-STARTING, SYNCING, READY, DRAINING, DEAD = "starting", "syncing", "ready", "draining", "dead"
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"  # created (or restarted), not yet answered its first ping
+    SYNCING = "syncing"  # a sampler loading the current weights before it takes work
+    READY = "ready"  # takes work
+    DRAINING = "draining"  # removed by a resize: finishes what it holds, takes nothing new
+    DEAD = "dead"  # stopped
+
+
+STARTING, SYNCING, READY, DRAINING, DEAD = WorkerState
 
 
 class WorkerFailed(UserError, RuntimeError):
@@ -33,115 +47,6 @@ def short_error(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def is_worker_death(exc: BaseException) -> bool:
-    """True when ``exc`` says a Ray worker process died (not an error raised by its code)."""
-    import sys
-
-    if "ray" not in sys.modules:  # nothing Ray could have raised
-        return False
-    return RayCalls().is_death(exc)
-
-
-# ------------------------------------------------------------------------------ call backends
-
-
-class RayCalls:
-    """Actor calls through Ray: ``ray.wait`` over object refs and streaming generators."""
-
-    local = False
-
-    def __init__(self) -> None:
-        import ray
-
-        self.ray = ray
-        self._death = (
-            ray.exceptions.RayActorError,
-            ray.exceptions.WorkerCrashedError,
-            ray.exceptions.OutOfMemoryError,
-            ray.exceptions.ObjectLostError,
-        )
-
-    def call(self, handle, method: str, *args, streaming: bool = False):
-        fn = getattr(handle, method)
-        if streaming:
-            fn = fn.options(num_returns="streaming")
-        return fn.remote(*args)
-
-    def wait(self, waitables: list, timeout: float) -> list:
-        if not waitables:
-            return []
-        ready, rest = self.ray.wait(waitables, num_returns=1, timeout=timeout)
-        if ready and rest:
-            more, _ = self.ray.wait(rest, num_returns=len(rest), timeout=0)
-            ready += more
-        return ready
-
-    def get(self, ref):
-        return self.ray.get(ref)
-
-    def next(self, stream):
-        """The next item of a streaming call; StopIteration when it has ended."""
-        return self.ray.get(next(stream))
-
-    def put(self, value):
-        return self.ray.put(value)
-
-    def kill(self, handle) -> None:
-        with contextlib.suppress(Exception):  # already gone: nothing to stop
-            self.ray.kill(handle, no_restart=True)
-
-    def is_death(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._death)
-
-
-class _Done:
-    """A finished in-process call (value or error)."""
-
-    def __init__(self, fn, args) -> None:
-        self.value, self.error = None, None
-        try:
-            self.value = fn(*args)
-        except Exception as exc:  # re-raised by LocalCalls.get, like ray.get would
-            self.error = exc
-
-
-class _Stream:
-    def __init__(self, gen) -> None:
-        self.gen = gen
-
-
-class LocalCalls:
-    """Plain method calls in this thread: every call is 'ready' when the producer looks."""
-
-    local = True
-
-    def call(self, handle, method: str, *args, streaming: bool = False):
-        fn = getattr(handle, method)
-        return _Stream(fn(*args)) if streaming else _Done(fn, args)
-
-    def wait(self, waitables: list, timeout: float) -> list:
-        return list(waitables)
-
-    def get(self, done: _Done):
-        if done.error is not None:
-            raise done.error
-        return done.value
-
-    def next(self, stream: _Stream):
-        return next(stream.gen)
-
-    def put(self, value):
-        return value
-
-    def kill(self, handle) -> None:
-        close = getattr(handle, "close", None)
-        if callable(close):
-            close()
-
-    def is_death(self, exc: BaseException) -> bool:
-        return False
-
-
 # ------------------------------------------------------------------------------ pool
 
 
@@ -152,7 +57,7 @@ class Worker:
     name: str
     slot: int
     handle: Any
-    state: str = STARTING
+    state: WorkerState = STARTING
     version: int = 0
     loading: int = 0  # highest version sent to it and not yet confirmed
     restarts: int = 0
@@ -168,10 +73,6 @@ class Worker:
         self.rate = (
             groups_per_s if self.rate <= 0 else (1 - weight) * self.rate + weight * groups_per_s
         )
-
-    @property
-    def alive(self) -> bool:
-        return self.state not in (DEAD,)
 
 
 class Pool:
@@ -210,6 +111,24 @@ class Pool:
 
     def ping(self, w: Worker):
         return self.calls.call(w.handle, self.ping_method)
+
+    def holds(self, w: Worker) -> bool:
+        return any(v is w for v in self.workers)
+
+    def started(self, w: Worker, answer) -> None:
+        """``w`` answered its first ping: a sampler (``answer`` = the version it serves) goes
+        on to load the current weights, a scorer is ready."""
+        if w.state != STARTING:
+            return
+        if self.ping_method == "version":
+            w.version, w.state = int(answer), SYNCING
+        else:
+            w.state = READY
+
+    def synced(self, w: Worker) -> None:
+        """A syncing sampler has the weights it needs: it takes work from now on."""
+        if w.state == SYNCING:
+            w.state = READY
 
     def restart(self, w: Worker, error: BaseException) -> None:
         """Replace a dead worker in its slot, or raise WorkerFailed once its budget is spent."""
@@ -255,8 +174,13 @@ class Pool:
             w.state = DRAINING
         return new
 
-    def counters(self) -> dict[str, float]:
-        row: dict[str, float] = {}
+    def find(self, name: str) -> Worker | None:
+        """Worker ``name``, current or removed (its counters are kept)."""
+        return next((w for w in self.workers + self.removed if w.name == name), None)
+
+    def counters(self) -> dict[str, float | str]:
+        """Per-worker counters (metrics.jsonl) and each current worker's state."""
+        row: dict[str, float | str] = {}
         for w in self.workers + self.removed:
             row[f"worker/{w.name}/samples"] = row.get(f"worker/{w.name}/samples", 0) + w.samples
             row[f"worker/{w.name}/restarts"] = row.get(f"worker/{w.name}/restarts", 0) + w.restarts
@@ -264,6 +188,7 @@ class Pool:
                 row.get(f"worker/{w.name}/redispatched_groups", 0) + w.redispatched
             )
         for w in self.workers:
+            row[f"worker/{w.name}/state"] = w.state.value
             row[f"worker/{w.name}/held_groups"] = max(0, w.outstanding)
             if w.rate > 0:
                 row[f"worker/{w.name}/groups_per_s"] = w.rate

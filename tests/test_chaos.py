@@ -1,5 +1,5 @@
-"""Chaos: a 30-step run in which a seeded schedule kills a random sampler or scorer about
-every 5 steps (at most 5 kills) finishes with a clean ledger. Prints, per kill, the prompt
+"""Chaos: a 30-step run in which a seeded schedule kills a random sampler or scorer after
+every 5th step (5 kills, from the driver's ``on_step`` hook) finishes with a clean ledger. Prints, per kill, the prompt
 groups handed out again and the seconds the step lost (its time/step minus the median of the
 steps without a kill); the figures also go to <run_dir>/chaos.json."""
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import threading
 import time
 
 import pytest
@@ -22,7 +21,7 @@ STEPS, EVERY, MAX_KILLS, SEED = 30, 5, 5, 1234
 def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_path):
     import ray
 
-    from services.driver import train
+    from services.driver import RunHooks, train
     from services.ledger import check_ledger
 
     run_dir = tmp_path / "chaos"
@@ -43,45 +42,34 @@ def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_pa
     rng = random.Random(SEED)
     kills: list[dict] = []
 
-    def chaos_monkey():
-        for k in range(1, MAX_KILLS + 1):
-            deadline = time.time() + 900
-            while time.time() < deadline:
-                try:
-                    done = max((r["step"] for r in step_rows(run_dir)), default=0)
-                except (FileNotFoundError, ValueError):
-                    done = 0
-                if done >= k * EVERY - 1:
-                    break
-                time.sleep(0.1)
-            else:
-                return
-            names = sorted(
-                (a["name"], a["namespace"])
-                for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["name"].startswith(("student-sampler-", "teacher-scorer-"))
-            )
-            if not names or done >= STEPS:
-                return
-            victim, namespace = rng.choice(names)
+    def chaos_monkey(step: int, row: dict) -> None:
+        """After steps EVERY - 1, 2 EVERY - 1, ...: kill a random sampler or scorer of this
+        test's own Ray namespace (nothing another test or run started)."""
+        if step % EVERY != EVERY - 1 or len(kills) >= MAX_KILLS:
+            return
+        names = sorted(
+            a
+            for a in ray.util.list_named_actors()
+            if a.startswith(("student-sampler-", "teacher-scorer-"))
+        )
+        rng.shuffle(names)
+        for victim in names:  # one just killed may still be listed while it is replaced
             try:
-                ray.kill(ray.get_actor(victim, namespace=namespace), no_restart=False)
+                ray.kill(ray.get_actor(victim), no_restart=False)
             except ValueError:
-                continue  # it was being replaced; next round
-            kills.append({"after_step": done, "worker": victim, "at": time.time()})
+                continue
+            kills.append({"after_step": step, "worker": victim})
+            return
 
-    t = threading.Thread(target=chaos_monkey, daemon=True)
-    t.start()
     t0 = time.time()
-    train(cfg, progress=False)
+    train(cfg, progress=False, hooks=RunHooks(on_step=chaos_monkey))
     wall = time.time() - t0
-    t.join(timeout=5)
 
     got = step_rows(run_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     report = check_ledger(run_dir)
     assert report.ok, report.problems
-    assert len(kills) >= 3, kills
+    assert len(kills) == MAX_KILLS, kills
     assert got[-1]["rollout/restarts"] >= len(kills)
 
     hit = {k["after_step"] + 1 for k in kills}

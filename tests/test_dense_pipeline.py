@@ -249,21 +249,17 @@ def test_vllm_teacher_topk_matches_transformers(toy_pair):
 
     outside = 0
     for p, r, res in zip(prompts, responses, results, strict=True):
-        ScoredRollout(
-            rollout=rollout("x/0", p, r),
-            logp_teacher=tuple(res["logp_teacher"]),
-            **{k: v for k, v in res.items() if k != "logp_teacher"},
-        )  # the record accepts what the engine returns
+        res.scored(rollout("x/0", p, r))  # the record accepts what the engine returns
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([p + r])).logits[0].float()
         logp_TV = logits.log_softmax(-1)[response_positions(len(p), len(r)).start - 1 : -1]
         ref = logp_TV.topk(K, -1)
-        got_ids = torch.tensor(res["teacher_topk_ids"])
-        got_logp = torch.tensor(res["teacher_topk_logp"])
+        got_ids = torch.tensor(res.topk_ids)
+        got_logp = torch.tensor(res.topk_logp)
         assert got_ids.shape == (len(r), K)
         assert (got_ids == ref.indices).all(), (got_ids, ref.indices)
         torch.testing.assert_close(got_logp, ref.values, rtol=0, atol=1e-4)
         sampled = logp_TV.gather(-1, torch.tensor(r)[:, None])[:, 0]
-        torch.testing.assert_close(torch.tensor(res["logp_teacher"]), sampled, rtol=0, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(res.logp_teacher), sampled, rtol=0, atol=1e-4)
         outside += sum(t not in ids for t, ids in zip(r, got_ids.tolist(), strict=True))
     assert outside >= 5  # the case where vLLM returns K + 1 entries was exercised

@@ -399,13 +399,6 @@ def test_worker_init_payload_matches_vllms_trainer_payload():
     assert nccl_worker_init_payload("10.0.0.1", 29511, 1, 4) == vllm_payload
 
 
-def test_wire_dtypes_agree_between_driver_and_engine():
-    from rollout.weight_transfer import WIRE_DTYPES
-    from services.nccl_sync import WIRE_DTYPES as DRIVER_WIRE_DTYPES
-
-    assert tuple(WIRE_DTYPES) == DRIVER_WIRE_DTYPES
-
-
 @pytest.fixture(scope="module")
 def cpu_nccl_engine(tiny_model):
     """A real CPU StudentEngine built with weight_transfer='nccl' (the GPU-only guard bypassed):
@@ -774,8 +767,6 @@ def test_sync_argument_checks():
         sync.setup(object(), [object()], timeout_s=0)
     with pytest.raises(ValueError, match="at least one sampler"):
         sync.setup(object(), [], timeout_s=1)
-    with pytest.raises(ValueError, match="wire_dtype"):
-        sync.setup(object(), [object()], timeout_s=1, wire_dtype="int8")
     with pytest.raises(WeightSyncError, match="not set up"):
         sync.start_push(1, timeout_s=1)
     with pytest.raises(ValueError, match="timeout_s"):

@@ -1,5 +1,5 @@
-"""Pool, publisher and producer logic without engines: restart budget, draining, version
-arithmetic, re-dispatch bookkeeping (the engine-backed fault tests are in test_faults.py)."""
+"""Worker pools without engines: the lifecycle of a worker, restart budget, draining (the
+scheduler's decisions are in test_scheduler.py, the engine-backed faults in test_faults.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class _Handle:
 
 
 def _pool(max_restarts: int = 2, n: int = 2):
-    from services.pool import LocalCalls, Pool
+    from services.calls import LocalCalls
+    from services.pool import Pool
 
     made = []
 
@@ -68,29 +69,48 @@ def test_resize_adds_free_slots_and_drains_the_highest():
         pool.resize(0)
 
 
-def test_version_arithmetic_has_one_home():
-    from services.pool import LocalCalls, Worker
-    from services.publisher import Publisher, WeightSyncError, trained_at
+def test_every_state_change_goes_through_the_pool():
+    from services.calls import LocalCalls
+    from services.pool import DRAINING, READY, STARTING, SYNCING, Pool, WorkerState
 
-    pub = Publisher(LocalCalls(), max_staleness=1, sync_timeout_s=10)
-    assert trained_at(5) == 4 and pub.need(5) == 3
-    assert pub.admits(5, 3) and not pub.admits(5, 2)
-    w = Worker("student-sampler-0", 0, object(), version=2)
-    assert not pub.may_take(w, 5)
-    w.loading = 3  # a load queued on the actor runs before any chunk sent after it
-    assert pub.may_take(w, 5)
-    pub.publish("weights-v4", 4)
-    with pytest.raises(WeightSyncError, match="not newer"):
-        pub.publish("weights-v4-again", 4)
-    strict = Publisher(LocalCalls(), max_staleness=0, sync_timeout_s=10)
-    assert strict.need(1) == 0 and strict.need(7) == 6
+    samplers = Pool(
+        "sampler", "s", lambda n, s: _Handle(n), "version", max_restarts=1, calls=LocalCalls()
+    )
+    scorers = Pool(
+        "scorer", "t", lambda n, s: _Handle(n), "ready", max_restarts=1, calls=LocalCalls()
+    )
+    (s,), (t,) = samplers.resize(1), scorers.resize(1)
+    assert s.state is t.state is STARTING and isinstance(s.state, WorkerState)
+    samplers.started(s, "4")  # a sampler answers its version and loads the current weights
+    assert (s.state, s.version) == (SYNCING, 4) and samplers.ready() == []
+    samplers.started(s, "9")  # a late second answer changes nothing
+    assert s.version == 4
+    samplers.synced(s)
+    assert s.state == READY and samplers.ready() == [s]
+    scorers.started(t, True)  # a scorer is ready at once
+    assert t.state == READY
+    samplers.resize(2)
+    samplers.resize(1)
+    assert [w.state for w in samplers.workers] == [READY, DRAINING]
+    samplers.synced(samplers.workers[1])  # only a syncing worker becomes ready
+    assert samplers.workers[1].state == DRAINING
 
 
-def test_redispatch_splits_unfinished_groups_into_runs():
-    from services.producer import _runs
+def test_no_module_sets_a_worker_state_but_the_pool():
+    import re
+    from pathlib import Path
 
-    assert _runs([]) == []
-    assert _runs([0, 1, 3, 4, 5, 9]) == [[0, 1], [3, 4, 5], [9]]
+    root = Path(__file__).resolve().parents[1]
+    assign = re.compile(r"\.state\s*=[^=]|\.state\s*,.*=|setattr\([^)]*[\"']state[\"']")
+    found = [
+        f"{path.relative_to(root)}:{i}"
+        for folder in ("services", "rollout", "learner")
+        for path in sorted((root / folder).glob("*.py"))
+        if path.name != "pool.py"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if assign.search(line)
+    ]
+    assert not found, f"worker state set outside services/pool.py: {found}"
 
 
 def test_short_error_keeps_the_cause_line():
@@ -102,138 +122,3 @@ def test_short_error_keeps_the_cause_line():
         "EngineError: vLLM could not start on /m: out of memory\n"
     )
     assert short_error(exc) == "EngineError: vLLM could not start on /m: out of memory"
-
-
-def _producer(pool, **plan_fields):
-    from services.pool import LocalCalls
-    from services.producer import Producer, RolloutPlan
-    from services.publisher import Publisher
-
-    fields = dict(
-        prompts_per_step=32,
-        samples_per_prompt=4,
-        max_tokens=8,
-        temperature=1.0,
-        max_staleness=1,
-        channel_capacity=1024,
-        sync_timeout_s=10,
-        seed=0,
-    )
-    fields.update(plan_fields)
-    calls = LocalCalls()
-    publisher = Publisher(calls, max_staleness=1, sync_timeout_s=10)
-    return Producer(pool, pool, publisher, channel=None, plan=RolloutPlan(**fields), calls=calls)
-
-
-def test_dynamic_share_follows_measured_speed():
-    from services.pool import READY
-
-    pool, _ = _pool(n=2)
-    for w in pool.workers:
-        w.state = READY
-    fast, slow = pool.workers
-    prod = _producer(pool)
-    assert prod.share(fast) == prod.share(slow) == 16  # nothing measured: halves
-    fast.observe_rate(30.0)
-    assert prod.share(slow) == 16  # an unmeasured sampler counts as the measured mean
-    slow.observe_rate(3.0)
-    # 32 x 30/33 = 29.1 and 32 x 3/33 = 2.9: the fastest rounds up, the others down
-    assert (prod.share(fast), prod.share(slow)) == (30, 2)
-    slow.observe_rate(1.0)  # moving average: (3 + 1) / 2
-    assert slow.rate == 2.0 and prod.share(slow) == 2
-    slow.rate = 1e-6  # however slow, a ready sampler still takes one group
-    assert prod.share(slow) == 1
-    pool.workers[1].state = "draining"  # only ready samplers share a step
-    assert prod.share(fast) == 32
-    assert _producer(pool, dispatch_groups=5).share(fast) == 5  # fixed size when configured
-
-
-def test_dispatch_cuts_each_samplers_share_off_the_step():
-    from collections import deque
-
-    from rollout.sampler import WorkItem
-    from services.pool import READY
-    from services.producer import Chunk
-
-    pool, _ = _pool(n=2)
-    taken = {}
-    for w in pool.workers:
-        w.state = READY
-        w.handle.sample_stream = lambda items, req, name=w.name: (
-            taken.setdefault(name, ([it.problem_id for it in items], req.seed)) and iter(())
-        )
-    fast, slow = pool.workers
-    fast.observe_rate(30.0)
-    slow.observe_rate(3.0)
-    prod = _producer(pool)
-    items = [WorkItem(f"p{i}", "0", (1, 2)) for i in range(32)]
-    prod.queue = deque([Chunk(step=1, first=0, items=items)])
-    prod._dispatch()
-    ids0, seed0 = taken["student-sampler-0"]
-    ids1, seed1 = taken["student-sampler-1"]
-    assert ids0 == [f"p{i}" for i in range(30)] and ids1 == ["p30", "p31"]
-    assert seed1 - seed0 == 30  # seeds follow the position in the step, not the chunk
-    assert not prod.queue and (fast.outstanding, slow.outstanding) == (30, 2)
-
-
-def test_waiting_groups_are_scored_in_one_call_and_split_back():
-    from services.pool import READY
-    from services.producer import Group
-
-    class _Channel:
-        def __init__(self):
-            self.times = []
-
-        def add_times(self, **kw):
-            self.times.append(kw)
-
-    calls_made = []
-    pool, _ = _pool(n=1)
-    scorer = pool.workers[0]
-    scorer.state = READY
-    scorer.handle.score = lambda rollouts: (
-        calls_made.append(list(rollouts))
-        or (
-            [f"scored:{r}" for r in rollouts],
-            0.5,
-        )
-    )
-    prod = _producer(pool)
-    prod.channel = _Channel()
-    prod.samplers = type(pool)("sampler", "s", lambda n, s: None, "v", max_restarts=0, calls=None)
-    prod.unscored.extend(
-        [
-            Group(1, ["a0", "a1"], "student-sampler-0", 1),
-            Group(1, ["b0", "b1"], "student-sampler-1", 2),
-            Group(2, ["c0", "c1"], "student-sampler-0", 1),
-        ]
-    )
-    prod._dispatch_scores()
-    assert calls_made == [["a0", "a1", "b0", "b1", "c0", "c1"]]  # one teacher call
-    ((ref, task),) = prod.tasks.items()
-    assert scorer.outstanding == 3
-    prod._dispatch_scores()  # busy scorer: nothing more is sent
-    assert len(calls_made) == 1
-    del prod.tasks[ref]  # as _wait does with a failed call before _failed → _reclaim
-    prod._reclaim(scorer, task)  # it died holding them: all three wait again, in order
-    assert [(g.step, g.rollouts[0], g.attempt) for g in prod.unscored] == [
-        (1, "a0", 2),
-        (1, "b0", 3),
-        (2, "c0", 2),
-    ]
-    prod.unscored.clear()
-    scorer.outstanding = 3  # now as if the call had succeeded
-    prod._finished(task, prod.calls.get(ref))
-    assert [(step, [s for s, _ in items]) for step, items in prod.out] == [
-        (1, ["scored:a0", "scored:a1"]),
-        (1, ["scored:b0", "scored:b1"]),
-        (2, ["scored:c0", "scored:c1"]),
-    ]
-    provs = [items[0][1] for _, items in prod.out]
-    assert [(p.sampler, p.attempt) for p in provs] == [
-        ("student-sampler-0", 1),
-        ("student-sampler-1", 2),
-        ("student-sampler-0", 1),
-    ]
-    assert scorer.outstanding == 0 and scorer.samples == 6
-    assert prod.channel.times == [{"score": 0.5, "samples": 6}]

@@ -199,7 +199,7 @@ def test_smollm_pair_loads_in_transformers_and_vllm_with_matching_logprobs(smoll
 
     teacher = TeacherEngine(EngineSettings(model_path=str(smollm_pair.instruct_dir), **settings))
     try:
-        vllm_lp = teacher.score(prompts, responses)
+        vllm_lp = [s.logp_teacher for s in teacher.score(prompts, responses)]
     finally:
         teacher.close()
     seqs = [p + r for p, r in zip(prompts, responses, strict=True)]

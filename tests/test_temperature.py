@@ -84,7 +84,7 @@ def test_teacher_scores_at_its_own_temperature(tiny_model, engines):
     scored = sampled_rollouts(student)
     prompts = [list(s.rollout.prompt_ids) for s in scored]
     responses = [list(s.rollout.response_ids) for s in scored]
-    got = teacher.score(prompts, responses)
+    got = [s.logp_teacher for s in teacher.score(prompts, responses)]
     batch = collate(scored, pad_id=0)
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     with torch.no_grad():

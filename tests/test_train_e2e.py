@@ -3,12 +3,14 @@ run directory, strict on-policy mode, and resume after a killed run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,8 +70,14 @@ def _rows(run_dir: Path, name: str = "metrics.jsonl") -> list[dict]:
 def test_short_run_learns_and_writes_everything(ray_local, toy_pair, tmp_path):
     from services.config import load_config
     from services.driver import train
+    from services.versions import step_staleness
 
-    cfg = load_config(REPO / "deploy/configs/demo.toml", _overrides(toy_pair, tmp_path, "e2e", 20))
+    # staleness 0: which policy samples each step is fixed, so the run (and its divergence
+    # curve) is the same every time (tests/test_resume_exact.py); no timing decides the outcome
+    cfg = load_config(
+        REPO / "deploy/configs/demo.toml",
+        _overrides(toy_pair, tmp_path, "e2e", 20, **{"rollout.max_staleness": 0}),
+    )
     summary = train(cfg, progress=False)
     run_dir = Path(summary.run_dir)
     rows = [r for r in _rows(run_dir) if "learner/loss" in r]
@@ -83,7 +91,7 @@ def test_short_run_learns_and_writes_everything(ray_local, toy_pair, tmp_path):
     samples = _rows(run_dir, "samples.jsonl")
     versions = [max(r["versions"]) for r in samples]
     assert versions == sorted(versions) and versions[-1] >= 18  # policy versions advance
-    assert all(0 <= r["step"] - 1 - v <= 1 for r in samples for v in r["versions"])
+    assert all(step_staleness(r["step"], v) == 0 for r in samples for v in r["versions"])
     for name in ("config.toml", "summary.json", "divergence.png", "loss.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -102,11 +110,40 @@ def test_strictly_on_policy_has_unit_importance_weights(ray_local, toy_pair, tmp
     )
     summary = train(cfg, progress=False)
     rows = [r for r in _rows(Path(summary.run_dir)) if "learner/loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         assert r["rollout/staleness"] == [0] * 64
         assert r["distill/is_truncated_frac"] == 0.0
         assert abs(r["distill/is_weight_mean"] - 1.0) < 1e-4
         assert r["distill/mismatch"] < 1e-4
+
+
+# A driver that stops inside step 5 (after it is logged) until it is killed: the test kills
+# it at a known point instead of polling files against a clock.
+HOLD_AT_STEP_5 = """
+import pathlib, sys, time
+from services.config import load_config
+from services.driver import RunHooks, train
+
+held, sets = pathlib.Path(sys.argv[1]), sys.argv[2:]
+
+def hold(step, row):
+    if step == 5:
+        held.touch()
+        time.sleep(3600)
+
+train(load_config("deploy/configs/demo.toml", sets), progress=False, hooks=RunHooks(on_step=hold))
+"""
+
+
+def _kill_processes_of(ray_tmp: Path) -> None:
+    """Stop the processes of the Ray instance whose temp dir is ``ray_tmp`` (and no other)."""
+    import psutil
+
+    for p in psutil.process_iter(["cmdline"]):
+        if str(ray_tmp) in " ".join(p.info["cmdline"] or []):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def _train_cmd(cfg_sets: list[str], resume: bool = False) -> list[str]:
@@ -127,31 +164,30 @@ def test_resume_after_kill_repeats_and_skips_nothing(toy_pair, tmp_path, ray_loc
     )
 
     cut = _overrides(toy_pair, tmp_path, "cut", steps, **{"ray.dashboard": "false"})
+    held = tmp_path / "held-at-step-5"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # short: Ray's socket paths
     proc = subprocess.Popen(
-        _train_cmd(cut),
+        [sys.executable, "-c", HOLD_AT_STEP_5, str(held), *cut],
         cwd=REPO,
-        env=env,
+        env={**env, "RAY_TMPDIR": str(ray_tmp)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
     run_dir = tmp_path / "cut"
-    deadline = time.time() + 600
-    while time.time() < deadline:
-        if (run_dir / "metrics.jsonl").exists() and any(
-            r.get("step", 0) >= 5 and "learner/loss" in r for r in _rows(run_dir)
-        ):
-            break
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: like a lost node
-    proc.wait()
-    # the killed driver's Ray daemons outlive it; stop them like an operator would
-    subprocess.run(
-        [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True
-    )
+    try:
+        deadline = time.time() + 900  # only a broken run never gets to step 5
+        while not held.exists():
+            assert proc.poll() is None and time.time() < deadline, "the run never reached step 5"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: like a lost node
+        proc.wait()
+    finally:
+        _kill_processes_of(ray_tmp)  # that run's Ray daemons outlive it; only theirs stop
     # what a failed run leaves behind is intact
+    # held inside step 5, after its row was logged and before its checkpoint (every 3 steps)
     assert int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1]) == 3
-    assert max(r["step"] for r in _rows(run_dir)) >= 5
+    assert max(r["step"] for r in _rows(run_dir)) == 5
 
     out = subprocess.run(
         _train_cmd(cut, resume=True), cwd=REPO, env=env, capture_output=True, text=True, timeout=900

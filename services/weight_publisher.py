@@ -1,14 +1,26 @@
-"""Weight publishing: the learner's weights reach every sampler under an explicit version.
+"""Weight publishing (the transport): the learner's weights reach every sampler under an
+explicit version. Versions themselves are counted in ``services.versions``.
 
-The publisher owns the policy version (= learner steps completed). Two paths:
-- object store (CPU, or any cluster without whole GPUs): rank 0 exports named HF tensors,
-  ``ray.put`` once, each sampler loads them in place (``reload_weights``), asynchronously;
-- NCCL (whole GPUs on samplers and learner): vLLM's native weight transfer broadcasts from
-  learner rank 0 to every sampler engine (services/nccl_sync.py).
-Either path fails with WeightSyncError after ``rollout.sync_timeout_s``; neither hangs.
+Two publishers, one interface (``publish(version, wait=)``, ``close()``):
+- ``ObjectStorePublisher`` (CPU, or any cluster without whole GPUs): rank 0 exports named HF
+  tensors, ``ray.put`` once, each sampler loads them in place (``reload_weights``),
+  asynchronously;
+- ``NcclPublisher`` (whole GPUs on samplers and learner): vLLM's native weight transfer
+  broadcasts from learner rank 0 to every sampler engine (services/nccl_sync.py).
+Either fails with WeightSyncError after ``rollout.sync_timeout_s``; neither hangs.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
+
+
+class WeightPublisher(Protocol):
+    backend: str
+
+    def publish(self, version: int, *, wait: bool = False) -> None: ...
+
+    def close(self) -> None: ...
 
 
 class ObjectStorePublisher:
@@ -49,7 +61,9 @@ class NcclPublisher:
         self.sync.close(self.timeout_s)
 
 
-def make_publisher(backend: str, learner, rollout, *, timeout_s: float, wire_dtype: str):
+def make_weight_publisher(
+    backend: str, learner, rollout, *, timeout_s: float, wire_dtype: str
+) -> WeightPublisher:
     if backend == "nccl":
         return NcclPublisher(learner, rollout, timeout_s=timeout_s, wire_dtype=wire_dtype)
     return ObjectStorePublisher(learner, rollout)

@@ -1,10 +1,11 @@
-"""Policy versions and weight transport on the rollout side: the one home of version arithmetic.
+"""Policy versions on the rollout side: the one home of version and staleness arithmetic.
 
-Versions: the policy version is the number of learner steps done. The learner trains step k on
-a batch from version k − 1 (``trained_at``) and publishes version k afterwards. A sample drawn
-at version v and trained at version v' has staleness v' − v (``rollout.records.staleness``).
-Step k may be sampled by a worker serving version ≥ ``need(k)`` = k − 1 − max_staleness, so no
-sample lags the learner by more than ``max_staleness``; 0 makes the pipeline strictly on-policy.
+The policy version is the number of learner steps done. The learner trains step k on a batch
+from version k − 1 (``trained_at``) and publishes version k afterwards (``published_after``). A
+sample drawn at version v and trained at version v' has staleness v' − v (``staleness``). Step k
+may be sampled by a worker serving version ≥ ``need(k)`` = k − 1 − max_staleness, so no sample
+lags the learner by more than ``max_staleness``; 0 makes the pipeline strictly on-policy.
+``tests/test_versions.py`` fails when this arithmetic is written anywhere else.
 
 Resume: a checkpoint saves the version its weights are (``policy_version``) and the driver
 publishes exactly that version on resume. At max_staleness = 0 a resumed run is then identical
@@ -14,10 +15,8 @@ how far the producer had run ahead, and a resumed run starts with an empty pipel
 first s steps after the resume are sampled from a newer policy than they were originally. The
 prompts and sample ids are the same; the sampled tokens, losses and weights differ.
 
-Transport: the latest weights stay in the object store (one ``ray.put``; in the in-process mode
-the tensors themselves), so a new or restarted sampler loads them before it takes work. With
-the NCCL path the broadcast happens outside (services/weight_sync.py) and only the version is
-recorded here; a replacement sampler cannot join a running NCCL group, so it fails clearly.
+``Versions`` holds the published version and the latest weights' handle for the producer; the
+transport that moves weights is ``services.weight_publisher``.
 """
 
 from __future__ import annotations
@@ -37,8 +36,29 @@ def trained_at(step: int) -> int:
     return step - 1
 
 
-class Publisher:
-    """Owns the published version, the latest weights' transport handle and pending loads."""
+def published_after(step: int) -> int:
+    """The policy version of the weights once ``step`` is trained."""
+    return step
+
+
+def staleness(trained_version: int, sampled_version: int) -> int:
+    """How many policy versions a sample lags the learner: v' − v."""
+    return trained_version - sampled_version
+
+
+def step_staleness(step: int, sampled_version: int) -> int:
+    """Staleness of a sample of ``sampled_version`` trained in ``step``."""
+    return staleness(trained_at(step), sampled_version)
+
+
+def need(step: int, max_staleness: int) -> int:
+    """Lowest policy version allowed to sample ``step``."""
+    return trained_at(step) - max_staleness
+
+
+class Versions:
+    """The published version, the latest weights' object-store handle, and which version each
+    sampler serves or is loading (the producer's view of the samplers' policies)."""
 
     def __init__(self, calls, *, max_staleness: int, sync_timeout_s: float) -> None:
         self.calls = calls
@@ -47,11 +67,9 @@ class Publisher:
         self.version = 0
         self.weights = None  # object ref (or tensors, in-process) of ``version``
         self.external = False  # versions delivered by another path (NCCL)
-        self.published_at = time.perf_counter()
 
     def need(self, step: int) -> int:
-        """Lowest policy version allowed to sample ``step``."""
-        return trained_at(step) - self.max_staleness
+        return need(step, self.max_staleness)
 
     def admits(self, step: int, served: int) -> bool:
         return served >= self.need(step)
@@ -60,15 +78,10 @@ class Publisher:
         # A load queued on the actor runs before any chunk sent after it (actor calls are FIFO).
         return max(w.version, w.loading) >= self.need(step)
 
-    def served(self, samplers: list[Worker]) -> int:
-        """The version every live sampler serves (the published one when none is live)."""
-        return min((w.version for w in samplers), default=self.version)
-
     def publish(self, weights, version: int) -> None:
         if version <= self.version and self.weights is not None:
             raise WeightSyncError(f"weight version {version} is not newer than {self.version}")
         self.version, self.weights, self.external = version, weights, False
-        self.published_at = time.perf_counter()
 
     def mark_external(self, version: int, samplers: list[Worker]) -> None:
         """A version delivered by NCCL broadcast to every live sampler."""
