@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.opdplus-installed
 
-.PHONY: demo test test-realweights test-fast lint bench setup clean-cache
+.PHONY: demo test test-realweights test-fast test-repeat lint bench setup clean-cache
 
 $(STAMP): pyproject.toml constraints.txt scripts/setup_env.sh scripts/check_env.py
 	bash scripts/setup_env.sh $(VENV)
@@ -20,6 +20,12 @@ test: $(STAMP)
 
 test-realweights: $(STAMP)
 	$(PY) -m pytest tests -m realweights
+
+# The run-level tests N times in a row (flakiness check; CONTRIBUTING.md "How we test").
+RUN_LEVEL := tests/test_resize.py tests/test_chaos.py tests/test_faults.py tests/test_resume_exact.py tests/test_inprocess.py tests/test_train_e2e.py tests/test_scheduler.py
+N ?= 10
+test-repeat: $(STAMP)
+	for i in $$(seq $(N)); do echo "== round $$i of $(N)"; $(PY) -m pytest $(RUN_LEVEL) -q || exit 1; done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -m "not slow"
