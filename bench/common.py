@@ -1,5 +1,5 @@
 """What every benchmark shares: the process set-up, machine facts, the JSON writer, the table
-printer, and the models, prompts and vLLM helpers of the rollout benchmarks.
+printer, the models, prompts and vLLM helpers of the rollout benchmarks, and a slowed sampler.
 
 A benchmark is a script ``bench/<name>.py`` that measures a figure and a baseline in the same
 run and reports their ratio; it imports from here as ``from common import ...`` (the script's
@@ -375,3 +375,63 @@ def vllm_sampling(
         **cpu_state(),
     }
     return figure, [g[0] for g in gens]
+
+
+# --------------------------------------------------------------------------- a slowed sampler
+
+
+@dataclass(frozen=True)
+class SlowSamplerSpec:
+    """An engine spec for ``RolloutService(student_settings=...)`` that slows one sampler: in
+    a Ray actor whose name starts with ``slow_actor_prefix`` (e.g. ``student-sampler-1``, the
+    pool's second slot) the student engine sleeps ``group_delay_s`` before each prompt group
+    ``generate_stream`` yields, a sampler slower in proportion to its work as a slower device
+    would be. Every other engine is ``inner``'s own.
+
+    Ray workers do not have bench/ on ``sys.path``: call ``pickle_by_value()`` before the spec
+    is sent to an actor.
+    """
+
+    inner: object  # rollout.engine.EngineSettings, or another spec with the same two methods
+    group_delay_s: float
+    slow_actor_prefix: str
+
+    def student_engine(self):
+        import ray
+
+        engine = self.inner.student_engine()
+        # Outside an actor: no name (get_runtime_context would start Ray if none is running,
+        # and get_actor_name warns in a driver).
+        context = ray.get_runtime_context() if ray.is_initialized() else None
+        name = context.get_actor_name() if context and context.get_actor_id() else None
+        if name and name.startswith(self.slow_actor_prefix):
+            return _SlowStream(engine, self.group_delay_s)
+        return engine
+
+    def teacher_engine(self):
+        return self.inner.teacher_engine()
+
+
+class _SlowStream:
+    """A StudentEngine whose ``generate_stream`` sleeps ``delay_s`` per group; every other
+    attribute (``version``, ``generate``, ``load_weights``, ``close``) is the engine's own."""
+
+    def __init__(self, engine, delay_s: float) -> None:
+        self._engine, self._delay_s = engine, delay_s
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
+
+    def generate_stream(self, prompt_ids, **kwargs):
+        for index, gens in self._engine.generate_stream(prompt_ids, **kwargs):
+            time.sleep(self._delay_s)
+            yield index, gens
+
+
+def pickle_by_value() -> None:
+    """Send this module's classes (``SlowSamplerSpec``) to Ray workers by value: they cannot
+    import ``common`` (bench/ is not on their ``sys.path``, and must not be: bench/learner.py
+    would shadow the ``learner`` package)."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])

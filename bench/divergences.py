@@ -26,8 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SWEEP = REPO / "bench" / "results" / "sweep.jsonl"
+from common import REPO, RESULTS, prepare_process
+
+SWEEP = RESULTS / "sweep.jsonl"
 TOPK = 8  # of the toy vocabulary's 20 tokens: a real top-K, not the whole distribution
 
 ESTIMATORS = {
@@ -357,8 +358,7 @@ MARK = "<!-- generated below by bench/divergences.py render -->"
 
 
 def main(argv: list[str] | None = None) -> None:
-    # bench/ is first on sys.path (a bench script would shadow a package): repository first.
-    sys.path.insert(0, str(REPO))
+    prepare_process()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="train the arms not yet in the sweep file")
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     q = sub.add_parser("render", help="write the results table from the sweep file")
     q.add_argument("--sweep", type=Path, default=SWEEP)
     q.add_argument("--steps", type=int, default=0, help="which sweep length (default: longest)")
-    q.add_argument("--peer", type=Path, default=REPO / "bench/results/peer_trl-latest.json")
+    q.add_argument("--peer", type=Path, default=RESULTS / "peer_trl-latest.json")
     q.add_argument("--out", type=Path, default=None, help="e.g. docs/RESULTS.md")
     args = p.parse_args(argv)
     if args.cmd == "run":

@@ -32,9 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import save
+from common import RESULTS, prepare_process, save
 
-REPO = Path(__file__).resolve().parents[1]
 PATHS = ("body", "naive", "chunked")
 PROMPT_TOKENS = 32
 
@@ -215,11 +214,11 @@ def main() -> None:
         "--threads", type=int, default=0, help="torch threads per worker (0 = torch's default)"
     )
     parser.add_argument("--model", help="student HF folder (default: the SmolLM2 student)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    sys.path.insert(0, str(REPO))
+    prepare_process()
 
     if args.worker:
         ((rows, response),) = sizes

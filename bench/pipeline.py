@@ -62,15 +62,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from common import machine_info, save
+from common import REPO, RESULTS, machine_info, prepare_process, save
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "deploy" / "configs" / "demo.toml"
 SPEEDUP_TARGET = 1.3  # overlapped samples/s over sequential samples/s
 LEARNER_BUSY_TARGET = 0.80  # learner compute seconds over steady-state wall seconds
@@ -368,124 +366,6 @@ def print_gpu_section(proj: dict) -> None:
     )
 
 
-# --------------------------------------------------------------------------- dispatch
-
-
-@dataclass(frozen=True)
-class DispatchSizes:
-    """``--dispatch``: the rollout tier alone (no learner), one sampler slowed on purpose."""
-
-    steps: int = 6
-    warmup_steps: int = 1
-    prompts_per_step: int = 16
-    samples_per_prompt: int = 4
-    max_tokens: int = 32
-    slow_group_delay_s: float = 0.3  # test-only delay the slow sampler adds per prompt group
-
-
-DISPATCH_CASES = (
-    # label, samplers, dispatch, slowed, groups per chunk (0 = auto)
-    ("fast sampler alone", 1, "dynamic", False, 0),
-    ("static, 1 fast + 1 slow", 2, "static", True, 0),
-    ("dynamic (auto chunks), fast + slow", 2, "dynamic", True, 0),
-    ("dynamic (2-group chunks), fast + slow", 2, "dynamic", True, 2),
-)
-
-
-def dispatch_case(
-    folder: Path, sz: DispatchSizes, samplers: int, dispatch: str, slowed: bool, groups: int
-):
-    """Seconds per batch (steady state) of the rollout tier producing batches back to back."""
-    from transformers import AutoTokenizer
-
-    from rollout.engine import EngineSettings
-    from rollout.prompting import encode_prompt
-    from rollout.sampler import Faults
-    from rollout.sources import make_source
-    from services.rollout_service import RolloutPlan, RolloutService
-
-    settings = EngineSettings(model_path=str(folder), dtype="float32", seed=0, kv_cache_mb=128)
-    batch = sz.prompts_per_step * sz.samples_per_prompt
-    plan = RolloutPlan(
-        prompts_per_step=sz.prompts_per_step,
-        samples_per_prompt=sz.samples_per_prompt,
-        max_tokens=sz.max_tokens,
-        temperature=1.0,
-        max_staleness=sz.steps,  # no weight pushes here: only the producer's pace counts
-        channel_capacity=batch,  # at most one batch ahead of the consumer
-        sync_timeout_s=120,
-        seed=0,
-        dispatch=dispatch,
-        dispatch_groups=groups,
-    )
-    svc = RolloutService(
-        student_settings=settings,
-        teacher_settings=settings,
-        num_samplers=samplers,
-        num_scorers=1,
-        sampler_resources={"num_cpus": 0.1},
-        scorer_resources={"num_cpus": 0.1},
-        plan=plan,
-        sampler_faults={1: Faults(group_delay_s=sz.slow_group_delay_s)} if slowed else None,
-    )
-    tok = AutoTokenizer.from_pretrained(str(folder))
-    try:
-        svc.start(
-            make_source("arithmetic", seed=0),
-            lambda text: encode_prompt(tok, text),
-            first_step=1,
-            last_step=sz.steps,
-        )
-        times = []
-        for step in range(1, sz.steps + 1):
-            t0 = time.perf_counter()
-            svc.next_batch(step, timeout=600)
-            times.append(time.perf_counter() - t0)
-        stats = svc.worker_metrics()
-    finally:
-        svc.stop()
-    steady = times[sz.warmup_steps :]
-    return {
-        "s_per_batch": statistics.fmean(steady),
-        "s_per_batch_each": steady,
-        "samples_per_worker": {
-            k.split("/")[1]: v
-            for k, v in stats.items()
-            if k.startswith("worker/student-sampler") and k.endswith("/samples")
-        },
-    }
-
-
-def run_dispatch(args: argparse.Namespace) -> dict:
-    import ray
-
-    sz = DispatchSizes(steps=args.steps or DispatchSizes.steps)
-    folder, _ = model_folders("tiny") if args.models == "tiny" else model_folders("toy")
-    report = {"meta": {**machine_info(), "model": str(folder), "sizes": asdict(sz)}, "cases": {}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        for label, samplers, dispatch, slowed, groups in DISPATCH_CASES:
-            print(f"[pipeline] dispatch: {label} ...", flush=True)
-            report["cases"][label] = dispatch_case(folder, sz, samplers, dispatch, slowed, groups)
-    finally:
-        ray.shutdown()
-    report["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    return report
-
-
-def print_dispatch(report: dict) -> None:
-    sz = report["meta"]["sizes"]
-    print(
-        f"\nStatic vs dynamic dispatch: {sz['prompts_per_step']} prompts x "
-        f"{sz['samples_per_prompt']} samples per batch, one sampler slowed by "
-        f"{sz['slow_group_delay_s']} s per prompt group, {sz['steps'] - sz['warmup_steps']} "
-        "steady batches"
-    )
-    print(f"{'case':38} {'s/batch':>8}  samples per sampler")
-    for label, r in report["cases"].items():
-        print(f"{label:38} {r['s_per_batch']:8.2f}  {r['samples_per_worker']}")
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -505,7 +385,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out",
         type=Path,
-        default=REPO / "bench" / "results",
+        default=RESULTS,
         help="folder for pipeline-<timestamp>.json and pipeline-latest.json",
     )
     p.add_argument(
@@ -513,11 +393,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=None,
         help="write the two run directories here instead of a temporary folder",
-    )
-    p.add_argument(
-        "--dispatch",
-        action="store_true",
-        help="instead: static vs dynamic dispatch with one slowed sampler (rollout tier only)",
     )
     return p.parse_args(argv)
 
@@ -570,20 +445,8 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    sys.path.insert(0, str(REPO))
-    # Ray workers must import rollout/ and services/ from this checkout.
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p
-    )
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    prepare_process()
     t0 = time.perf_counter()
-    if args.dispatch:
-        report = run_dispatch(args)
-        report["meta"]["wall_s"] = time.perf_counter() - t0
-        print_dispatch(report)
-        print(f"\nsaved {save(report, args.out, 'dispatch')} ({report['meta']['wall_s']:.0f} s)")
-        return
     report = run(args)
     report["meta"]["wall_s"] = time.perf_counter() - t0
     print_report(report)
