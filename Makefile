@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) bench/scoring.py
 	$(PY) bench/weight_sync.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/dispatch.py
 
 clean-cache:
 	rm -rf .cache

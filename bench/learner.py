@@ -108,7 +108,7 @@ def worker(model_dir: str, path: str, rows: int, response: int, steps: int, chun
             hidden_BTH = final_hidden_states(model, batch.input_ids_BT, batch.attention_mask_BT)
             loss = hidden_BTH.square().mean()
         else:
-            loss, _ = compute_loss(model, batch, settings=settings, normaliser=n, policy_version=0)
+            loss, _ = compute_loss(model, batch, settings=settings, normaliser=n)
         loss.backward()
         del loss
         t1 = time.perf_counter()
