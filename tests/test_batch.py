@@ -1,5 +1,7 @@
 """The learner's padded batch: hand-checked alignment, and collate/split round trips."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -111,8 +113,29 @@ def test_collate_rejects_empty_and_batch_checks_shapes():
         )
 
 
-def test_to_device_keeps_values():
+def _with_topk(batch, k=2):
+    B, T = batch.input_ids_BT.shape
+    return dataclasses.replace(
+        batch,
+        teacher_topk_ids_BTK=torch.arange(B * T * k).reshape(B, T, k),
+        teacher_topk_logp_BTK=-torch.rand(B, T, k),
+    )
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["sampled", "topk"])
+def test_to_device_moves_every_tensor(topk):
+    """A move to the ``meta`` device (a real device change, no copy of values) reaches every
+    tensor field, listed from the dataclass so a new field is covered too, and keeps each
+    one's shape and dtype; the source batch stays where it was."""
     batch = collate(two_samples(), pad_id=0)
-    moved = batch.to("cpu")
-    assert torch.equal(moved.logp_teacher_BT, batch.logp_teacher_BT)
-    assert moved.sample_ids == batch.sample_ids
+    batch = _with_topk(batch) if topk else batch
+    moved = batch.to("meta")
+    for f in dataclasses.fields(TrainBatch):
+        old, new = getattr(batch, f.name), getattr(moved, f.name)
+        if isinstance(old, torch.Tensor):
+            assert new.device.type == "meta", f.name
+            assert (new.shape, new.dtype) == (old.shape, old.dtype), f.name
+            assert old.device.type == "cpu", f.name
+        else:
+            assert new == old, f.name
+    assert moved.topk == batch.topk == (2 if topk else 0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
-import time
+import tomllib
+import typing
 from pathlib import Path
 
 import pytest
@@ -108,26 +110,56 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_cli_help_is_fast_and_light():
-    t0 = time.perf_counter()
-    out = _cli("--help")
-    elapsed = time.perf_counter() - t0
-    assert out.returncode == 0 and "train" in out.stdout
-    assert elapsed < 3.0, f"--help took {elapsed:.2f}s"
-    probe = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys, services.cli as c\n"
-            "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('torch','ray','vllm','deepspeed','transformers') if m in sys.modules))",
-        ],
+HEAVY = ("torch", "ray", "vllm", "deepspeed", "transformers")
+
+
+def _subcommands() -> list[str]:
+    import argparse
+
+    from services.cli import _parser
+
+    (sub,) = [a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return sorted(sub.choices)
+
+
+def _imported_modules(stderr: str) -> set[str]:
+    """Module names from ``python -X importtime``'s report (``... | cumulative | name``)."""
+    rows = [line.split("|") for line in stderr.splitlines() if line.startswith("import time:")]
+    return {row[2].strip() for row in rows if len(row) == 3} - {"imported package"}
+
+
+def test_importtime_parser_sees_a_heavy_import():
+    """The probe below can fail: a report naming a heavy module is seen."""
+    report = (
+        "import time: self [us] | cumulative | imported package\n"
+        "import time:       120 |        120 |   argparse\n"
+        "import time:      9000 |     900000 |     torch._C\n"
+    )
+    loaded = _imported_modules(report)
+    assert loaded == {"argparse", "torch._C"}
+    assert [m for m in loaded if m.split(".")[0] in HEAVY] == ["torch._C"]
+
+
+@pytest.mark.parametrize("command", [None, *_subcommands()])
+def test_cli_help_imports_no_heavy_library(command):
+    """``--help`` answers without importing torch, Ray, vLLM, DeepSpeed or transformers (style
+    rule 13): checked on what the interpreter actually imported, not on a wall clock."""
+    args = ["--help"] if command is None else [command, "--help"]
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "services.cli", *args],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=120,
     )
-    assert probe.stdout.strip().splitlines()[-1] == "[]"
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("usage: opdplus")
+    if command is None:
+        assert all(name in out.stdout for name in _subcommands())
+    loaded = _imported_modules(out.stderr)
+    assert {"argparse", "services"} <= loaded  # the report was parsed
+    heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)
+    assert not heavy, f"opdplus {' '.join(args)} imported {heavy}"
 
 
 @pytest.mark.parametrize(
@@ -147,8 +179,99 @@ def test_cli_config_errors_exit_nonzero_without_traceback(args, expected):
     assert expected in out.stderr
 
 
-def test_config_describe_lists_every_key():
+def _schema(cls: type = Config, prefix: str = "") -> dict[str, dataclasses.Field]:
+    """Every leaf key of the config tree → its dataclass field, walked from the dataclasses."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, dataclasses.Field] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= _schema(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = f
+    return out
+
+
+def _default(f: dataclasses.Field):
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _described(text: str) -> dict[str, tuple[str, str]]:
+    """``opdplus config --describe`` output → key: (default as TOML, doc)."""
+    rows = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(" = ")
+        default, _, doc = rest.partition("  # ")
+        rows[key.strip()] = (default.strip(), doc.strip())
+    return rows
+
+
+def describe_problems(schema: dict[str, dataclasses.Field], text: str) -> list[str]:
+    """What ``--describe``'s output ``text`` gets wrong about ``schema``: a key missing, listed
+    twice or unknown, a key without a doc, a default that is not the field's."""
+    rows = _described(text)
+    problems = []
+    keys = [line.partition(" = ")[0].strip() for line in text.splitlines()]
+    problems += [
+        f"{k}: listed {keys.count(k)} times" for k in sorted(set(keys)) if keys.count(k) > 1
+    ]
+    problems += [f"{k}: not a config key" for k in rows if k not in schema]
+    for key, f in schema.items():
+        if not f.metadata.get("doc", "").strip():
+            problems.append(f"{key}: no doc in services/config.py")
+        if key not in rows:
+            problems.append(f"{key}: not described")
+            continue
+        default, doc = rows[key]
+        if not doc:
+            problems.append(f"{key}: described without a doc")
+        if tomllib.loads(f"v = {default}")["v"] != _default(f):
+            problems.append(f"{key}: described default {default} is not {_default(f)!r}")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def described() -> str:
     out = _cli("config", "--describe")
-    assert out.returncode == 0
-    for key in ("distill.divergence", "rollout.max_staleness", "learner.zero_stage", "run.steps"):
-        assert key in out.stdout
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_config_describe_lists_every_key(described):
+    schema = _schema()
+    assert len(schema) > 50 and {"distill.divergence", "learner.zero_stage"} <= set(schema)
+    assert describe_problems(schema, described) == []
+    # The function behind it agrees with what was printed.
+    assert [k for k, _, _ in describe()] == list(schema)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Undocumented:
+    knob: int = dataclasses.field(default=3)  # no doc: a planted schema error
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlantedTree:
+    extra: _Undocumented = dataclasses.field(default_factory=_Undocumented)
+
+
+def test_describe_check_catches_planted_errors(described):
+    schema = _schema()
+    lines = described.splitlines()
+    dropped = "\n".join(ln for ln in lines if not ln.startswith("rollout.max_staleness "))
+    assert describe_problems(schema, dropped) == ["rollout.max_staleness: not described"]
+    undocumented = "\n".join(
+        ln.partition("  # ")[0] if ln.startswith("run.seed ") else ln for ln in lines
+    )
+    assert describe_problems(schema, undocumented) == ["run.seed: described without a doc"]
+    wrong = "\n".join(
+        ln.replace("= 1 ", "= 7 ", 1) if ln.startswith("learner.zero_stage ") else ln
+        for ln in lines
+    )
+    assert describe_problems(schema, wrong) == ["learner.zero_stage: described default 7 is not 1"]
+    twice = "\n".join([*lines, lines[0]])
+    assert describe_problems(schema, twice) == ["run.name: listed 2 times"]
+
+    assert describe_problems(_schema(_PlantedTree), "") == [
+        "extra.knob: no doc in services/config.py",
+        "extra.knob: not described",
+    ]

@@ -35,10 +35,15 @@ def test_unknown_name_lists_valid_names():
 
 
 def test_parameter_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"divergence 'alpha': .*missing .*'alpha'"):
         get_divergence("alpha")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"divergence 'alpha': .*unexpected keyword .*'beta'"):
+        get_divergence("alpha", beta=0.5)
+    with pytest.raises(ValueError, match=r"'reverse_kl' takes no parameters, got \['alpha'\]"):
         get_divergence("reverse_kl", alpha=0.5)
+    div = get_divergence("js")
+    with pytest.raises(ValueError, match=r"parameters \['alpha'\] given with a Divergence"):
+        get_divergence(div, alpha=0.5)
 
 
 def test_instance_passes_through():

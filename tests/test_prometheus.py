@@ -7,6 +7,7 @@ import json
 import math
 import re
 import time
+import types
 import urllib.request
 
 import pytest
@@ -111,6 +112,7 @@ def test_step_row_maps_to_gauges(monkeypatch):
     """Which row key feeds which gauge, with which tags (a recording Gauge, no Ray needed)."""
     import ray.util.metrics
 
+    import services.metrics
     from services.metrics import RayMetrics
 
     recorded: dict = {}
@@ -124,6 +126,9 @@ def test_step_row_maps_to_gauges(monkeypatch):
             recorded[(self.name, tags.get("worker"))] = value
 
     monkeypatch.setattr(ray.util.metrics, "Gauge", Recorder)
+    # A clock the test moves: the rate below is exact, whatever the machine's load.
+    now = [1000.0]
+    monkeypatch.setattr(services.metrics, "time", types.SimpleNamespace(time=lambda: now[0]))
     m = RayMetrics("r1")
     row = {
         "learner/loss": 0.5,
@@ -149,7 +154,18 @@ def test_step_row_maps_to_gauges(monkeypatch):
     assert recorded[("opdplus_restarts", None)] == 1
     assert recorded[("opdplus_worker_samples", "teacher-scorer-1")] == 8
     assert recorded[("opdplus_worker_restarts", "student-sampler-0")] == 1
-    # A rate needs two rows: 16 more samples over the time between the calls.
-    m._last["student-sampler-0"] = (m._last["student-sampler-0"][0] - 2.0, 16.0)
+    # A rate needs two rows: none after the first.
+    assert ("opdplus_worker_samples_per_s", "student-sampler-0") not in recorded
+    # 16 more samples over the 2 s between the calls; the scorer's total did not move.
+    now[0] += 2.0
     m.step(4, row | {"worker/student-sampler-0/samples": 32})
-    assert 7.0 < recorded[("opdplus_worker_samples_per_s", "student-sampler-0")] <= 8.0
+    assert recorded[("opdplus_worker_samples_per_s", "student-sampler-0")] == 8.0
+    assert recorded[("opdplus_worker_samples_per_s", "teacher-scorer-1")] == 0.0
+    assert recorded[("opdplus_worker_samples", "student-sampler-0")] == 32
+    # A restarted worker whose total went down reports 0, never a negative rate.
+    now[0] += 4.0
+    m.step(5, row | {"worker/student-sampler-0/samples": 4})
+    assert recorded[("opdplus_worker_samples_per_s", "student-sampler-0")] == 0.0
+    now[0] += 1.0
+    m.step(6, row | {"worker/student-sampler-0/samples": 10})
+    assert recorded[("opdplus_worker_samples_per_s", "student-sampler-0")] == 6.0

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import pytest
 import torch
 
+from models import toy
 from models.toy import BUILD_MARKER, build_tiny_model, build_tokenizer
 from rollout import tasks
 
@@ -45,10 +45,8 @@ def _token_stats(folder, n: int = 100) -> tuple[float, float]:
     return nll, acc
 
 
-def test_tiny_builder_gives_a_loadable_better_than_chance_model(tmp_path):
-    start = time.perf_counter()
+def test_tiny_builder_gives_a_loadable_better_than_chance_model(tmp_path, monkeypatch):
     folder = build_tiny_model(tmp_path / "tiny", steps=30, progress=False)
-    built_s = time.perf_counter() - start
     for name in [
         "config.json",
         "model.safetensors",
@@ -68,12 +66,19 @@ def test_tiny_builder_gives_a_loadable_better_than_chance_model(tmp_path):
     assert nll < 0.6 * chance_nll, (nll, chance_nll)
     assert acc > 0.3, acc
 
-    # Cached: same spec returns at once without touching the folder.
-    stamp = (folder / "model.safetensors").stat().st_mtime_ns
-    start = time.perf_counter()
+    # Cached: the same spec returns without training or touching the folder. Training is
+    # made to fail, so a rebuild cannot pass unnoticed however fast it would be.
+    stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached build trained again")
+
+    monkeypatch.setattr(toy, "train_sft", no_training)
     assert build_tiny_model(tmp_path / "tiny", steps=30) == folder
-    assert time.perf_counter() - start < min(1.0, built_s)
-    assert (folder / "model.safetensors").stat().st_mtime_ns == stamp
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp
+    # ... and the guard is live: a changed spec does reach training.
+    with pytest.raises(AssertionError, match="trained again"):
+        build_tiny_model(tmp_path / "tiny", steps=31)
 
 
 def test_tiny_builder_is_deterministic_and_spec_sensitive(tmp_path):
