@@ -21,7 +21,7 @@ class _Operator:
     def on_step(self, step: int, row: dict) -> None:
         from services.control import scale
 
-        phase = [k for k, _ in self.log]
+        phase = [k for k, *_ in self.log]
         if not phase and step >= 2:
             self.log.append(("up", step, scale(self.run_dir, samplers=2, scorers=None)))
         elif phase == ["up"] and row.get("worker/student-sampler-1/samples", 0) > 0:
