@@ -6,6 +6,11 @@ through Ray, on the toy student and the SmolLM2 student.
    ``StudentSampler.load_weights.remote(ref, version)`` awaited, end to end; ``load_s`` is the
    actor's own loading time, the rest is transport. The ratio Ray / in-process is the cost of
    the object-store path over loading alone. One actor (1 CPU of a 2-CPU local Ray) per student.
+3. Over gloo (``rollout.sync_backend = "gloo"``, the NCCL path with a gloo communicator): this
+   process is rank 0 (``WeightSender``, as learner rank 0 is in a run), the StudentSampler
+   actor (engine built with ``weight_transfer="gloo"``) rank 1; per push: stage, the packed
+   broadcast and the actor's ``collective_receive_weights`` (vLLM's start / update / finish),
+   awaited, end to end. The ratio gloo / Ray compares the two transports in the same run.
 
 The pushed tensors are the model's Hugging Face-named parameters (what the learner sends),
 alternately perturbed (noise of 5 % of each tensor's std) and original, ending on the
@@ -185,6 +190,69 @@ def ray_sync(settings, probe: list[list[int]], pushes: int) -> dict:
     }
 
 
+def gloo_sync(settings, probe: list[list[int]], pushes: int) -> dict:
+    """A StudentSampler actor receives each push by gloo broadcast from this process."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Ray outside services/: this figure times the raw calls services/nccl_sync.py makes.
+    import ray
+
+    from rollout.weight_transfer import WeightSender
+    from services.actors import StudentSampler
+    from services.cluster import free_node_address
+
+    settings = dataclasses.replace(settings, weight_transfer="gloo")
+    t0 = time.perf_counter()
+    actor = StudentSampler.options(num_cpus=1).remote(settings)
+    version = ray.get(actor.version.remote())
+    start_s = time.perf_counter() - t0
+    host, port = free_node_address()
+    t0 = time.perf_counter()
+    joined = actor.collective_init_receiver.remote(host, port, 1, 2)
+    with ThreadPoolExecutor(1) as pool:  # the sender blocks until the actor has joined
+        sender = pool.submit(WeightSender, host, port, 2, backend="gloo", dtype=settings.dtype)
+        ray.get(joined)
+        sender = sender.result()
+    setup_s = time.perf_counter() - t0
+    pattern = push_pattern(Path(settings.model_path), settings.dtype, pushes)
+
+    def push(named) -> dict:
+        nonlocal version
+        version += 1
+        t1 = time.perf_counter()
+        meta = sender.stage(named)
+        received = actor.collective_receive_weights.remote(meta, version)
+        send_s = sender.send_staged()
+        served, receive_s = ray.get(received)
+        total_s = time.perf_counter() - t1
+        if served != version:
+            raise RuntimeError(f"sampler serves version {served} after pushing {version}")
+        return {"send_s": send_s, "receive_s": receive_s, "total_s": total_s}
+
+    rows, sanity = timed_pushes(
+        lambda: ray.get(actor.generate.remote(probe, max_tokens=2, temperature=0.0)),
+        push,
+        pattern,
+    )
+    ray.get(actor.collective_close_receiver.remote())
+    sender.close()
+    ray.kill(actor)
+    return {
+        "path": "gloo broadcast (vLLM weight-transfer engine) -> StudentSampler actor",
+        "model": settings.model_path,
+        "dtype": settings.dtype,
+        "actor_num_cpus": 1,
+        "ray_num_cpus": 2,
+        "actor_start_s": start_s,
+        "group_setup_s": setup_s,
+        "pushes": rows,
+        "median_total_s": statistics.median(r["total_s"] for r in rows),
+        "median_receive_s": statistics.median(r["receive_s"] for r in rows),
+        **sanity,
+    }
+
+
 def measure(report: dict, sizes: Sizes, args: argparse.Namespace) -> None:
     from services.cluster import ray_session
 
@@ -213,19 +281,24 @@ def measure(report: dict, sizes: Sizes, args: argparse.Namespace) -> None:
             sync[name]["ray_over_in_process"] = (
                 ray_fig["median_total_s"] / sync[name]["in_process"]["median_s"]
             )
+            gloo_fig = gloo_sync(settings, arithmetic_prompts(folder, 4), sizes.pushes)
+            sync[name]["gloo"] = gloo_fig
+            sync[name]["gloo_over_ray"] = gloo_fig["median_total_s"] / ray_fig["median_total_s"]
 
 
 def table(report: dict) -> list[tuple[str, str, str]]:
     rows = []
     for name, s in report.get("weight_sync", {}).items():
-        inproc, ray = s["in_process"], s["ray"]
-        ok = inproc["sanity_ok"] and ray["sanity_ok"]
+        inproc, ray, gloo = s["in_process"], s["ray"], s["gloo"]
+        ok = inproc["sanity_ok"] and ray["sanity_ok"] and gloo["sanity_ok"]
         rows.append(
             (
                 f"weight push {name}, {inproc['params'] / 1e6:.1f} M params: in process "
                 f"{inproc['median_s'] * 1e3:.0f} ms, through Ray {ray['median_total_s'] * 1e3:.0f}"
-                f" ms (actor load {ray['median_load_s'] * 1e3:.0f} ms)",
-                f"Ray {s['ray_over_in_process']:.1f}x in-process",
+                f" ms (actor load {ray['median_load_s'] * 1e3:.0f} ms), over gloo "
+                f"{gloo['median_total_s'] * 1e3:.0f} ms (actor receive "
+                f"{gloo['median_receive_s'] * 1e3:.0f} ms)",
+                f"Ray {s['ray_over_in_process']:.1f}x in-process, gloo {s['gloo_over_ray']:.2f}x Ray",
                 "sanity ok" if ok else "SANITY FAILED",
             )
         )

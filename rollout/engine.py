@@ -32,7 +32,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from vllm import LLM, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
 
-from rollout.weight_transfer import nccl_available  # noqa: E402
+# Importing rollout.weight_transfer registers the "gloo" weight-transfer engines with vLLM. The
+# worker imports this module (worker_extension_cls) before it builds its transfer engine, so the
+# registration holds in the worker's process whether it is this one or a subprocess.
+from rollout.weight_transfer import BACKENDS as COLLECTIVE_BACKENDS  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,9 @@ class EngineSettings:
     kv_cache_mb: KV-cache size on CPU, in MiB (an explicit size: vLLM's fraction-of-RAM rule
     subtracts the whole process's memory, which fails when the engine runs inside an actor).
     kv_cache_fraction: vLLM's gpu_memory_utilization, used on GPU only.
-    weight_transfer: "none" (weights arrive through ``load_weights``) or "nccl" (vLLM's NCCL
-    weight-transfer engine is built into the worker; see ``NcclWeightReceiver``; GPU only).
+    weight_transfer: "none" (weights arrive through ``load_weights``), "nccl" (vLLM's NCCL
+    weight-transfer engine is built into the worker; GPU only) or "gloo" (the same engine over
+    a gloo group, on CPU); see ``rollout.weight_transfer.WeightReceiver``.
     teacher_topk: TeacherEngine only: K > 0 also returns the teacher's top-K token ids and
     log-probs at every response position (dense OPD+, learner/dense.py); 0 = sampled token only.
     teacher_temperature: TeacherEngine only: τ_T > 0; scores log softmax(logits / τ_T).
@@ -338,7 +342,7 @@ def _top_k(entry, token: int, k: int) -> tuple[tuple[int, ...], tuple[float, ...
 
 
 # Engine-side choice of weight transport; the transport itself is rollout/weight_transfer.py.
-WEIGHT_TRANSFER_BACKENDS = ("none", "nccl")
+WEIGHT_TRANSFER_BACKENDS = ("none", *COLLECTIVE_BACKENDS)
 
 
 def _weight_transfer_kwargs(weight_transfer: str) -> dict:
@@ -349,12 +353,13 @@ def _weight_transfer_kwargs(weight_transfer: str) -> dict:
         )
     if weight_transfer == "none":
         return {}
-    if not nccl_available():
+    backend = COLLECTIVE_BACKENDS[weight_transfer]
+    if not backend.available():
         raise EngineError(
-            "weight_transfer='nccl' needs a CUDA GPU and the NCCL library in this process "
-            f"(cuda available: {torch.cuda.is_available()}); use the object-store weight path "
-            "(rollout.sync_backend = 'object_store') on CPU"
+            f"weight_transfer={weight_transfer!r} needs {backend.needs} in this process "
+            f"(cuda available: {torch.cuda.is_available()}); use rollout.sync_backend = "
+            "'gloo' or 'object_store' on CPU"
         )
     from vllm.config import WeightTransferConfig
 
-    return {"weight_transfer_config": WeightTransferConfig(backend="nccl")}
+    return {"weight_transfer_config": WeightTransferConfig(backend=weight_transfer)}

@@ -39,7 +39,7 @@ class StudentSampler:
     def __init__(self, spec) -> None:
         """spec: rollout.engine.EngineSettings (or a spec with the same ``student_engine``)."""
         self.sampler = Sampler.build(spec)
-        self.nccl_receiver = None
+        self.receiver = None  # rollout.weight_transfer.WeightReceiver, collective path only
 
     def version(self) -> int:
         return self.sampler.version
@@ -57,28 +57,30 @@ class StudentSampler:
         """Load pushed weights; returns (version now served, seconds spent loading)."""
         return self.sampler.load_weights(named_tensors, version)
 
-    # GPU path (services/nccl_sync.py): weights arrive by NCCL broadcast from learner rank 0.
-    def nccl_init_receiver(
+    # Collective path (services/nccl_sync.py): weights arrive by broadcast from learner rank 0,
+    # over NCCL on GPUs or gloo on CPU (the engine was built with that weight_transfer).
+    def collective_init_receiver(
         self, master_address: str, master_port: int, rank_offset: int, world_size: int
     ) -> None:
-        """Join the learner's NCCL weight group as rank ``rank_offset`` (blocks until all ranks join)."""
-        from rollout.weight_transfer import NcclWeightReceiver
+        """Join the learner's weight group as rank ``rank_offset`` (blocks until all ranks join)."""
+        from rollout.weight_transfer import WeightReceiver
 
-        self.nccl_receiver = NcclWeightReceiver(
+        self.receiver = WeightReceiver(
             self.sampler.engine, master_address, master_port, rank_offset, world_size
         )
 
-    def nccl_receive_weights(self, meta, version: int) -> tuple[int, float]:
-        """Receive one broadcast (meta: rollout.engine.WeightMeta); returns (version served, seconds)."""
-        if self.nccl_receiver is None:
-            raise RuntimeError("nccl_init_receiver was not called on this sampler")
-        seconds = self.nccl_receiver.receive(meta, version)
+    def collective_receive_weights(self, meta, version: int) -> tuple[int, float]:
+        """Receive one broadcast (meta: rollout.weight_transfer.WeightMeta); returns (version
+        served, seconds)."""
+        if self.receiver is None:
+            raise RuntimeError("collective_init_receiver was not called on this sampler")
+        seconds = self.receiver.receive(meta, version)
         return self.sampler.version, seconds
 
-    def nccl_close_receiver(self) -> None:
-        if self.nccl_receiver is not None:
-            self.nccl_receiver.close()
-            self.nccl_receiver = None
+    def collective_close_receiver(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
+            self.receiver = None
 
 
 @ray.remote

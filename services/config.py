@@ -23,7 +23,7 @@ class ConfigError(UserError, ValueError):
     """A run config is invalid; the message names the key and what was expected."""
 
 
-SyncBackend = Literal["auto", "object_store", "nccl"]
+SyncBackend = Literal["auto", "object_store", "nccl", "gloo"]
 SYNC_BACKENDS: tuple[str, ...] = typing.get_args(SyncBackend)
 
 
@@ -100,7 +100,10 @@ class RolloutConfig:
     max_model_len: int = _f(256, "longest prompt+response the engines accept")
     sync_timeout_s: float = _f(120.0, "a weight push that takes longer fails with an error")
     sync_backend: SyncBackend = _f(
-        "auto", "weight-sync path; auto = nccl on GPU, object store on CPU"
+        "auto",
+        "weight-sync path; auto = nccl on GPU, object store on CPU; gloo = the nccl path "
+        "(collective broadcast from learner rank 0) over gloo, on CPU; nccl and gloo fix the "
+        "samplers when the group forms (no restarts or resizing)",
     )
     max_restarts: int = _f(
         3, "times a dead sampler or scorer is replaced (per worker) before the run stops"
@@ -413,6 +416,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(lr.threads >= 0, "learner.threads", "must be >= 0 (0 = cpus_per_rank)")
     need(lr.micro_batch_tokens >= 0, "learner.micro_batch_tokens", "must be >= 0 (0 = off)")
     need(lr.logprob_chunk >= 0, "learner.logprob_chunk", "must be >= 0 (0 = full logits)")
+    if r.sync_backend in ("nccl", "gloo"):
+        need(
+            not r.in_process,
+            "rollout.sync_backend",
+            f"{r.sync_backend} broadcasts to sampler actors; rollout.in_process has none "
+            "(use 'object_store' or 'auto' in-process)",
+        )
     if r.sync_backend == "nccl":
         need(
             nccl_fits(r.sampler_gpus, lr.gpus_per_rank),

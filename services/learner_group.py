@@ -29,7 +29,7 @@ class LearnerRank:
         # that other actors (vLLM engines, the other ranks) reserved slows everyone down.
         torch.set_num_threads(num_threads)
         self.engine = None
-        self.nccl_sender = None
+        self.sender = None  # rollout.weight_transfer.WeightSender, collective sync only
 
     def rendezvous_address(self) -> tuple[str, int]:
         """This node's IP and a port free on it, for the process group's master."""
@@ -59,33 +59,35 @@ class LearnerRank:
     def save_hf(self, path: str) -> None:
         self.engine.save_hf(path)
 
-    # GPU weight sync (services/nccl_sync.py). Must stay a plain sequential actor: the send
-    # relies on running after the export on this same actor.
-    def nccl_sender_address(self) -> tuple[str, int]:
+    # Collective weight sync (services/nccl_sync.py; NCCL or gloo). Must stay a plain
+    # sequential actor: the send relies on running after the export on this same actor.
+    def collective_sender_address(self) -> tuple[str, int]:
         return self.rendezvous_address()
 
-    def nccl_init_sender(
-        self, master_address: str, master_port: int, world_size: int, dtype: str
+    def collective_init_sender(
+        self, master_address: str, master_port: int, world_size: int, dtype: str, backend: str
     ) -> None:
-        from rollout.weight_transfer import NcclWeightSender
+        from rollout.weight_transfer import WeightSender
 
-        self.nccl_sender = NcclWeightSender(master_address, master_port, world_size, dtype=dtype)
+        self.sender = WeightSender(
+            master_address, master_port, world_size, backend=backend, dtype=dtype
+        )
 
-    def nccl_stage_weights(self, is_sender: bool):
+    def collective_stage_weights(self, is_sender: bool):
         weights = self.engine.export_weights()  # every rank: ZeRO-3 gathers are collective
         if not is_sender:
             return None
-        if self.nccl_sender is None:
-            raise RuntimeError("nccl_init_sender was not called on learner rank 0")
-        return self.nccl_sender.stage(weights)
+        if self.sender is None:
+            raise RuntimeError("collective_init_sender was not called on learner rank 0")
+        return self.sender.stage(weights)
 
-    def nccl_send_weights(self) -> float:
-        return self.nccl_sender.send_staged()
+    def collective_send_weights(self) -> float:
+        return self.sender.send_staged()
 
-    def nccl_close_sender(self) -> None:
-        if self.nccl_sender is not None:
-            self.nccl_sender.close()
-            self.nccl_sender = None
+    def collective_close_sender(self) -> None:
+        if self.sender is not None:
+            self.sender.close()
+            self.sender = None
 
 
 class LearnerGroup:

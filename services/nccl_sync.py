@@ -1,9 +1,10 @@
-"""GPU weight sync: the learner's rank 0 broadcasts new weights to every sampler engine over NCCL.
+"""Collective weight sync: the learner's rank 0 broadcasts new weights to every sampler engine,
+over NCCL (GPUs) or gloo (CPU) — one path, the communicator chosen by name.
 
-The data plane is vLLM's NCCL weight-transfer engine (``rollout.weight_transfer.NcclWeightSender`` /
-``NcclWeightReceiver``); this module is the control plane. It makes one Ray call per side,
-each under a deadline, so a push that cannot finish raises ``WeightSyncError`` naming the side
-that did not finish, instead of hanging the driver.
+The data plane is vLLM's weight-transfer engine pair for the backend
+(``rollout.weight_transfer.WeightSender`` / ``WeightReceiver``); this module is the control
+plane. It makes one Ray call per side, each under a deadline, so a push that cannot finish
+raises ``WeightSyncError`` naming the side that did not finish, instead of hanging the driver.
 
 Group layout: rank 0 = learner rank 0 (sender); rank 1 + i = sampler i (one vLLM worker per
 engine). A push is two steps submitted together: every learner rank exports its weights (a
@@ -13,16 +14,22 @@ export result straight into their call, so the driver never blocks between the t
 
 Actor methods this module calls (the actor protocol):
 
-* learner rank 0: ``nccl_sender_address() -> (ip, port)``,
-  ``nccl_init_sender(master_address, master_port, world_size, dtype)``,
-  ``nccl_stage_weights(is_sender) -> WeightMeta | None``, ``nccl_send_weights() -> seconds``,
-  ``nccl_close_sender()``. Other learner ranks: ``nccl_stage_weights(False)``.
-* each sampler: ``nccl_init_receiver(master_address, master_port, rank_offset, world_size)``,
-  ``nccl_receive_weights(meta, version) -> (version served, seconds)``, ``nccl_close_receiver()``.
+* learner rank 0: ``collective_sender_address() -> (ip, port)``,
+  ``collective_init_sender(master_address, master_port, world_size, dtype, backend)``,
+  ``collective_stage_weights(is_sender) -> WeightMeta | None``,
+  ``collective_send_weights() -> seconds``, ``collective_close_sender()``. Other learner
+  ranks: ``collective_stage_weights(False)``.
+* each sampler: ``collective_init_receiver(master_address, master_port, rank_offset,
+  world_size)``, ``collective_receive_weights(meta, version) -> (version served, seconds)``,
+  ``collective_close_receiver()``.
 
-An NCCL call that never meets its peer cannot be cancelled: after a failed setup or push the
+A collective call that never meets its peer cannot be cancelled (NCCL never returns; gloo
+returns after ``rollout.weight_transfer.GLOO_TIMEOUT_S``): after a failed setup or push the
 group (and the actors blocked in it) is unusable, and every later call here refuses at once.
 Recover by killing and restarting the learner and sampler actors.
+
+The group's members are fixed when it forms: a replaced or added sampler cannot join it
+(``fixed_membership_error``).
 """
 
 from __future__ import annotations
@@ -39,18 +46,37 @@ from services.config import SYNC_BACKENDS, nccl_fits
 from services.versions import WeightSyncError
 
 SENDER = "learner rank 0 (sender)"
-RECOVERY_HINT = (
-    "the NCCL group is unusable now (a peer may be blocked inside NCCL); "
-    "kill and restart the learner and sampler actors"
-)
+# The backends that move weights by a collective broadcast (rollout.weight_transfer.BACKENDS).
+COLLECTIVE = ("nccl", "gloo")
+LABELS = {"nccl": "NCCL", "gloo": "gloo"}
+
+
+def _recovery_hint(label: str) -> str:
+    return (
+        f"the {label} group is unusable now (a peer may be blocked inside a collective); "
+        "kill and restart the learner and sampler actors"
+    )
+
+
+def fixed_membership_error(backend: str, members: int, live: int) -> str:
+    """Why a changed sampler set cannot be served by a formed group, and what to do instead."""
+    return (
+        f"rollout.sync_backend = {backend!r}: the weight group was formed with {members} "
+        f"sampler(s), but the {live} live sampler(s) are no longer those (one was restarted or "
+        f"the pool was resized). A {LABELS[backend]} group cannot take new members mid-run, so "
+        f"samplers cannot be restarted or resized under {backend!r}. Resume the run "
+        f"(opdplus train --resume) to form a new group with the current sampler count, or use "
+        f"rollout.sync_backend = 'object_store' for restarts and live resizing"
+    )
 
 
 def resolve_sync_backend(requested: str, *, sampler_gpus: float, learner_gpus: float) -> str:
-    """The weight-sync path the driver should use: "nccl" or "object_store".
+    """The weight-sync path the driver should use: "nccl", "gloo" or "object_store".
 
     requested: ``rollout.sync_backend``. sampler_gpus / learner_gpus: GPUs per sampler actor and
     per learner rank. The NCCL path needs whole GPUs on both sides (``services.config.nccl_fits``).
-    "auto" picks NCCL exactly when that holds, the object store otherwise (CPU runs).
+    "auto" picks NCCL exactly when that holds, the object store otherwise (CPU runs: it alone
+    survives sampler restarts and resizing). "gloo" runs anywhere, opted into by name.
     """
     if requested not in SYNC_BACKENDS:
         raise ValueError(f"sync backend must be one of {SYNC_BACKENDS}, got {requested!r}")
@@ -91,8 +117,11 @@ class _Calls:
         calls: dict[str, ray.ObjectRef],
         timeout_s: float,
         started: float | None = None,
+        *,
+        hint: str,
     ) -> None:
         self.what = what
+        self.hint = hint
         self.labels = {ref: label for label, ref in calls.items()}
         self.order = list(calls.values())
         self.timeout_s = timeout_s
@@ -128,7 +157,7 @@ class _Calls:
         try:
             self.results[label] = ray.get(ref)
         except RayError as exc:
-            raise WeightSyncError(f"{self.what}: {label} failed: {exc}; {RECOVERY_HINT}") from exc
+            raise WeightSyncError(f"{self.what}: {label} failed: {exc}; {self.hint}") from exc
 
     def _timeout_message(self, pending: list[ray.ObjectRef]) -> str:
         waiting = [self.labels[ref] for ref in pending]
@@ -137,16 +166,14 @@ class _Calls:
             f"{self.what} did not finish within {self.timeout_s:g} s: still waiting on "
             f"{', '.join(waiting)}"
             + (f" (finished: {', '.join(done)})" if done else "")
-            + f"; {RECOVERY_HINT}"
+            + f"; {self.hint}"
         )
 
 
-class NcclPush:
+class Push:
     """One push in flight. ``poll()`` returns None while it runs; both raise WeightSyncError."""
 
-    def __init__(
-        self, sync: NcclWeightSync, version: int, calls: _Calls, num_samplers: int
-    ) -> None:
+    def __init__(self, sync: WeightSync, version: int, calls: _Calls, num_samplers: int) -> None:
         self._sync = sync
         self.version = version
         self._calls = calls
@@ -190,25 +217,36 @@ class NcclPush:
         return self._report
 
 
-class NcclWeightSync:
-    """Owns the NCCL weight group between the learner's rank 0 and the sampler engines.
+class WeightSync:
+    """Owns the weight group between the learner's rank 0 and the sampler engines.
 
-    ``setup`` once, then ``push`` (blocking) or ``start_push`` (returns an ``NcclPush`` to poll)
-    each time new weights should be served. One push is in flight at a time.
+    backend: "nccl" or "gloo" (the same calls; only the communicator differs). ``setup`` once,
+    then ``push`` (blocking) or ``start_push`` (returns a ``Push`` to poll) each time new
+    weights should be served. One push is in flight at a time.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, backend: str = "nccl") -> None:
+        if backend not in COLLECTIVE:
+            raise ValueError(f"collective backend must be one of {COLLECTIVE}, got {backend!r}")
+        self.backend = backend
+        self.label = LABELS[backend]
+        self.hint = _recovery_hint(self.label)
         self._learner = None
         self._peers: list = []
         self._samplers: list = []
         self._failure: str | None = None
-        self._pending: NcclPush | None = None
+        self._pending: Push | None = None
         self.version = 0
         self.address: tuple[str, int] | None = None
 
     @property
     def ready(self) -> bool:
         return self._learner is not None and self._failure is None
+
+    @property
+    def samplers(self) -> list:
+        """The samplers the group was formed with (rank 1 + i is ``samplers[i]``)."""
+        return list(self._samplers)
 
     def setup(
         self,
@@ -226,15 +264,16 @@ class NcclWeightSync:
         """
         _check_timeout(timeout_s)
         if self._learner is not None:
-            raise WeightSyncError("NCCL weight sync is already set up")
+            raise WeightSyncError(f"{self.label} weight sync is already set up")
         self._check_usable()
         samplers = list(sampler_actors)
         if not samplers:
-            raise ValueError("NCCL weight sync needs at least one sampler actor")
+            raise ValueError(f"{self.label} weight sync needs at least one sampler actor")
         address = _Calls(
-            "NCCL setup (sender address)",
-            {"learner rank 0 (address)": learner_rank0.nccl_sender_address.remote()},
+            f"{self.label} setup (sender address)",
+            {"learner rank 0 (address)": learner_rank0.collective_sender_address.remote()},
             timeout_s,
+            hint=self.hint,
         )
         try:
             address.poll(block=True)
@@ -244,11 +283,20 @@ class NcclWeightSync:
         host, port = address.results["learner rank 0 (address)"]
         started = address.started
         world_size = 1 + len(samplers)
-        calls = {SENDER: learner_rank0.nccl_init_sender.remote(host, port, world_size, wire_dtype)}
+        init = learner_rank0.collective_init_sender.remote(
+            host, port, world_size, wire_dtype, self.backend
+        )
+        calls = {SENDER: init}
         for i, sampler in enumerate(samplers):
-            calls[f"sampler {i}"] = sampler.nccl_init_receiver.remote(host, port, 1 + i, world_size)
+            calls[f"sampler {i}"] = sampler.collective_init_receiver.remote(
+                host, port, 1 + i, world_size
+            )
         join = _Calls(
-            f"NCCL setup ({world_size} ranks at {host}:{port})", calls, timeout_s, started
+            f"{self.label} setup ({world_size} ranks at {host}:{port})",
+            calls,
+            timeout_s,
+            started,
+            hint=self.hint,
         )
         try:
             join.poll(block=True)
@@ -260,7 +308,7 @@ class NcclWeightSync:
         self._samplers = samplers
         self.address = (host, port)
 
-    def start_push(self, version: int, timeout_s: float) -> NcclPush:
+    def start_push(self, version: int, timeout_s: float) -> Push:
         """Submit a push of the learner's current weights as ``version``; returns at once.
 
         Waits first for the previous push, if any, to finish.
@@ -268,22 +316,23 @@ class NcclWeightSync:
         _check_timeout(timeout_s)
         self._check_usable()
         if self._learner is None:
-            raise WeightSyncError("NCCL weight sync is not set up: call setup() first")
+            raise WeightSyncError(f"{self.label} weight sync is not set up: call setup() first")
         if self._pending is not None:
             self._pending.wait()
         if version <= self.version:
             raise ValueError(f"weight version {version} is not newer than {self.version}")
-        meta = self._learner.nccl_stage_weights.remote(True)
+        meta = self._learner.collective_stage_weights.remote(True)
         calls = {"learner rank 0 (export)": meta}
         for k, peer in enumerate(self._peers, start=1):
-            calls[f"learner rank {k} (export)"] = peer.nccl_stage_weights.remote(False)
+            calls[f"learner rank {k} (export)"] = peer.collective_stage_weights.remote(False)
         # Queued behind the export on the same actor; the samplers' calls start once `meta`
         # (rank 0's export) is ready, because Ray resolves object refs passed as arguments.
-        calls[SENDER] = self._learner.nccl_send_weights.remote()
+        calls[SENDER] = self._learner.collective_send_weights.remote()
         for i, sampler in enumerate(self._samplers):
-            calls[f"sampler {i}"] = sampler.nccl_receive_weights.remote(meta, version)
-        what = f"weight push of version {version} over NCCL"
-        self._pending = NcclPush(self, version, _Calls(what, calls, timeout_s), len(self._samplers))
+            calls[f"sampler {i}"] = sampler.collective_receive_weights.remote(meta, version)
+        what = f"weight push of version {version} over {self.label}"
+        pending = _Calls(what, calls, timeout_s, hint=self.hint)
+        self._pending = Push(self, version, pending, len(self._samplers))
         return self._pending
 
     def push(self, version: int, timeout_s: float) -> PushReport:
@@ -298,23 +347,23 @@ class NcclWeightSync:
             return
         if self._pending is not None:
             self._pending.wait()
-        calls = {SENDER: self._learner.nccl_close_sender.remote()}
+        calls = {SENDER: self._learner.collective_close_sender.remote()}
         for i, sampler in enumerate(self._samplers):
-            calls[f"sampler {i}"] = sampler.nccl_close_receiver.remote()
+            calls[f"sampler {i}"] = sampler.collective_close_receiver.remote()
         self._learner = None
-        _Calls("NCCL teardown", calls, timeout_s).poll(block=True)
+        _Calls(f"{self.label} teardown", calls, timeout_s, hint=self.hint).poll(block=True)
 
     # ------------------------------------------------------------------ state
 
     def _check_usable(self) -> None:
         if self._failure is not None:
-            raise WeightSyncError(f"NCCL weight sync failed earlier ({self._failure})")
+            raise WeightSyncError(f"{self.label} weight sync failed earlier ({self._failure})")
 
     def _fail(self, message: str) -> None:
         self._failure = message
         self._pending = None
 
-    def _pushed(self, push: NcclPush) -> None:
+    def _pushed(self, push: Push) -> None:
         self.version = push.version
         if self._pending is push:
             self._pending = None

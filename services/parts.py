@@ -47,6 +47,13 @@ def sync_backend(cfg: Config) -> str:
     )
 
 
+def _engine_weight_transfer(backend: str) -> str:
+    """The student engines' ``weight_transfer``: the collective backend, else "none"."""
+    from services.nccl_sync import COLLECTIVE
+
+    return backend if backend in COLLECTIVE else "none"
+
+
 def build_weight_publisher(cfg: Config, learner, rollout):
     from services.weight_publisher import make_weight_publisher
 
@@ -106,7 +113,7 @@ def build_rollout(cfg: Config, pair):
             cfg,
             pair.student,
             seed=cfg.run.seed,
-            weight_transfer="nccl" if sync_backend(cfg) == "nccl" else "none",
+            weight_transfer=_engine_weight_transfer(sync_backend(cfg)),
         ),
         teacher_settings=engine_settings(
             cfg,

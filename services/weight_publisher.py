@@ -2,17 +2,21 @@
 explicit version. Versions themselves are counted in ``services.versions``.
 
 Two publishers, one interface (``publish(version, wait=)``, ``close()``):
-- ``ObjectStorePublisher`` (CPU, or any cluster without whole GPUs): rank 0 exports named HF
-  tensors, ``ray.put`` once, each sampler loads them in place (``reload_weights``),
-  asynchronously;
-- ``NcclPublisher`` (whole GPUs on samplers and learner): vLLM's native weight transfer
-  broadcasts from learner rank 0 to every sampler engine (services/nccl_sync.py).
+- ``ObjectStorePublisher`` (the default on CPU, or any cluster without whole GPUs): rank 0
+  exports named HF tensors, ``ray.put`` once, each sampler loads them in place
+  (``reload_weights``), asynchronously;
+- ``CollectivePublisher`` ("nccl" on whole GPUs, "gloo" on CPU): vLLM's native weight transfer
+  broadcasts from learner rank 0 to every sampler engine (services/nccl_sync.py); the two
+  backends run the same code with a different communicator.
 Either fails with WeightSyncError after ``rollout.sync_timeout_s``; neither hangs.
 """
 
 from __future__ import annotations
 
 from typing import Protocol
+
+from services.nccl_sync import COLLECTIVE, WeightSync, fixed_membership_error
+from services.versions import WeightSyncError
 
 
 class WeightPublisher(Protocol):
@@ -36,14 +40,16 @@ class ObjectStorePublisher:
         pass
 
 
-class NcclPublisher:
-    backend = "nccl"
+class CollectivePublisher:
+    """Broadcasts to the samplers that formed the group; refuses once that set has changed
+    (a sampler restarted or the pool resized), before a push could hang or mislabel one."""
 
-    def __init__(self, learner, rollout, *, timeout_s: float, wire_dtype: str) -> None:
-        from services.nccl_sync import NcclWeightSync
-
+    def __init__(
+        self, learner, rollout, *, backend: str, timeout_s: float, wire_dtype: str
+    ) -> None:
+        self.backend = backend
         self.rollout, self.timeout_s = rollout, timeout_s
-        self.sync = NcclWeightSync()
+        self.sync = WeightSync(backend)
         self.sync.setup(
             learner.ranks[0],
             rollout.samplers,
@@ -54,6 +60,9 @@ class NcclPublisher:
 
     def publish(self, version: int, *, wait: bool = False) -> None:
         del wait  # a broadcast completes on both sides before it returns
+        members, live = self.sync.samplers, self.rollout.samplers
+        if live != members:
+            raise WeightSyncError(fixed_membership_error(self.backend, len(members), len(live)))
         self.sync.push(version, self.timeout_s)
         self.rollout.mark_served(version)
 
@@ -64,6 +73,8 @@ class NcclPublisher:
 def make_weight_publisher(
     backend: str, learner, rollout, *, timeout_s: float, wire_dtype: str
 ) -> WeightPublisher:
-    if backend == "nccl":
-        return NcclPublisher(learner, rollout, timeout_s=timeout_s, wire_dtype=wire_dtype)
+    if backend in COLLECTIVE:
+        return CollectivePublisher(
+            learner, rollout, backend=backend, timeout_s=timeout_s, wire_dtype=wire_dtype
+        )
     return ObjectStorePublisher(learner, rollout)

@@ -1,11 +1,14 @@
-"""NCCL weight sync: vLLM's weight-transfer engine driven by services.nccl_sync.
+"""Collective weight sync: vLLM's weight-transfer engine driven by services.nccl_sync, over NCCL
+(GPUs) or gloo (CPU) — the same code with the communicator swapped.
 
-* GPU (skipped without CUDA): a real StudentEngine on one GPU receives a packed NCCL broadcast
-  from a sender on another GPU and then matches transformers on the new weights; a sender
-  whose peers never show up fails with a clear error instead of hanging.
+* Real groups, parametrized by backend: a real StudentEngine receives a packed broadcast from a
+  sender actor and then matches transformers on the new weights; a sender whose peer never
+  receives, or never joins, fails with a clear error instead of hanging. With "gloo" these
+  run on CPU in CI; with "nccl" they need CUDA (two GPUs for a push: NCCL allows one rank per
+  device) and skip without it.
 * CPU: argument checks, the vLLM wire-format pieces that need no device, and the control
-  plane's timeout / error plumbing with small fake Ray actors (the NCCL group itself cannot
-  exist without GPUs; the fakes only answer the actor protocol, slowly or with errors).
+  plane's timeout / error plumbing with small fake Ray actors (the fakes only answer the
+  actor protocol, slowly or with errors).
 """
 
 from __future__ import annotations
@@ -23,6 +26,11 @@ two_gpus = pytest.mark.skipif(
     not HAS_CUDA or torch.cuda.device_count() < 2,
     reason="needs two CUDA GPUs: NCCL allows one rank per device",
 )
+# Each real-group test runs with both backends: gloo on CPU here, NCCL where GPUs are.
+NCCL_TWO_GPUS = pytest.param("nccl", marks=[pytest.mark.gpu, two_gpus])
+NCCL_ONE_GPU = pytest.param("nccl", marks=[pytest.mark.gpu, gpu])
+# The deadline the timeout tests wait out; NCCL's communicator set-up on a GPU takes longer.
+DEADLINE_S = {"nccl": 15, "gloo": 5}
 
 
 # ================================================================================== GPU tests
@@ -57,8 +65,8 @@ def tiny_llama(tmp_path_factory):
 
 
 def _hf_sender_actor():
-    """Stands in for LearnerRank (DeepSpeed is not under test): an HF model on this actor's GPU
-    with the learner-side NCCL methods, written as LearnerRank has them."""
+    """Stands in for LearnerRank (DeepSpeed is not under test): an HF model (on this actor's GPU
+    when there is one) with the learner-side collective methods, written as LearnerRank has them."""
     import ray
 
     @ray.remote
@@ -66,11 +74,13 @@ def _hf_sender_actor():
         def __init__(self, model_dir: str) -> None:
             from transformers import AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda()
-            self.nccl_sender = None
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+            self.model = model.to(device)
+            self.sender = None
 
         def perturb(self, scale: float, seed: int) -> None:
-            g = torch.Generator(device="cuda").manual_seed(seed)
+            g = torch.Generator(device=self.model.device).manual_seed(seed)
             with torch.no_grad():
                 for p in self.model.parameters():
                     p.add_(scale * torch.randn(p.shape, generator=g, device=p.device))
@@ -78,43 +88,50 @@ def _hf_sender_actor():
         def cpu_weights(self) -> dict[str, torch.Tensor]:
             return {n: p.detach().cpu() for n, p in self.model.named_parameters()}
 
-        def nccl_sender_address(self) -> tuple[str, int]:
+        def collective_sender_address(self) -> tuple[str, int]:
             from services.cluster import free_node_address
 
             return free_node_address()
 
-        def nccl_init_sender(self, master_address, master_port, world_size, dtype) -> None:
-            from rollout.weight_transfer import NcclWeightSender
+        def collective_init_sender(
+            self, master_address, master_port, world_size, dtype, backend
+        ) -> None:
+            from rollout.weight_transfer import WeightSender
 
-            self.nccl_sender = NcclWeightSender(
-                master_address, master_port, world_size, dtype=dtype
+            self.sender = WeightSender(
+                master_address, master_port, world_size, backend=backend, dtype=dtype
             )
 
-        def nccl_stage_weights(self, is_sender: bool):
+        def collective_stage_weights(self, is_sender: bool):
             # LearnerRank exports CPU copies through DeepSpeed; live CUDA parameters also work.
             weights = [(n, p.detach()) for n, p in self.model.named_parameters()]
-            return self.nccl_sender.stage(weights) if is_sender else None
+            return self.sender.stage(weights) if is_sender else None
 
-        def nccl_send_weights(self) -> float:
-            return self.nccl_sender.send_staged()
+        def collective_send_weights(self) -> float:
+            return self.sender.send_staged()
 
-        def nccl_close_sender(self) -> None:
-            self.nccl_sender.close()
+        def collective_close_sender(self) -> None:
+            self.sender.close()
 
     return HFLearner
 
 
-def _gpu_settings(model_dir, dtype: str):
+def _settings(model_dir, dtype: str, backend: str):
     from rollout.engine import EngineSettings
 
     return EngineSettings(
         model_path=str(model_dir),
         dtype=dtype,
         seed=0,
+        kv_cache_mb=64,
         kv_cache_fraction=0.2,
         max_model_len=128,
-        weight_transfer="nccl",
+        weight_transfer=backend,
     )
+
+
+def _resources(backend: str) -> dict:
+    return {"num_cpus": 0.5, "num_gpus": 1} if backend == "nccl" else {"num_cpus": 0}
 
 
 PROMPTS = [[1, 4, 5, 6, 7], [1, 9, 8], [1, 12, 13, 14, 15, 16, 17], [1, 18, 19, 10, 11]]
@@ -146,22 +163,27 @@ def _worst(ref: list[torch.Tensor], gens) -> float:
     )
 
 
-@pytest.mark.gpu
 @pytest.mark.slow
-@two_gpus
-@pytest.mark.parametrize(("dtype", "tol"), [("float32", 1e-4), ("bfloat16", 1e-3)])
-def test_nccl_push_matches_transformers(ray_local, tiny_llama, dtype, tol):
+@pytest.mark.parametrize(
+    ("backend", "dtype", "tol"),
+    [
+        ("gloo", "float32", 1e-4),
+        pytest.param("nccl", "float32", 1e-4, marks=[pytest.mark.gpu, two_gpus]),
+        pytest.param("nccl", "bfloat16", 1e-3, marks=[pytest.mark.gpu, two_gpus]),
+    ],
+)
+def test_push_matches_transformers(ray_local, tiny_llama, backend, dtype, tol):
     import ray
 
     from services.actors import StudentSampler
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
 
-    sampler = StudentSampler.options(num_cpus=0.5, num_gpus=1).remote(
-        _gpu_settings(tiny_llama, dtype)
+    sampler = StudentSampler.options(**_resources(backend)).remote(
+        _settings(tiny_llama, dtype, backend)
     )
-    learner = _hf_sender_actor().options(num_cpus=0.5, num_gpus=1).remote(str(tiny_llama))
+    learner = _hf_sender_actor().options(**_resources(backend)).remote(str(tiny_llama))
     try:
-        sync = NcclWeightSync()
+        sync = WeightSync(backend)
         sync.setup(learner, [sampler], timeout_s=300, wire_dtype=dtype)
         ray.get(learner.perturb.remote(0.05, seed=1))
         report = sync.push(1, timeout_s=120)
@@ -184,13 +206,12 @@ def test_nccl_push_matches_transformers(ray_local, tiny_llama, dtype, tol):
         ray.kill(learner)
 
 
-@pytest.mark.gpu
 @pytest.mark.slow
-@two_gpus
-def test_nccl_push_without_receiver_times_out(ray_local, tiny_llama):
+@pytest.mark.parametrize("backend", ["gloo", NCCL_TWO_GPUS])
+def test_push_without_receiver_times_out(ray_local, tiny_llama, backend):
     import ray
 
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     @ray.remote
@@ -202,28 +223,28 @@ def test_nccl_push_without_receiver_times_out(ray_local, tiny_llama):
 
             self.engine = StudentEngine(settings)
 
-        def nccl_init_receiver(self, master_address, master_port, rank_offset, world_size) -> None:
-            from rollout.weight_transfer import NcclWeightReceiver
+        def collective_init_receiver(self, master_address, master_port, rank_offset, world_size):
+            from rollout.weight_transfer import WeightReceiver
 
-            self.receiver = NcclWeightReceiver(
+            self.receiver = WeightReceiver(
                 self.engine, master_address, master_port, rank_offset, world_size
             )
 
-        def nccl_receive_weights(self, meta, version):
+        def collective_receive_weights(self, meta, version):
             self.engine.version = version
             return version, 0.0
 
-    sampler = DeafSampler.options(num_cpus=0.5, num_gpus=1).remote(
-        _gpu_settings(tiny_llama, "float32")
+    sampler = DeafSampler.options(**_resources(backend)).remote(
+        _settings(tiny_llama, "float32", backend)
     )
-    learner = _hf_sender_actor().options(num_cpus=0.5, num_gpus=1).remote(str(tiny_llama))
+    learner = _hf_sender_actor().options(**_resources(backend)).remote(str(tiny_llama))
     try:
-        sync = NcclWeightSync()
+        sync = WeightSync(backend)
         sync.setup(learner, [sampler], timeout_s=300)
         t0 = time.monotonic()
         with pytest.raises(WeightSyncError) as err:
-            sync.push(1, timeout_s=15)
-        assert time.monotonic() - t0 < 45
+            sync.push(1, timeout_s=DEADLINE_S[backend])
+        assert time.monotonic() - t0 < 3 * DEADLINE_S[backend]
         message = str(err.value)
         assert "still waiting on learner rank 0 (sender)" in message
         assert "sampler 0" in message.split("finished:")[1]
@@ -231,28 +252,29 @@ def test_nccl_push_without_receiver_times_out(ray_local, tiny_llama):
             sync.push(2, timeout_s=15)
     finally:
         ray.kill(sampler)
-        ray.kill(learner)  # blocked inside the NCCL broadcast: only killing ends it
+        ray.kill(learner)  # blocked inside the broadcast: only killing ends it (NCCL)
 
 
-@pytest.mark.gpu
 @pytest.mark.slow
-@gpu
-def test_nccl_setup_without_receiver_times_out(ray_local, tiny_llama):
+@pytest.mark.parametrize("backend", ["gloo", NCCL_ONE_GPU])
+def test_setup_without_receiver_times_out(ray_local, tiny_llama, backend):
     """One GPU is enough: the real sender waits at the rendezvous for a sampler that never joins."""
-    from services.nccl_sync import NcclWeightSync
+    import ray
+
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
-    learner = _hf_sender_actor().options(num_cpus=0.5, num_gpus=1).remote(str(tiny_llama))
+    learner = _hf_sender_actor().options(**_resources(backend)).remote(str(tiny_llama))
     sampler = _fake_sampler().remote()  # returns from init without joining
     try:
+        # Started before the clock runs: the deadline under test is the rendezvous's.
+        ray.get([learner.perturb.remote(0.0, seed=0), sampler.calls.remote()])
         t0 = time.monotonic()
         with pytest.raises(WeightSyncError) as err:
-            NcclWeightSync().setup(learner, [sampler], timeout_s=20)
-        assert time.monotonic() - t0 < 60
+            WeightSync(backend).setup(learner, [sampler], timeout_s=DEADLINE_S[backend])
+        assert time.monotonic() - t0 < 3 * DEADLINE_S[backend]
         assert "still waiting on learner rank 0 (sender) (finished: sampler 0)" in str(err.value)
     finally:
-        import ray
-
         ray.kill(learner)
         ray.kill(sampler)
 
@@ -262,9 +284,10 @@ def test_nccl_setup_without_receiver_times_out(ray_local, tiny_llama):
 
 @pytest.mark.skipif(HAS_CUDA, reason="on a GPU machine the answer depends on libnccl")
 def test_nccl_is_not_available_without_a_gpu():
-    from rollout.engine import nccl_available
+    from rollout.weight_transfer import gloo_available, nccl_available
 
     assert nccl_available() is False
+    assert gloo_available() is True
 
 
 def test_weight_transfer_setting_is_checked_before_vllm_starts(tmp_path):
@@ -292,23 +315,24 @@ def test_weight_transfer_setting_is_checked_before_vllm_starts(tmp_path):
         (("127.0.0.1", 70000, 2), {}, "master_port"),
         (("127.0.0.1", 29500, 1), {}, "world_size"),
         (("127.0.0.1", 29500, 2), {"dtype": "int8"}, "wire dtype"),
+        (("127.0.0.1", 29500, 2), {"backend": "ipc"}, "backend must be one of"),
     ],
 )
 def test_sender_rejects_bad_arguments(args, kwargs, match):
     from rollout.engine import EngineError
-    from rollout.weight_transfer import NcclWeightSender
+    from rollout.weight_transfer import WeightSender
 
     with pytest.raises(EngineError, match=match):
-        NcclWeightSender(*args, **kwargs)
+        WeightSender(*args, **kwargs)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU refusal")
 def test_sender_refuses_on_cpu():
     from rollout.engine import EngineError
-    from rollout.weight_transfer import NcclWeightSender
+    from rollout.weight_transfer import WeightSender
 
-    with pytest.raises(EngineError, match="needs a CUDA GPU"):
-        NcclWeightSender("127.0.0.1", 29500, 2, dtype="bfloat16")
+    with pytest.raises(EngineError, match="nccl weight sender needs a CUDA GPU"):
+        WeightSender("127.0.0.1", 29500, 2, backend="nccl", dtype="bfloat16")
 
 
 def test_weight_meta_is_checked():
@@ -368,7 +392,7 @@ def test_worker_init_payload_matches_vllms_trainer_payload():
         worker_init_payload,
     )
 
-    from rollout.weight_transfer import NCCL_PACKED, nccl_worker_init_payload
+    from rollout.weight_transfer import PACKED, nccl_worker_init_payload
 
     payload = nccl_worker_init_payload("10.0.0.1", 29511, 3, 4)
     info = NCCLWeightTransferInitInfo(**payload)  # what the worker parses it into
@@ -378,7 +402,7 @@ def test_worker_init_payload_matches_vllms_trainer_payload():
         3,
         4,
     )
-    assert info.packed is NCCL_PACKED and "nccl_unique_id_b64" not in payload
+    assert info.packed is PACKED and "nccl_unique_id_b64" not in payload
     # Same wire parameters as vLLM's trainer engine defaults (what it would send, rank_offset 1).
     from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
@@ -403,10 +427,17 @@ def test_worker_init_payload_matches_vllms_trainer_payload():
 def cpu_nccl_engine(tiny_model):
     """A real CPU StudentEngine built with weight_transfer='nccl' (the GPU-only guard bypassed):
     vLLM's worker then holds its NCCL weight-transfer engine, whose group cannot form on CPU."""
+    import dataclasses
+
     import rollout.engine as engine_mod
 
+    nccl = engine_mod.COLLECTIVE_BACKENDS["nccl"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(engine_mod, "nccl_available", lambda: True)
+        mp.setitem(
+            engine_mod.COLLECTIVE_BACKENDS,
+            "nccl",
+            dataclasses.replace(nccl, available=lambda: True),
+        )
         engine = engine_mod.StudentEngine(
             engine_mod.EngineSettings(
                 model_path=str(tiny_model),
@@ -471,18 +502,18 @@ def test_receiver_checks_before_joining(cpu_nccl_engine):
     import dataclasses
 
     from rollout.engine import EngineError
-    from rollout.weight_transfer import NcclWeightReceiver
+    from rollout.weight_transfer import WeightReceiver
 
     engine = cpu_nccl_engine
     with pytest.raises(EngineError, match="rank_offset must be in 1..2"):
-        NcclWeightReceiver(engine, "127.0.0.1", 29500, 0, 3)
+        WeightReceiver(engine, "127.0.0.1", 29500, 0, 3)
     with pytest.raises(EngineError, match="master_port"):
-        NcclWeightReceiver(engine, "127.0.0.1", -1, 1, 3)
+        WeightReceiver(engine, "127.0.0.1", -1, 1, 3)
     built_with = engine.settings
     engine.settings = dataclasses.replace(built_with, weight_transfer="none")
     try:
-        with pytest.raises(EngineError, match="NCCL pushes need 'nccl'"):
-            NcclWeightReceiver(engine, "127.0.0.1", 29500, 1, 2)
+        with pytest.raises(EngineError, match="collective pushes need one of"):
+            WeightReceiver(engine, "127.0.0.1", 29500, 1, 2)
     finally:
         engine.settings = built_with
 
@@ -499,6 +530,8 @@ def test_receiver_checks_before_joining(cpu_nccl_engine):
         ("auto", 1.0, 0.0, "object_store"),
         ("object_store", 1.0, 1.0, "object_store"),
         ("nccl", 1.0, 2.0, "nccl"),
+        ("gloo", 0.0, 0.0, "gloo"),
+        ("gloo", 1.0, 1.0, "gloo"),
     ],
 )
 def test_resolve_sync_backend(requested, sampler_gpus, learner_gpus, expected):
@@ -516,7 +549,7 @@ def test_resolve_sync_backend_refuses_what_nccl_cannot_do():
     with pytest.raises(ValueError, match="two ranks on one device"):
         resolve_sync_backend("nccl", sampler_gpus=0.5, learner_gpus=1.0)
     with pytest.raises(ValueError, match="must be one of"):
-        resolve_sync_backend("gloo", sampler_gpus=1.0, learner_gpus=1.0)
+        resolve_sync_backend("ipc", sampler_gpus=1.0, learner_gpus=1.0)
 
 
 # ================================================================= CPU: control-plane plumbing
@@ -534,25 +567,25 @@ def _fake_learner():
             self.init_s, self.send_s, self.stage_error = init_s, send_s, stage_error
             self.log = []
 
-        def nccl_sender_address(self):
+        def collective_sender_address(self):
             return "127.0.0.1", 29999
 
-        def nccl_init_sender(self, master_address, master_port, world_size, dtype):
+        def collective_init_sender(self, master_address, master_port, world_size, dtype, backend):
             time.sleep(self.init_s)
-            self.log.append(("init", master_address, master_port, world_size, dtype))
+            self.log.append(("init", master_address, master_port, world_size, dtype, backend))
 
-        def nccl_stage_weights(self, is_sender):
+        def collective_stage_weights(self, is_sender):
             if self.stage_error:
                 raise RuntimeError(self.stage_error)
             self.log.append(("stage", is_sender))
             return {"meta": "from-rank-0"} if is_sender else None
 
-        def nccl_send_weights(self):
+        def collective_send_weights(self):
             time.sleep(self.send_s)
             self.log.append(("send",))
             return 0.5
 
-        def nccl_close_sender(self):
+        def collective_close_sender(self):
             self.log.append(("close",))
 
         def calls(self):
@@ -576,18 +609,18 @@ def _fake_sampler():
             self.receive_error, self.report_version = receive_error, report_version
             self.log = []
 
-        def nccl_init_receiver(self, master_address, master_port, rank_offset, world_size):
+        def collective_init_receiver(self, master_address, master_port, rank_offset, world_size):
             time.sleep(self.init_s)
             self.log.append(("init", master_address, master_port, rank_offset, world_size))
 
-        def nccl_receive_weights(self, meta, version):
+        def collective_receive_weights(self, meta, version):
             time.sleep(self.receive_s)
             if self.receive_error:
                 raise RuntimeError(self.receive_error)
             self.log.append(("receive", meta, version))
             return (self.report_version or version), 0.25
 
-        def nccl_close_receiver(self):
+        def collective_close_receiver(self):
             self.log.append(("close",))
 
         def calls(self):
@@ -617,13 +650,14 @@ def _make(kill_after, learner_kwargs=None, sampler_kwargs=()):
 
 
 @pytest.mark.slow
-def test_setup_and_push_plumbing(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+@pytest.mark.parametrize("backend", ["nccl", "gloo"])
+def test_setup_and_push_plumbing(ray_local, kill_after, backend):
+    from services.nccl_sync import WeightSync
 
     learner, samplers = _make(kill_after, sampler_kwargs=[{}, {}])
     peer = _fake_learner().remote()
     kill_after(peer)
-    sync = NcclWeightSync()
+    sync = WeightSync(backend)
     sync.setup(learner, samplers, timeout_s=30, wire_dtype="bfloat16", learner_peers=[peer])
     assert sync.ready and sync.address == ("127.0.0.1", 29999)
     report = sync.push(1, timeout_s=30)
@@ -638,7 +672,7 @@ def test_setup_and_push_plumbing(ray_local, kill_after):
     sync.close(timeout_s=30)
 
     assert ray_local.get(learner.calls.remote()) == [
-        ("init", "127.0.0.1", 29999, 3, "bfloat16"),
+        ("init", "127.0.0.1", 29999, 3, "bfloat16", backend),
         ("stage", True),
         ("send",),
         ("stage", True),
@@ -658,11 +692,11 @@ def test_setup_and_push_plumbing(ray_local, kill_after):
 
 @pytest.mark.slow
 def test_setup_timeout_names_the_side_that_did_not_join(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     learner, samplers = _make(kill_after, sampler_kwargs=[{}, {"init_s": 60}])
-    sync = NcclWeightSync()
+    sync = WeightSync()
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError) as err:
         sync.setup(learner, samplers, timeout_s=3)
@@ -677,19 +711,21 @@ def test_setup_timeout_names_the_side_that_did_not_join(ray_local, kill_after):
 
 
 @pytest.mark.slow
-def test_push_timeout_names_the_sender(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+@pytest.mark.parametrize(("backend", "label"), [("nccl", "NCCL"), ("gloo", "gloo")])
+def test_push_timeout_names_the_sender(ray_local, kill_after, backend, label):
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     learner, samplers = _make(kill_after, {"send_s": 60}, sampler_kwargs=[{}])
-    sync = NcclWeightSync()
+    sync = WeightSync(backend)
     sync.setup(learner, samplers, timeout_s=30)
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError) as err:
         sync.push(1, timeout_s=3)
     assert time.monotonic() - t0 < 15
     message = str(err.value)
-    assert "weight push of version 1 over NCCL did not finish within 3 s" in message
+    assert f"weight push of version 1 over {label} did not finish within 3 s" in message
+    assert f"the {label} group is unusable now" in message
     assert (
         "still waiting on learner rank 0 (sender) (finished: learner rank 0 (export), sampler 0)"
         in message
@@ -701,11 +737,11 @@ def test_push_timeout_names_the_sender(ray_local, kill_after):
 
 @pytest.mark.slow
 def test_push_non_blocking_poll_times_out(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     learner, samplers = _make(kill_after, sampler_kwargs=[{"receive_s": 60}])
-    sync = NcclWeightSync()
+    sync = WeightSync()
     sync.setup(learner, samplers, timeout_s=30)
     push = sync.start_push(1, timeout_s=2)
     assert push.poll() is None  # running, within the deadline: no error yet
@@ -716,13 +752,13 @@ def test_push_non_blocking_poll_times_out(ray_local, kill_after):
 
 @pytest.mark.slow
 def test_a_failing_side_is_reported_at_once(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     learner, samplers = _make(
         kill_after, {"send_s": 60}, sampler_kwargs=[{}, {"receive_error": "GPU fell off"}]
     )
-    sync = NcclWeightSync()
+    sync = WeightSync()
     sync.setup(learner, samplers, timeout_s=30)
     t0 = time.monotonic()
     with pytest.raises(WeightSyncError, match="(?s)sampler 1 failed: .*GPU fell off"):
@@ -732,13 +768,13 @@ def test_a_failing_side_is_reported_at_once(ray_local, kill_after):
 
 @pytest.mark.slow
 def test_an_export_error_is_reported_under_the_export(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     learner, samplers = _make(
         kill_after, {"stage_error": "ZeRO gather failed"}, sampler_kwargs=[{}]
     )
-    sync = NcclWeightSync()
+    sync = WeightSync()
     sync.setup(learner, samplers, timeout_s=30)
     with pytest.raises(
         WeightSyncError, match=r"(?s)learner rank 0 \(export\) failed: .*ZeRO gather failed"
@@ -748,21 +784,23 @@ def test_an_export_error_is_reported_under_the_export(ray_local, kill_after):
 
 @pytest.mark.slow
 def test_a_sampler_serving_the_wrong_version_is_an_error(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
     learner, samplers = _make(kill_after, sampler_kwargs=[{"report_version": 7}])
-    sync = NcclWeightSync()
+    sync = WeightSync()
     sync.setup(learner, samplers, timeout_s=30)
     with pytest.raises(WeightSyncError, match=r"samplers report versions \(7,\)"):
         sync.push(1, timeout_s=30)
 
 
 def test_sync_argument_checks():
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
     from services.rollout_service import WeightSyncError
 
-    sync = NcclWeightSync()
+    with pytest.raises(ValueError, match="must be one of"):
+        WeightSync("ipc")
+    sync = WeightSync()
     with pytest.raises(ValueError, match="timeout_s"):
         sync.setup(object(), [object()], timeout_s=0)
     with pytest.raises(ValueError, match="at least one sampler"):
@@ -775,12 +813,40 @@ def test_sync_argument_checks():
 
 @pytest.mark.slow
 def test_versions_must_increase(ray_local, kill_after):
-    from services.nccl_sync import NcclWeightSync
+    from services.nccl_sync import WeightSync
 
     learner, samplers = _make(kill_after, sampler_kwargs=[{}])
-    sync = NcclWeightSync()
+    sync = WeightSync()
     sync.setup(learner, samplers, timeout_s=30)
     sync.push(3, timeout_s=30)
     with pytest.raises(ValueError, match="not newer than 3"):
         sync.push(3, timeout_s=30)
     assert ray_local.get(learner.calls.remote())[-1] == ("send",)  # nothing was submitted
+
+
+@pytest.mark.slow
+def test_publisher_refuses_a_changed_sampler_set(ray_local, kill_after):
+    """A restarted or added sampler cannot join a formed group: the next publish says so, names
+    the backend and what to do, before any broadcast could hang or mislabel a sampler."""
+    from types import SimpleNamespace
+
+    from services.rollout_service import WeightSyncError
+    from services.weight_publisher import CollectivePublisher, make_weight_publisher
+
+    learner, samplers = _make(kill_after, sampler_kwargs=[{}, {}, {}])
+    served = []
+    rollout = SimpleNamespace(samplers=samplers[:2], mark_served=served.append)
+    publisher = make_weight_publisher(
+        "gloo", SimpleNamespace(ranks=[learner]), rollout, timeout_s=30, wire_dtype="float32"
+    )
+    assert isinstance(publisher, CollectivePublisher) and publisher.backend == "gloo"
+    publisher.publish(1)
+    assert served == [1]
+    rollout.samplers = [samplers[0], samplers[2]]  # sampler 1 died and was replaced
+    with pytest.raises(WeightSyncError) as err:
+        publisher.publish(2)
+    message = str(err.value)
+    assert "rollout.sync_backend = 'gloo'" in message and "formed with 2 sampler(s)" in message
+    assert "--resume" in message and "'object_store'" in message
+    assert served == [1]
+    assert ray_local.get(samplers[2].calls.remote()) == []  # never asked to receive
