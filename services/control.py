@@ -62,7 +62,13 @@ def scale(run_dir: Path, *, samplers: int | None, scorers: int | None, timeout_s
         raise ScaleError(f"{run_dir} is not a run directory (no config.toml)")
     cfg = load_config(config, [])
     if not ray.is_initialized():
-        ray.init(address=cfg.ray.address or "auto", log_to_driver=False)
+        address = cfg.ray.address or "auto"
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except ConnectionError as exc:
+            raise ScaleError(
+                f"no Ray cluster to find the job of {run_dir} in (ray.address = {address!r}): {exc}"
+            ) from None
     name = control_name(cfg.run.name)
     actor = None
     for namespace in (run_namespace(cfg.run.name), None):

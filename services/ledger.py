@@ -19,7 +19,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from services.versions import step_staleness
+from services.errors import UserError
+from services.versions import step_staleness, trained_at
 
 COLUMNS = ("versions", "samplers", "scorers", "attempts", "response_crc")
 
@@ -56,9 +57,22 @@ class LedgerReport:
         return not self.problems
 
 
+class LedgerError(UserError, ValueError):
+    """A folder is not a run directory, or its ledger cannot be read; names the file."""
+
+
 def read_ledger(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "samples.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not path.is_file():
+        raise LedgerError(f"{run_dir} is not a run directory with a ledger (no {path.name})")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise LedgerError(f"{path}:{i}: not a JSON row ({exc.msg})") from None
+    return rows
 
 
 def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
@@ -67,6 +81,8 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
 
     run_dir = Path(run_dir)
     rows = read_ledger(run_dir)
+    if not (run_dir / "config.toml").is_file():
+        raise LedgerError(f"{run_dir} has a ledger but no config.toml to replay it against")
     cfg = load_config(run_dir / "config.toml", [])
     r = cfg.rollout
     report = LedgerReport(steps=len(rows))
@@ -95,7 +111,11 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
         seen.update(ids)
         for v in row.get("versions", []):
             lag = step_staleness(step, v)
-            if not 0 <= lag <= r.max_staleness:
+            if lag < 0:
+                bad(
+                    f"step {step}: a sample of version {v}, newer than the learner's {trained_at(step)}"
+                )
+            elif lag > r.max_staleness:
                 bad(f"step {step}: a sample of version {v} (staleness {lag} > {r.max_staleness})")
         sampler_n.update(row.get("samplers", []))
         scorer_n.update(row.get("scorers", []))

@@ -134,12 +134,6 @@ def test_ledger_on_a_clean_and_a_broken_run(tmp_path):
     _no_traceback(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="production bug: services/ledger.py::read_ledger lets FileNotFoundError through "
-    "(a traceback) for a folder without samples.jsonl, instead of a UserError",
-)
 def test_ledger_on_a_folder_that_is_not_a_run(tmp_path):
     """Pointing at the wrong folder is a user's mistake: a message, not a traceback."""
     out = opdplus("ledger", str(tmp_path))
@@ -171,12 +165,6 @@ def test_scale_without_a_running_job(tmp_path, ray_local):
     _no_traceback(out)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=ConnectionError,
-    reason="production bug: with no Ray cluster at all, services/control.py::scale lets "
-    "ray.init's ConnectionError through (a traceback, exit 1) instead of a ScaleError",
-)
 def test_scale_without_any_ray_cluster(tmp_path, monkeypatch, capsys):
     """What ``ray.init(address="auto")`` raises when no cluster runs, injected (a real
     cluster-free machine cannot be arranged here: other tests' clusters are found too)."""

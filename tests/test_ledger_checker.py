@@ -103,7 +103,7 @@ PLANTS = {
     "id_twice_in_one_step": (_id_twice_in_one_step, "appear more often than dealt"),
     "foreign_id": (_foreign_id, "unexpected ['arith:never-dealt/0']"),
     "one_past_staleness": (_one_past_staleness, f"staleness 2 > {MAX_STALENESS}"),
-    "version_from_the_future": (_future_version, "a sample of version 2 (staleness -1"),
+    "version_from_the_future": (_future_version, "a sample of version 2, newer than the learner"),
     "short_column": (_short_column, f"column samplers has {BATCH - 1} entries for {BATCH}"),
     "too_few_samples": (_too_few_samples, f"step 3: {BATCH - 1} samples, expected {BATCH}"),
 }
