@@ -47,6 +47,13 @@ def start_control(name: str):
     return RolloutControl.options(name=actor_name(name)).remote()
 
 
+def collective_sync(cfg) -> bool:
+    """Whether the run's weights go by a collective (nccl or gloo) rather than the object store."""
+    from services.parts import sync_backend
+
+    return sync_backend(cfg) != "object_store"
+
+
 def scale(run_dir: Path, *, samplers: int | None, scorers: int | None, timeout_s: float = 30):
     """Ask the running job in ``run_dir`` to run ``samplers`` samplers and ``scorers`` scorers."""
     from services.cluster import run_namespace
@@ -61,6 +68,13 @@ def scale(run_dir: Path, *, samplers: int | None, scorers: int | None, timeout_s
     if not config.is_file():
         raise ScaleError(f"{run_dir} is not a run directory (no config.toml)")
     cfg = load_config(config, [])
+    if samplers is not None and collective_sync(cfg):
+        raise ScaleError(
+            f"{run_dir} pushes weights by a collective broadcast (rollout.sync_backend = "
+            f"{cfg.rollout.sync_backend!r}), whose group cannot take new samplers mid-run; "
+            f"stop and resume it with --set rollout.num_samplers={samplers}, or run with "
+            f"rollout.sync_backend = 'object_store' to resize live"
+        )
     if not ray.is_initialized():
         address = cfg.ray.address or "auto"
         try:

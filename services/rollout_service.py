@@ -232,7 +232,7 @@ class RolloutService:
         self._ask(m.WaitPush())
 
     def mark_served(self, version: int) -> None:
-        """Record a version delivered by another path (NCCL broadcast)."""
+        """Record a version delivered by another path (a collective broadcast)."""
         self._ask(m.MarkServed(version))
 
     @property

@@ -84,7 +84,7 @@ class Versions:
         self.version, self.weights, self.external = version, weights, False
 
     def mark_external(self, version: int, samplers: list[Worker]) -> None:
-        """A version delivered by NCCL broadcast to every live sampler."""
+        """A version delivered to every live sampler by a collective broadcast (nccl, gloo)."""
         self.version, self.weights, self.external = version, None, True
         for w in samplers:
             w.version = w.loading = version
@@ -95,9 +95,11 @@ class Versions:
             return None
         if self.weights is None:
             raise WorkerFailed(
-                f"{w.name} needs policy version {self.version} but the weights were sent by "
-                f"NCCL broadcast, which a replacement sampler cannot join mid-run; use "
-                f"rollout.sync_backend = 'object_store' for restarts and resizing"
+                f"{w.name} needs policy version {self.version} but the weights were sent by a "
+                f"collective broadcast (rollout.sync_backend nccl or gloo), which a replacement "
+                f"sampler cannot join mid-run; resume the run (opdplus train --resume) to form "
+                f"a new group, or use rollout.sync_backend = 'object_store' for restarts and "
+                f"resizing"
             )
         w.loading = self.version
         return self.calls.call(w.handle, "load_weights", self.weights, self.version)

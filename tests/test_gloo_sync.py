@@ -240,3 +240,21 @@ def test_toy_run_over_gloo_serves_the_learners_weights(ray_local, toy_pair, tmp_
     assert [sorted(set(r["versions"])) for r in ledger] == [[0], [1], [2]]
     report = check_ledger(tmp_path / "gloo")
     assert report.ok, report.problems
+
+
+def test_scale_refuses_new_samplers_for_a_collective_run(tmp_path):
+    """A collective group cannot take a sampler mid-run: ``opdplus scale`` says so before it
+    looks for the job (scorers, outside the group, may still be resized)."""
+    import dataclasses
+
+    from ledger_fixtures import ledger_config, write_run_dir
+
+    from services.control import ScaleError, scale
+
+    cfg = ledger_config("collective", str(tmp_path))
+    cfg = dataclasses.replace(
+        cfg, rollout=dataclasses.replace(cfg.rollout, sync_backend="gloo", in_process=False)
+    )
+    run_dir = write_run_dir(tmp_path / "collective", cfg)
+    with pytest.raises(ScaleError, match="rollout.sync_backend = 'gloo'.*rollout.num_samplers=2"):
+        scale(run_dir, samplers=2, scorers=None)
