@@ -1,5 +1,5 @@
-"""Chaos: a 30-step run in which a seeded schedule kills a random sampler or scorer after
-every 5th step (5 kills, from the driver's ``on_step`` hook) finishes with a clean ledger. Prints, per kill, the prompt
+"""Chaos: a 20-step run in which a seeded schedule kills a random sampler or scorer after
+every 5th step (4 kills, from the driver's ``on_step`` hook) finishes with a clean ledger. Prints, per kill, the prompt
 groups handed out again and the seconds the step lost (its time/step minus the median of the
 steps without a kill); the figures also go to <run_dir>/chaos.json."""
 
@@ -15,7 +15,7 @@ from run_helpers import small_config, step_rows
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
-STEPS, EVERY, MAX_KILLS, SEED = 30, 5, 5, 1234
+STEPS, EVERY, MAX_KILLS, SEED = 20, 5, 4, 1234
 
 
 def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parent.parent
-STEPS = 50  # as in docs/RESULTS.md, so this test re-runs three of its seed-0 arms
+STEPS = 30  # docs/RESULTS.md trains 50 (at staleness 1); 30 at staleness 0 keeps the CI run short
 
 
 def test_opd_plus_beats_opd_and_topk_beats_sampled(toy_pair, tmp_path):

@@ -1,5 +1,5 @@
 """End to end on real Ray + vLLM-CPU + DeepSpeed-CPU with the toy pair: learning, metrics,
-run directory, strict on-policy mode, and resume after a killed run."""
+run directory and strict on-policy mode in one run, and resume after a killed run."""
 
 from __future__ import annotations
 
@@ -92,30 +92,17 @@ def test_short_run_learns_and_writes_everything(ray_local, toy_pair, tmp_path):
     versions = [max(r["versions"]) for r in samples]
     assert versions == sorted(versions) and versions[-1] >= 18  # policy versions advance
     assert all(step_staleness(r["step"], v) == 0 for r in samples for v in r["versions"])
+    for r in rows:  # strictly on-policy: unit importance weights, the learner's policy sampled
+        assert r["rollout/staleness"] == [0] * 64
+        assert r["distill/is_truncated_frac"] == 0.0
+        assert abs(r["distill/is_weight_mean"] - 1.0) < 1e-4
+        assert r["distill/mismatch"] < 1e-4
     for name in ("config.toml", "summary.json", "divergence.png", "loss.png"):
         assert (run_dir / name).is_file(), name
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "latest").is_file()
     assert (run_dir / "student" / "config.json").is_file()
     assert summary.eval_before["n_problems"] == 100 and summary.eval_after["n_problems"] == 100
-
-
-def test_strictly_on_policy_has_unit_importance_weights(ray_local, toy_pair, tmp_path):
-    from services.config import load_config
-    from services.driver import train
-
-    cfg = load_config(
-        REPO / "deploy/configs/demo.toml",
-        _overrides(toy_pair, tmp_path, "onpolicy", 4, **{"rollout.max_staleness": 0}),
-    )
-    summary = train(cfg, progress=False)
-    rows = [r for r in _rows(Path(summary.run_dir)) if "learner/loss" in r]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    for r in rows:
-        assert r["rollout/staleness"] == [0] * 64
-        assert r["distill/is_truncated_frac"] == 0.0
-        assert abs(r["distill/is_weight_mean"] - 1.0) < 1e-4
-        assert r["distill/mismatch"] < 1e-4
 
 
 # A driver that stops inside step 5 (after it is logged) until it is killed: the test kills
