@@ -19,6 +19,7 @@ import threading
 
 import pytest
 import torch
+from engine_checks import worst_vs_transformers
 
 
 def _free_port() -> tuple[str, int]:
@@ -149,24 +150,6 @@ def _worker_facts(worker):
     return os.getpid(), type(worker.weight_transfer_engine).__name__
 
 
-PROMPTS = [[1, 4, 5, 6, 7], [1, 9, 8], [1, 12, 13, 14, 15, 16, 17], [1, 18, 19, 10, 11]]
-
-
-def _worst_vs_transformers(engine, hf) -> float:
-    from rollout.alignment import response_positions, token_logprobs
-
-    gens = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=0)
-    worst = 0.0
-    for prompt, (gen,) in zip(PROMPTS, gens, strict=True):
-        ids = torch.tensor([prompt + list(gen.token_ids)])
-        with torch.no_grad():
-            ref = token_logprobs(hf(ids).logits, ids)[0][
-                response_positions(len(prompt), len(gen.token_ids))
-            ]
-        worst = max(worst, (ref - torch.tensor(gen.logprobs)).abs().max().item())
-    return worst
-
-
 @pytest.mark.slow
 def test_gloo_push_into_a_real_engine_matches_transformers(gloo_engine, tiny_model):
     import os
@@ -197,7 +180,7 @@ def test_gloo_push_into_a_real_engine_matches_transformers(gloo_engine, tiny_mod
             _in_threads(sender.send_staged, lambda m=meta, v=version: receiver.receive(m, v))
             assert engine.version == version
             assert engine.llm.get_weight_version() == str(version)
-            worst = _worst_vs_transformers(engine, hf)
+            worst = worst_vs_transformers(engine, hf)
             assert worst < 1e-4, f"engine vs transformers after gloo push {version}: {worst}"
         with pytest.raises(Exception, match="not newer"):
             receiver.receive(meta, 2)

@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from engine_checks import worst_vs_transformers
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and NCCL")
@@ -466,7 +467,6 @@ def test_receive_lifecycle_loads_hf_names_on_cpu(cpu_nccl_engine, tiny_model):
     matches transformers on the new weights. The NCCL broadcast itself is GPU-only."""
     from transformers import AutoModelForCausalLM
 
-    from rollout.alignment import response_positions, token_logprobs
     from rollout.weight_transfer import _StagedWeights
 
     engine = cpu_nccl_engine
@@ -484,15 +484,7 @@ def test_receive_lifecycle_loads_hf_names_on_cpu(cpu_nccl_engine, tiny_model):
     llm.collective_rpc(_load_like_nccl_engine, args=(chunks[len(chunks) // 2 :],))
     llm.finish_weight_update(weight_version="1")
     assert llm.get_weight_version() == "1"
-    gens = engine.generate(PROMPTS, max_tokens=10, temperature=1.0, seed=0)
-    worst = 0.0
-    for prompt, (gen,) in zip(PROMPTS, gens, strict=True):
-        ids = torch.tensor([prompt + list(gen.token_ids)])
-        with torch.no_grad():
-            ref = token_logprobs(hf(ids).logits, ids)[0][
-                response_positions(len(prompt), len(gen.token_ids))
-            ]
-        worst = max(worst, (ref - torch.tensor(gen.logprobs)).abs().max().item())
+    worst = worst_vs_transformers(engine, hf)
     assert worst < 1e-4, f"engine vs transformers after the layerwise reload: {worst}"
 
 
