@@ -38,8 +38,6 @@ warnings.filterwarnings(
 )
 
 PRECISIONS = ("auto", "bf16", "fp32")
-_TAG_PREFIX = "step_"
-_PARTIAL = ".partial"
 
 
 # DeepSpeed JIT-loads its CPU communication op through torch's extension loader, which takes a
@@ -151,6 +149,7 @@ class LearnerEngine:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
         self.device = self.engine.device
+        self.last_load: manifest.Choice | None = None  # set by load_checkpoint
         self._norm_from_grads = zero_stage == 0 and self.precision == "fp32"
 
     # ------------------------------------------------------------------ training
@@ -264,26 +263,29 @@ class LearnerEngine:
     ) -> Path:
         """Save weights, optimizer and scheduler state as tag `step_<N>` under `path`.
 
-        Crash-safe: DeepSpeed writes into `<tag>.partial`, which rank 0 renames to `<tag>` once
-        every rank has finished; only then is `path/latest` replaced (atomically) with the new
-        tag. A crash at any point leaves `latest` naming the previous complete checkpoint.
-        keep: afterwards delete all but the newest `keep` complete checkpoints.
+        Crash-safe and durable: DeepSpeed writes into `<tag>.partial`; once every rank has
+        finished, rank 0 fsyncs every file and folder in it, writes the manifest, renames it to
+        `<tag>`, fsyncs `path`, and only then replaces `path/latest` (write, fsync, rename,
+        fsync `path`). A crash or power loss at any point leaves `latest` naming the previous
+        complete checkpoint. keep: afterwards keep the newest `keep` complete checkpoints up to
+        `latest` and delete older ones and any `.partial` leftovers (`manifest.prune`).
         Collective: every rank must call it. Returns the checkpoint folder.
         """
         if keep is not None and keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         root = Path(path)
-        tag = f"{_TAG_PREFIX}{self.global_steps:08d}"
-        final, partial = root / tag, root / f"{tag}{_PARTIAL}"
+        tag = manifest.tag_for(self.global_steps)
+        final, partial = root / tag, root / f"{tag}{manifest.PARTIAL}"
         # Checked on every rank (a read of the shared folder), so that all ranks raise together
-        # instead of the others waiting at the barrier for rank 0.
-        if final.exists() and _read_latest(root) == tag:
+        # instead of the others waiting at the barrier for rank 0. A latest checkpoint that no
+        # longer verifies (a resume fell back past it) is replaced, not protected.
+        if final.exists() and manifest.read_latest(root) == tag and _verifies(final):
             raise FileExistsError(f"checkpoint {final} exists and is the latest")
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
-            # Leftovers of a save that crashed before `latest` named them.
-            for stale in (final, partial):
-                if stale.exists():
+            # Leftovers of saves that crashed before `latest` named them.
+            for stale in [final, *root.glob(f"*{manifest.PARTIAL}")]:
+                if stale.is_dir():
                     shutil.rmtree(stale)
         ds_comm.barrier()
         self.engine.save_checkpoint(
@@ -291,51 +293,45 @@ class LearnerEngine:
         )
         ds_comm.barrier()
         if self.rank == 0:
+            manifest.fsync_tree(partial)  # every rank's files on disk before anything names them
             manifest.write(partial)  # hashes of every rank's files, checked before a load
             partial.rename(final)
-            _write_latest(root, tag)
+            manifest.fsync_dir(root)
+            manifest.write_latest(root, tag)
             if keep is not None:
-                _prune(root, keep)
+                manifest.prune(root, keep)
         ds_comm.barrier()
         return final
 
     def load_checkpoint(self, path: str | Path) -> dict:
-        """Restore the checkpoint `path/latest` names; returns the saved client_state.
+        """Restore the newest checkpoint under `path` that verifies; returns its client_state.
 
-        Call on a freshly built engine (DeepSpeed cannot load into a ZeRO-3 engine that has
-        already saved). Collective: every rank must call it.
+        Starts at the tag `path/latest` names (validated: a plain `step_<N>` in `path`) and
+        falls back to older checkpoints when a folder is missing or fails its manifest;
+        `self.last_load` (a `manifest.Choice`) says which was loaded and what was skipped and
+        why. Every rank must choose the same tag (checked). Call on a freshly built engine
+        (DeepSpeed cannot load into a ZeRO-3 engine that has already saved). Collective.
         """
         root = Path(path)
-        tag = _read_latest(root)
-        if tag is None:
-            raise FileNotFoundError(f"{root} has no 'latest' checkpoint marker")
-        manifest.verify(root / tag)  # before DeepSpeed unpickles anything in it
-        load_path, state = self.engine.load_checkpoint(str(root), tag=tag)
+        choice = manifest.choose(root)  # verified before DeepSpeed unpickles anything in it
+        step = manifest.tag_step(choice.tag)
+        if self.world_size > 1 and (
+            self._max_over_ranks(step) != step or -self._max_over_ranks(-step) != step
+        ):
+            raise manifest.CheckpointIntegrityError(
+                f"learner ranks chose different checkpoints in {root} (rank {self.rank}: "
+                f"{choice.tag}); is {root} the same folder on every node?"
+            )
+        load_path, state = self.engine.load_checkpoint(str(root), tag=choice.tag)
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / tag}")
+            raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / choice.tag}")
+        self.last_load = choice
         return state["client"]
 
 
-def _read_latest(root: Path) -> str | None:
-    marker = root / "latest"
-    return marker.read_text().strip() if marker.is_file() else None
-
-
-def _write_latest(root: Path, tag: str) -> None:
-    # Write-then-rename: readers see the old marker or the new one, never a torn file.
-    tmp = root / "latest.tmp"
-    with open(tmp, "w") as f:
-        f.write(tag)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "latest")
-
-
-def _prune(root: Path, keep: int) -> None:
-    tags = sorted(
-        p
-        for p in root.iterdir()
-        if p.is_dir() and p.name.startswith(_TAG_PREFIX) and not p.name.endswith(_PARTIAL)
-    )
-    for old in tags[:-keep]:
-        shutil.rmtree(old)
+def _verifies(folder: Path) -> bool:
+    try:
+        manifest.verify(folder)
+    except manifest.CheckpointIntegrityError:
+        return False
+    return True

@@ -46,7 +46,14 @@ class RunConfig:
     seed: int = _f(0, "seed for prompts, sampling and initialisation")
     steps: int = _f(100, "number of learner steps (optimizer updates)")
     checkpoint_every: int = _f(25, "save a checkpoint every N steps (and at the end)")
-    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep on disk")
+    keep_checkpoints: int = _f(
+        2, "how many recent verified checkpoints to keep (>= 2: a resume falls back past one)"
+    )
+    storage: str = _f(
+        "",
+        "URI (pyarrow.fs: s3://, gs://, hdfs://, file://) that checkpoints and the final student "
+        "are copied to, for clusters whose nodes do not share run.out_dir; empty = none",
+    )
 
 
 @dataclass(frozen=True)
@@ -367,7 +374,17 @@ def validate(cfg: Config, source: str = "<config>") -> None:
         )
     need(run.steps >= 1, "run.steps", "must be >= 1")
     need(run.checkpoint_every >= 1, "run.checkpoint_every", "must be >= 1")
-    need(run.keep_checkpoints >= 1, "run.keep_checkpoints", "must be >= 1")
+    need(
+        run.keep_checkpoints >= 2,
+        "run.keep_checkpoints",
+        f"must be >= 2 (a resume falls back to the previous checkpoint when the newest does not "
+        f"verify), got {run.keep_checkpoints}",
+    )
+    need(
+        run.storage == "" or "://" in run.storage,
+        "run.storage",
+        f"must be a URI such as s3://bucket/prefix or file:///abs/path, got {run.storage!r}",
+    )
     need(r.num_samplers >= 1, "rollout.num_samplers", "must be >= 1")
     need(r.num_scorers >= 1, "rollout.num_scorers", "must be >= 1")
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")

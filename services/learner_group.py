@@ -53,11 +53,27 @@ class LearnerRank:
     def save_checkpoint(self, path: str, client_state: dict, keep: int | None) -> str:
         return str(self.engine.save_checkpoint(path, client_state, keep=keep))
 
-    def load_checkpoint(self, path: str) -> dict:
-        return self.engine.load_checkpoint(path)
+    def load_checkpoint(self, path: str) -> tuple[dict, object]:
+        client = self.engine.load_checkpoint(path)
+        return client, self.engine.last_load  # which tag, and what was skipped and why
 
     def save_hf(self, path: str) -> None:
         self.engine.save_hf(path)
+
+    # Run storage (services/storage.py): the marker check, and run.storage's copies (rank 0).
+    def probe_storage(self, storage) -> dict:
+        from services.storage import probe
+
+        return probe(storage)
+
+    def upload_checkpoint(self, storage, path: str, tag: str, keep: int | None) -> None:
+        storage.remote().upload_checkpoint(Path(path), tag, keep)
+
+    def fetch_checkpoints(self, storage, path: str) -> list[str]:
+        return storage.remote().fetch(Path(path))
+
+    def upload_student(self, storage, path: str) -> None:
+        storage.remote().upload_student(Path(path))
 
     # Collective weight sync (services/nccl_sync.py; NCCL or gloo). Must stay a plain
     # sequential actor: the send relies on running after the export on this same actor.
@@ -175,20 +191,52 @@ class LearnerGroup:
         refs = [r.export_weights.remote(keep_result=i == 0) for i, r in enumerate(self.ranks)]
         return _get_all(refs)[0]
 
+    def attach_storage(self, storage) -> None:
+        """Check that every rank can use the run directory the driver prepared (it reads the
+        driver's marker, `services.storage.probe`) and remember `storage` (a
+        `services.storage.RunStorage`) for the copies to `run.storage`. Raises
+        `RunStorageError` naming both hosts and the path when a rank cannot."""
+        from services.storage import judge
+
+        judge(storage, _get_all([r.probe_storage.remote(storage) for r in self.ranks]))
+        self.storage = storage
+
+    def _remote(self):
+        storage = getattr(self, "storage", None)
+        return storage if storage is not None and storage.uri else None
+
     def save_checkpoint(
         self, path: str | Path, client_state: dict, *, keep: int | None = None
     ) -> Path:
-        """Crash-safe DeepSpeed checkpoint under `path` (see `LearnerEngine.save_checkpoint`)."""
+        """Crash-safe, durable DeepSpeed checkpoint under `path` (absolute; see
+        `LearnerEngine.save_checkpoint`), then copied to `run.storage` when it is set."""
         refs = [r.save_checkpoint.remote(str(path), client_state, keep) for r in self.ranks]
-        return Path(_get_all(refs)[0])
+        final = Path(_get_all(refs)[0])
+        if (storage := self._remote()) is not None:
+            _get_all([self.ranks[0].upload_checkpoint.remote(storage, str(path), final.name, keep)])
+        return final
 
     def load_checkpoint(self, path: str | Path) -> dict:
-        """Restore the latest checkpoint under `path`; returns its client_state."""
-        return _get_all([r.load_checkpoint.remote(str(path)) for r in self.ranks])[0]
+        """Restore the newest checkpoint under `path` that verifies (downloaded from
+        `run.storage` first when it is set); returns its client_state. When newer checkpoints
+        were skipped (missing, or failing their manifest) the console says which and why."""
+        if (storage := self._remote()) is not None:
+            _get_all([self.ranks[0].fetch_checkpoints.remote(storage, str(path))])
+        results = _get_all([r.load_checkpoint.remote(str(path)) for r in self.ranks])
+        client, choice = results[0]
+        note = choice.note(path) if choice is not None else None
+        if note:
+            from services.console import say
+
+            say(note)
+        return client
 
     def save_hf(self, path: str | Path) -> None:
-        """Write the current student as a plain HF folder (with the source's tokenizer)."""
+        """Write the current student as a plain HF folder (with the source's tokenizer), then
+        copy it to `run.storage` when it is set."""
         _get_all([r.save_hf.remote(str(path)) for r in self.ranks])
+        if (storage := self._remote()) is not None:
+            _get_all([self.ranks[0].upload_student.remote(storage, str(path))])
 
     def shutdown(self) -> None:
         """Kill the rank actors (their processes, and so the process group, end)."""

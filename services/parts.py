@@ -15,7 +15,9 @@ from services.versions import step_staleness
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    """The run's checkpoint folder as an absolute path (it is handed to the learner ranks,
+    whose working directory is not the driver's; services/storage.py)."""
+    return Path(run_dir).absolute() / "checkpoints"
 
 
 def load_tokenizer(model_dir: Path):
