@@ -10,6 +10,9 @@
   jsonschema, then Ray's ``prepare_config`` + ``validate_config`` (what ``ray up`` runs).
 - The run config each manifest names passes ``opdplus config``, and the custom resources its
   roles ask for fit the node groups the manifest starts.
+- One run directory (services/storage.py): every pod template (head and each worker group)
+  mounts the shared ``runs`` volume at the same path, and each RayJob sets ``run.out_dir`` to
+  it; the launcher mounts one filesystem at the path its instructions set ``run.out_dir`` to.
 - Dockerfiles and the root .dockerignore keep the build context small.
 """
 
@@ -247,6 +250,76 @@ def test_rayjob_run_config_validates_and_fits_the_cluster(path):
             have[k] = have.get(k, 0) + replicas * v
     for k, v in need.items():
         assert have.get(k, 0) >= v, f"{path.name}: the run needs {v} {k}, the cluster has {have}"
+
+
+RUNS_VOLUME, RUNS_PATH = "runs", "/runs"
+LAUNCHER_RUNS = "/mnt/opdplus-runs"
+
+
+def runs_volume_problems(doc: dict) -> list[str]:
+    """What keeps the pods of ``doc`` from sharing one run directory: a pod template whose
+    containers do not all mount the ``runs`` volume at RUNS_PATH, a ``runs`` volume that is
+    not shared storage (a PVC, NFS or hostPath; an emptyDir dies with its pod), or a RayJob
+    whose entrypoint does not set run.out_dir to it."""
+    spec = _cluster_spec(doc)
+    problems = []
+    groups = [("head", spec["headGroupSpec"])] + [
+        (g["groupName"], g) for g in spec.get("workerGroupSpecs", [])
+    ]
+    for name, group in groups:
+        pod = group["template"]["spec"]
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        runs = volumes.get(RUNS_VOLUME)
+        if runs is None or not ({"persistentVolumeClaim", "nfs", "hostPath"} & set(runs)):
+            problems.append(f"{name}: no shared '{RUNS_VOLUME}' volume (PVC, NFS or hostPath)")
+        for c in pod["containers"]:
+            mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+            if mounts.get(RUNS_VOLUME) != RUNS_PATH:
+                problems.append(
+                    f"{name}/{c['name']}: does not mount '{RUNS_VOLUME}' at {RUNS_PATH}"
+                )
+    if doc["kind"] == "RayJob":
+        _, sets = _run_config(doc["spec"]["entrypoint"])
+        if f"run.out_dir={RUNS_PATH}" not in sets:
+            problems.append(f"entrypoint does not set run.out_dir={RUNS_PATH}")
+    return problems
+
+
+@pytest.mark.parametrize("path", KUBERAY, ids=lambda p: p.name)
+def test_every_pod_mounts_the_runs_volume(path):
+    for doc in _docs(path):
+        assert runs_volume_problems(doc) == [], path.name
+    header = path.read_text().split("apiVersion:")[0]
+    assert "opdplus-runs" in header and RUNS_PATH in header, "the header says how runs are kept"
+
+
+def test_a_pod_without_the_runs_volume_is_caught():
+    """The check has teeth: the learner pod without the mount, a runs volume that dies with the
+    pod, and a RayJob that leaves run.out_dir relative each fail it."""
+    doc = _docs(REPO / "deploy/kuberay/rayjob-cpu.yaml")[0]
+    bad = copy.deepcopy(doc)
+    learner = next(
+        g for g in bad["spec"]["rayClusterSpec"]["workerGroupSpecs"] if g["groupName"] == "learner"
+    )
+    container = learner["template"]["spec"]["containers"][0]
+    container["volumeMounts"] = [m for m in container["volumeMounts"] if m["name"] != "runs"]
+    assert runs_volume_problems(bad) == ["learner/ray-learner: does not mount 'runs' at /runs"]
+    bad = copy.deepcopy(doc)
+    head = bad["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]
+    head["volumes"] = [
+        {"name": "runs", "emptyDir": {}} if v["name"] == "runs" else v for v in head["volumes"]
+    ]
+    assert runs_volume_problems(bad) == ["head: no shared 'runs' volume (PVC, NFS or hostPath)"]
+    bad = copy.deepcopy(doc)
+    bad["spec"]["entrypoint"] = bad["spec"]["entrypoint"].replace(" --set run.out_dir=/runs", "")
+    assert runs_volume_problems(bad) == ["entrypoint does not set run.out_dir=/runs"]
+
+
+def test_launcher_mounts_one_runs_filesystem_on_every_node():
+    cfg = yaml.safe_load(LAUNCHER.read_text())
+    # setup_commands run on the head and on every worker.
+    assert any("mount" in c and LAUNCHER_RUNS in c for c in cfg["setup_commands"])
+    assert f"run.out_dir={LAUNCHER_RUNS}" in LAUNCHER.read_text().split("cluster_name:")[0]
 
 
 def test_raycluster_and_rayjob_describe_the_same_cluster():
