@@ -14,6 +14,7 @@ sum to those of the full batch. Imports no deepspeed, ray or vllm.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,23 @@ from learner.logprobs import sampled_logprobs
 from learner.loss import surrogate_loss
 from learner.settings import LossSettings
 from rollout.alignment import token_logprobs
+from services.errors import UserError
+
+
+class NonFiniteError(UserError, FloatingPointError):
+    """A learner step's loss or gradient norm is NaN or infinite. Raised before the optimizer
+    step when the loss is (``compute_loss``), else as soon as the step's metrics are back
+    (``check_finite``): in both cases before anything is published or checkpointed. Final:
+    resuming would replay the same batch, so the message carries no resume command."""
+
+
+# The values a NonFiniteError quotes from the last finite step.
+_QUOTED = ("learner/loss", "learner/grad_norm", "distill/divergence", "learner/lr")
+_ADVICE = (
+    "Nothing of this step was published or checkpointed. Resuming would replay the same batch "
+    "and fail the same way; check the prompts and the teacher's log-probs, or start a new run "
+    "with a lower learner.lr or a learner.grad_clip"
+)
 
 
 @dataclass(frozen=True)
@@ -191,12 +209,14 @@ def compute_loss(
             aggregation=s.aggregation,
             normaliser=normaliser,
         )
-        return loss, StepStats(
+        stats = StepStats(
             loss=loss.item(),
             **dense.step_fields(),
             num_tokens=batch.num_response_tokens,
             num_sequences=batch.num_sequences,
         )
+        _check_loss(stats.loss, batch, logp_learner_BT)
+        return loss, stats
     mask_BT = batch.response_mask_BT
     adv_BT, adv_stats = token_advantages_with_stats(
         logp_learner_BT.detach(),
@@ -229,4 +249,58 @@ def compute_loss(
         num_tokens=batch.num_response_tokens,
         num_sequences=batch.num_sequences,
     )
+    _check_loss(stats.loss, batch, logp_learner_BT)
     return loss, stats
+
+
+def _check_loss(loss: float, batch: TrainBatch, logp_learner_BT: Tensor) -> None:
+    """Raise NonFiniteError, before any backward or optimizer step, when ``loss`` is NaN/Inf;
+    the message says which inputs (on response tokens) are not finite."""
+    if math.isfinite(loss):
+        return
+    mask = batch.response_mask_BT.bool()
+    inputs = {
+        "teacher log-probs": batch.logp_teacher_BT,
+        "sampler log-probs": batch.logp_sampler_BT,
+        "learner log-probs": logp_learner_BT.detach(),
+    }
+    found = []
+    for name, values in inputs.items():
+        if values is None:
+            continue
+        picked = values[mask].float()
+        nan, inf = int(picked.isnan().sum()), int(picked.isposinf().sum())
+        if nan or inf:
+            found.append(f"{name}: {nan} NaN, {inf} +Inf")
+    where = "; ".join(found) if found else "every input is finite: the loss itself overflowed"
+    raise NonFiniteError(
+        f"the learner's loss is {loss} on a shard of {batch.num_sequences} samples "
+        f"({batch.num_response_tokens} response tokens) — {where}"
+    )
+
+
+def check_finite(
+    metrics: dict[str, float], *, step: int | None, last: tuple[int, dict] | None
+) -> None:
+    """Raise NonFiniteError when the step's loss or gradient norm is NaN/Inf, naming ``step``
+    and the ``last`` finite step's values ((step, metrics) or None)."""
+    bad = [
+        f"{key} = {metrics[key]}"
+        for key in ("learner/loss", "learner/grad_norm")
+        if key in metrics and not math.isfinite(metrics[key])
+    ]
+    if bad:
+        raise NonFiniteError(diverged_message(step, ", ".join(bad), last))
+
+
+def diverged_message(step: int | None, what: str, last: tuple[int, dict] | None) -> str:
+    """The message of a NonFiniteError: the step, what was not finite, the last finite values."""
+    at = f"learner step {step}" if step is not None else "a learner step"
+    if last is None:
+        before = "no earlier step of this process finished"
+    else:
+        values = ", ".join(
+            f"{k.split('/')[-1]} = {last[1][k]:.6g}" for k in _QUOTED if k in last[1]
+        )
+        before = f"the last finite step was {last[0]}: {values}"
+    return f"{at} stopped: {what}; {before}. {_ADVICE}."

@@ -3,8 +3,10 @@
 Every source is deterministic given its seed and resumable: ``restore(state())`` on a fresh
 source of the same kind and seed makes its next batch exactly what the uninterrupted source
 would have given. Prompts longer than ``max_prompt_chars`` are skipped and counted in
-``skipped``, never fatal. Bad input (missing/empty file, malformed record) raises
-``SourceError`` naming the file and line.
+``skipped``, never fatal; ``TokenLimitedSource`` does the same for prompts too long in tokens
+for the engines (``skipped_tokens``), when a step's batch is drawn. Bad input (missing/empty
+file, malformed record) raises ``SourceError`` naming the file and line: it replays
+deterministically, so a run it stops is not resumed into it again (no resume command).
 
 Kinds live in the ``SOURCES`` registry; each ``SourceKind`` owns its builder, its verifier
 and the settings it needs, and the config, the CLI help and the demo read the registry
@@ -308,6 +310,7 @@ class ReasoningGymSource:
         self._eval_prompts = {p.prompt for p in self._eval}
         self._position = 0
         self.skipped = 0
+        self.max_collisions = MAX_CONSECUTIVE_SKIPS  # training items in a row found in eval
 
     def _item(self, seed: int, idx: int) -> Problem:
         entry = _rg_dataset(self.task, seed, self._config)[idx]
@@ -325,7 +328,7 @@ class ReasoningGymSource:
 
     def next_batch(self, n: int) -> list[Problem]:
         out: list[Problem] = []
-        run = 0
+        run = collisions = 0
         while len(out) < n:
             p = self._item(self.seed, self._position)
             self._position += 1
@@ -335,8 +338,17 @@ class ReasoningGymSource:
                 _too_long(run, self.max_prompt_chars)
                 continue
             run = 0
-            if p.prompt not in self._eval_prompts:
-                out.append(p)
+            if p.prompt in self._eval_prompts:
+                collisions += 1
+                if collisions >= self.max_collisions:
+                    raise SourceError(
+                        f"reasoning_gym task {self.task!r}: {collisions} training items in a row "
+                        f"are questions of the eval set ({len(self._eval_prompts)} distinct questions): the task "
+                        f"has too few distinct questions; lower task.eval_size or widen the task"
+                    )
+                continue
+            collisions = 0
+            out.append(p)
         return out
 
     def state(self) -> dict[str, Any]:
@@ -465,6 +477,82 @@ register_source(
         requires=("task",),
     )
 )
+
+
+class TokenLimitedSource:
+    """``source`` without the prompts the engines could not take: a prompt of more than
+    ``max_prompt_tokens`` tokens (the engines' context, ``rollout.max_model_len``, minus the
+    response's ``rollout.max_tokens`` and the one position the scorer reads past it) is skipped when a step's batch is drawn and counted in
+    ``skipped_tokens``, like ``max_prompt_chars``; evaluation prompts over ``max_eval_tokens``
+    are left out of ``eval_set`` (counted in ``eval_skipped_tokens``). Deterministic and
+    resumable like the source it wraps (its count travels in ``state()``); ``encode`` is the
+    run's prompt → token ids function, so the count is what the samplers would be given."""
+
+    def __init__(
+        self,
+        source: PromptSource,
+        encode: Callable[[str], list[int]],
+        *,
+        max_prompt_tokens: int,
+        max_eval_tokens: int,
+    ) -> None:
+        if max_prompt_tokens < 1:
+            raise SourceError(
+                f"no room for a prompt: max_prompt_tokens = {max_prompt_tokens} "
+                f"(rollout.max_model_len − rollout.max_tokens − 1)"
+            )
+        self.source, self.encode = source, encode
+        self.max_prompt_tokens, self.max_eval_tokens = max_prompt_tokens, max_eval_tokens
+        self.skipped_tokens = 0
+        self.eval_skipped_tokens = 0
+
+    @property
+    def skipped(self) -> int:
+        return self.source.skipped
+
+    def _fits(self, p: Problem, limit: int) -> bool:
+        return len(self.encode(p.prompt)) <= limit
+
+    def next_batch(self, n: int) -> list[Problem]:
+        out: list[Problem] = []
+        run = 0
+        while len(out) < n:
+            for p in self.source.next_batch(n - len(out)):
+                if self._fits(p, self.max_prompt_tokens):
+                    run = 0
+                    out.append(p)
+                    continue
+                self.skipped_tokens += 1
+                run += 1
+                if run >= MAX_CONSECUTIVE_SKIPS:
+                    raise SourceError(
+                        f"{run} prompts in a row were longer than {self.max_prompt_tokens} "
+                        f"tokens (rollout.max_model_len − rollout.max_tokens − 1); raise "
+                        f"rollout.max_model_len or lower task.max_prompt_chars"
+                    )
+        return out
+
+    def state(self) -> dict[str, Any]:
+        return {**self.source.state(), "skipped_tokens": self.skipped_tokens}
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.source.restore(state)
+        self.skipped_tokens = int(state.get("skipped_tokens", 0))
+
+    def eval_set(self) -> list[Problem]:
+        problems = self.source.eval_set()
+        kept = [p for p in problems if self._fits(p, self.max_eval_tokens)]
+        self.eval_skipped_tokens = len(problems) - len(kept)
+        return kept
+
+
+def skipped_metrics(source_state: Mapping[str, Any]) -> dict[str, float]:
+    """The run's prompts skipped so far, from a source's ``state()``: for being longer than
+    ``task.max_prompt_chars`` (``data/skipped_long_chars``) or than the engines' context
+    (``data/skipped_long_tokens``)."""
+    source_state = source_state or {}
+    keys = {"skipped": "data/skipped_long_chars", "skipped_tokens": "data/skipped_long_tokens"}
+    return {metric: float(source_state[key]) for key, metric in keys.items() if key in source_state}
 
 
 def score(problem: Problem, completion: str) -> float:

@@ -352,6 +352,17 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             raise ConfigError(f"{source}: {key}: {msg}")
 
     d, r, lr, run = cfg.distill, cfg.rollout, cfg.learner, cfg.run
+    _check_ranges(cfg, need)
+    need(
+        run.name not in ("", ".", "..") and not {"/", "\\", "\0"} & set(run.name),
+        "run.name",
+        f"must be a plain folder name inside run.out_dir (no '/', no '..'), got {run.name!r}",
+    )
+    need(
+        cfg.eval.max_tokens < r.max_model_len,
+        "eval.max_tokens",
+        f"must be < rollout.max_model_len ({r.max_model_len}), got {cfg.eval.max_tokens}",
+    )
     need(
         d.divergence in _divergence_names(),
         "distill.divergence",
@@ -462,6 +473,123 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(cfg.models.teacher != "", "models.teacher", "must name a model folder or 'toy'/'smollm2'")
     need(cfg.models.student != "", "models.student", "must name a model folder or 'toy'/'smollm2'")
     _validate_source(cfg.task, need)
+
+
+# The allowed range of every numeric key, checked by ``validate`` (tests/test_config.py checks
+# that every int/float key of the schema is listed). Forms: ">= a", "> a", "[a, b]", "(a, b)",
+# "finite" (any number but NaN and ±inf). Every float must also be finite.
+RANGES: dict[str, str] = {
+    "run.seed": "[0, 4294967295]",
+    "run.steps": ">= 1",
+    "run.checkpoint_every": ">= 1",
+    "run.keep_checkpoints": ">= 2",
+    "task.max_prompt_chars": ">= 1",
+    "task.eval_size": ">= 1",
+    "rollout.num_samplers": ">= 1",
+    "rollout.num_scorers": ">= 1",
+    "rollout.sampler_cpus": ">= 0",
+    "rollout.scorer_cpus": ">= 0",
+    "rollout.sampler_gpus": ">= 0",
+    "rollout.scorer_gpus": ">= 0",
+    "rollout.prompts_per_step": ">= 1",
+    "rollout.samples_per_prompt": ">= 1",
+    "rollout.max_tokens": ">= 1",
+    "rollout.temperature": "> 0",
+    "rollout.max_staleness": ">= 0",
+    "rollout.channel_capacity": ">= 1",
+    "rollout.kv_cache_mb": ">= 16",
+    "rollout.kv_cache_fraction": "(0, 1)",
+    "rollout.max_model_len": ">= 2",
+    "rollout.sync_timeout_s": "> 0",
+    "rollout.call_timeout_s": "> 0",
+    "rollout.step_timeout_s": "> 0",
+    "rollout.max_restarts": ">= 0",
+    "rollout.dispatch_groups": ">= 0",
+    "distill.alpha": "finite",
+    "distill.discount": "[0, 1]",
+    "distill.ratio_clip": ">= 0",
+    "distill.is_cap": ">= 1",
+    "distill.teacher_temperature": "> 0",
+    "distill.teacher_topk": ">= 0",
+    "learner.num_ranks": ">= 1",
+    "learner.cpus_per_rank": ">= 0",
+    "learner.threads": ">= 0",
+    "learner.gpus_per_rank": ">= 0",
+    "learner.step_timeout_s": "> 0",
+    "learner.zero_stage": "[0, 3]",
+    "learner.lr": "> 0",
+    "learner.warmup_steps": ">= 0",
+    "learner.weight_decay": ">= 0",
+    "learner.grad_clip": ">= 0",
+    "learner.sync_every": ">= 1",
+    "learner.micro_batch_tokens": ">= 0",
+    "learner.logprob_chunk": ">= 0",
+    "eval.every": ">= 0",
+    "eval.samples": ">= 1",
+    "eval.max_tokens": ">= 1",
+    "ray.num_cpus": ">= 0",
+    "ray.placement_timeout_s": "> 0",
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """Whether ``value`` lies in the RANGES ``spec`` (NaN never does)."""
+    if value != value or value in (float("inf"), float("-inf")):
+        return False
+    if spec == "finite":
+        return True
+    if spec.startswith(">="):
+        return value >= float(spec[2:])
+    if spec.startswith(">"):
+        return value > float(spec[1:])
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    above = value >= lo if spec[0] == "[" else value > lo
+    below = value <= hi if spec[-1] == "]" else value < hi
+    return above and below
+
+
+def _check_ranges(cfg: Config, need) -> None:
+    for key, spec in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name, None)
+        if value is None:  # a key another change removed: tests/test_config.py names it
+            continue
+        if spec == "finite":
+            need(in_range(value, spec), key, f"must be a finite number, got {value}")
+        elif spec[0] in "[(":
+            need(in_range(value, spec), key, f"must be in {spec}, got {value}")
+        else:
+            need(in_range(value, spec), key, f"must be {spec}, got {value}")
+
+
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_ray_address(address: str, *, timeout_s: float = ADDRESS_TIMEOUT_S) -> None:
+    """A ``ray.address`` of the form ``[ray://]HOST:PORT`` must accept a TCP connection within
+    ``timeout_s``: ConfigError naming it otherwise (``ray.init`` would wait on it for minutes).
+    Empty, ``local`` and ``auto`` are resolved by Ray when the run starts (services.cluster).
+    Called when a run starts (services/run_dir.py), not by ``validate``: a finished run's
+    stored config is read again (ledger, eval, scale) after its cluster is gone."""
+    import socket
+
+    if address in ("", "local", "auto"):
+        return
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = target.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(
+            f"ray.address: expected HOST:PORT (or ray://HOST:PORT, 'auto', empty), got {address!r}"
+        )
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return
+    except OSError as exc:
+        raise ConfigError(
+            f"ray.address: nothing answers at {address!r} within {timeout_s:g} s ({exc}); "
+            f"start the cluster (ray start --head) or fix the address"
+        ) from None
 
 
 def _validate_source(task: TaskConfig, need) -> None:

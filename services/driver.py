@@ -14,8 +14,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.config import Config, to_toml
+from services.config import Config
 from services.errors import UserError
+from services.run_dir import check_resume, prepare_run_dir
 from services.versions import published_after
 
 
@@ -70,8 +71,27 @@ def train(
     hooks: RunHooks | None = None,
 ) -> RunSummary:
     """Run (or resume) training. ``stop_after_step``: stop as Ctrl-C would once that step is
-    logged and checkpointed (tests and tooling); raises RunStopped. ``hooks``: RunHooks."""
+    logged and checkpointed (tests and tooling); raises RunStopped. ``hooks``: RunHooks.
+    The run directory stays locked (services/run_dir.py) until the run has ended."""
+    run_dir, run_lock = prepare_run_dir(cfg, resume=resume)
+    with run_lock:
+        return _train(
+            cfg, run_dir, resume=resume, progress=progress, stop_after_step=stop_after_step,
+            hooks=hooks,
+        )  # fmt: skip
+
+
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: bool,
+    progress: bool | None,
+    stop_after_step: int | None,
+    hooks: RunHooks | None,
+) -> RunSummary:
     from models.pairs import resolve_pair
+    from rollout.sources import skipped_metrics
     from services.cluster import ray_session, run_namespace
     from services.console import adopt_run_dir, say
     from services.ledger import ledger_row
@@ -89,7 +109,6 @@ def train(
 
     hooks = hooks or RunHooks()
     t_start = time.perf_counter()
-    run_dir = prepare_run_dir(cfg, resume=resume)
     adopt_run_dir(run_dir)  # quiet console: engine/library output → run_dir/engine.log
     show = cfg.log.progress if progress is None else progress
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
@@ -102,13 +121,15 @@ def train(
     ) as ray_info:
         if ray_info.dashboard_url:
             say(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}")
-        source = build_source(cfg)
+        source = run_source(cfg, build_source(cfg), tokenizer)  # + the token-length filter
         learner = build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0)
         rollout = build_rollout(cfg, pair)
         weight_publisher = build_weight_publisher(cfg, learner, rollout)
         first_step, state = 1, None
         if resume:
             state = learner.load_checkpoint(checkpoint_dir(run_dir))
+            if "config" in state:  # the config the checkpoint was trained with
+                check_resume(state["config"], cfg, where=checkpoint_dir(run_dir))
             first_step = state["step"] + 1
             source.restore(state["source_state"])
             # The version the checkpointed weights are, as saved (not re-derived).
@@ -134,13 +155,13 @@ def train(
                 clock = StepClock()
                 batch = rollout.next_batch(step)  # sample + score (overlapped)
                 clock.mark("wait")
-                stats = learner.train_step(batch.samples)  # train
+                stats = learner.train_step(batch.samples, step=step)  # train (stops on NaN/Inf)
                 clock.mark("train")
                 if step % cfg.learner.sync_every == 0 or step == cfg.run.steps:
                     weight_publisher.publish(published_after(step))  # push weights
                 clock.mark("sync")
                 row = step_metrics(batch, stats, rollout.take_times(), clock.spans)
-                row |= rollout.worker_metrics()
+                row |= rollout.worker_metrics() | skipped_metrics(batch.source_state)
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
                     row |= eval_metrics(
                         evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)
@@ -181,6 +202,7 @@ def train(
 def stop_reason(exc: BaseException) -> str | None:
     """Why a run stopped, for the user, when it is a failure they can resume from; None for
     anything else (a bug keeps its traceback)."""
+    from rollout.sources import SourceError
     from services.calls import is_worker_death
     from services.channel import RolloutError
     from services.pool import short_error
@@ -189,6 +211,8 @@ def stop_reason(exc: BaseException) -> str | None:
         return "interrupted"
     if isinstance(exc, RolloutError):
         cause = exc.__cause__ or exc
+        if isinstance(cause, SourceError):
+            return None  # bad data: resuming would replay it; its message says what to fix
         return f"the rollout tier failed: {cause}"
     if is_worker_death(exc):
         return f"a learner rank died: {short_error(exc)}"
@@ -241,25 +265,9 @@ def checkpoint(learner, run_dir: Path, batch, eval_before: dict, *, keep: int) -
         "policy_version": published_after(batch.step),
         "eval_before": eval_before,
         "source_state": batch.source_state,
+        "config": (run_dir / "config.toml").read_text(),  # for --resume's compatibility check
     }
     learner.save_checkpoint(checkpoint_dir(run_dir), state, keep=keep)
-
-
-def prepare_run_dir(cfg: Config, *, resume: bool) -> Path:
-    from services.parts import checkpoint_dir
-
-    run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    has_ckpt = (checkpoint_dir(run_dir) / "latest").exists()
-    if resume and not has_ckpt:
-        raise RunError(f"--resume: {run_dir} has no checkpoint to resume from")
-    if not resume and (run_dir / "metrics.jsonl").exists():
-        raise RunError(
-            f"{run_dir} already holds a run; pass --resume to continue it, or choose another "
-            f"run.name (e.g. --set run.name=...) — nothing there is overwritten"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
-    return run_dir
 
 
 def open_metrics(cfg: Config, run_dir: Path, *, resume_from_step: int | None):
@@ -273,6 +281,23 @@ def open_metrics(cfg: Config, run_dir: Path, *, resume_from_step: int | None):
         run_name=cfg.run.name,
         config=asdict(cfg),
         resume_from_step=resume_from_step,
+    )
+
+
+def run_source(cfg: Config, source, tokenizer):
+    """The run's prompt source as the samplers see it: ``source`` (``build_source(cfg)``)
+    without the prompts too long in tokens for the engines (rollout.sources.TokenLimitedSource;
+    the ledger's replay builds it the same way)."""
+    from rollout.sources import TokenLimitedSource
+
+    r = cfg.rollout
+    # The engines take a sequence while its length + 1 fits max_model_len (the scorer scores
+    # prompt + response and reads one position more; rollout/engine.py::_check_lengths).
+    return TokenLimitedSource(
+        source,
+        tokenizer_encode(tokenizer),
+        max_prompt_tokens=r.max_model_len - r.max_tokens - 1,
+        max_eval_tokens=r.max_model_len - cfg.eval.max_tokens - 1,
     )
 
 

@@ -16,7 +16,13 @@ import torch
 
 from learner.batch import collate, split
 from learner.settings import LossSettings, OptimSettings
-from learner.step import global_normaliser, merge_metrics
+from learner.step import (
+    NonFiniteError,
+    check_finite,
+    diverged_message,
+    global_normaliser,
+    merge_metrics,
+)
 from rollout.records import ScoredRollout
 
 
@@ -135,6 +141,7 @@ class LearnerGroup:
                 f"{model_path} is not a Hugging Face model folder (no config.json)"
             )
         self.pad_id = pad_id
+        self._last_finite: tuple[int | None, dict] | None = None  # for NonFiniteError
         self.aggregation = loss.aggregation
         from services.cluster import actor_name
 
@@ -167,8 +174,12 @@ class LearnerGroup:
     def num_ranks(self) -> int:
         return len(self.ranks)
 
-    def train_step(self, scored: list[ScoredRollout]) -> dict[str, float]:
-        """One optimizer step on `scored` (at least one sample per rank).
+    def train_step(
+        self, scored: list[ScoredRollout], *, step: int | None = None
+    ) -> dict[str, float]:
+        """One optimizer step on `scored` (at least one sample per rank); `step` names it in
+        errors. A NaN/Inf loss or gradient norm raises `learner.step.NonFiniteError` naming the
+        step and the last finite step's values (a NaN loss before the optimizer step).
 
         Returns the full batch's metrics: `learner/loss` (the full-batch surrogate loss),
         token-weighted `distill/*` means, `distill/adv_abs_max` as a maximum,
@@ -178,13 +189,20 @@ class LearnerGroup:
         batch = collate(scored, pad_id=self.pad_id)
         normaliser = global_normaliser(batch, self.aggregation)
         shards = split(batch, self.num_ranks)
-        per_rank = _get_all(
-            [
-                r.train_step.remote(shard, normaliser=normaliser)
-                for r, shard in zip(self.ranks, shards, strict=True)
-            ]
-        )
-        return merge_metrics(per_rank)
+        try:
+            per_rank = _get_all(
+                [
+                    r.train_step.remote(shard, normaliser=normaliser)
+                    for r, shard in zip(self.ranks, shards, strict=True)
+                ]
+            )
+        except NonFiniteError as exc:  # a rank's loss: add the step and the last finite values
+            what = str(getattr(exc, "cause", None) or exc)  # Ray's wrapper: the rank's error
+            raise NonFiniteError(diverged_message(step, what, self._last_finite)) from None
+        metrics = merge_metrics(per_rank)
+        check_finite(metrics, step=step, last=self._last_finite)
+        self._last_finite = (step, metrics)
+        return metrics
 
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(HF name, CPU float32 tensor) for every parameter, ready for vLLM `reload_weights`."""

@@ -3,7 +3,8 @@
 One row per trained step: ``step`` and per-sample lists, all in the order the learner got them:
 ``sample_ids``, ``versions`` (policy version that sampled it), ``samplers`` / ``scorers``
 (worker names), ``attempts`` (1 + earlier failed tries of its prompt group) and
-``response_crc`` (CRC-32 of the sampled token ids).
+``response_crc`` (CRC-32 of the sampled token ids); ``skipped_tokens``: prompts the run's source
+skipped so far for being too long in tokens (rollout.sources.TokenLimitedSource).
 
 ``check_ledger(run_dir)`` proves what a run trained on: every step 1..N appears once, holds
 exactly the batch the prompt source deals for that step (replayed from the run's config.toml:
@@ -13,7 +14,6 @@ the run (more often than the source dealt it), and every sample respects ``rollo
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -40,6 +40,7 @@ def ledger_row(batch) -> dict:
         "scorers": [p.scorer for p in batch.provenance],
         "attempts": [p.attempt for p in batch.provenance],
         "response_crc": [response_crc(s.rollout) for s in batch.samples],
+        "skipped_tokens": int((batch.source_state or {}).get("skipped_tokens", 0)),
     }
 
 
@@ -65,14 +66,12 @@ def read_ledger(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "samples.jsonl"
     if not path.is_file():
         raise LedgerError(f"{run_dir} is not a run directory with a ledger (no {path.name})")
-    rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise LedgerError(f"{path}:{i}: not a JSON row ({exc.msg})") from None
-    return rows
+    from services.metrics import TornFileError, read_rows
+
+    try:
+        return read_rows(path)  # a half-written last row (a crash) is dropped with a warning
+    except TornFileError as exc:
+        raise LedgerError(str(exc)) from None
 
 
 def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
@@ -90,7 +89,8 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     steps = [row["step"] for row in rows]
     if steps != list(range(1, len(rows) + 1)):
         bad(f"steps are {steps}, expected 1..{len(rows)} each once in order")
-    expected = _replay(cfg, max(steps, default=0)) if replay else None
+    tokens = any(row.get("skipped_tokens", 0) for row in rows)
+    expected = _replay(cfg, max(steps, default=0), tokens=tokens) if replay else None
     seen: Counter = Counter()
     sampler_n: Counter = Counter()
     scorer_n: Counter = Counter()
@@ -131,11 +131,20 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     return report
 
 
-def _replay(cfg, steps: int) -> dict[int, set[str]]:
-    """The sample ids the prompt source deals for each step 1..steps of this config."""
+def _replay(cfg, steps: int, *, tokens: bool) -> dict[int, set[str]]:
+    """The sample ids the prompt source deals for each step 1..steps of this config; with
+    ``tokens`` (the run skipped prompts too long in tokens) through the same token-length
+    filter, which needs the student's tokenizer (without it the deal is the same)."""
     from services.parts import build_source
 
     source = build_source(cfg)
+    if tokens:
+        from models.pairs import resolve_pair
+        from services.driver import run_source
+        from services.parts import load_tokenizer
+
+        student = resolve_pair(cfg.models.teacher, cfg.models.student, progress=False).student
+        source = run_source(cfg, source, load_tokenizer(student))
     n, k = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
     return {
         step: {f"{p.id}/{i}" for p in source.next_batch(k) for i in range(n)}

@@ -8,12 +8,55 @@ Keys are namespaced (``learner/…``, ``distill/…``, ``rollout/…``, ``time/�
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import math
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from services.errors import UserError
+
+
+class DiskError(UserError, OSError):
+    """The run directory's disk is full or cannot be written; names the path and what to do."""
+
+
+# errno → (what happened, what to do), for the disk errors a user can fix.
+_DISK_ERRORS = {
+    errno.ENOSPC: (
+        "no space left on the device",
+        "free space there (or set run.out_dir to a larger disk) and resume with --resume",
+    ),
+    errno.EDQUOT: (
+        "the disk quota is exceeded",
+        "free space there (or set run.out_dir to another disk) and resume with --resume",
+    ),
+    errno.EROFS: (
+        "the file system is read-only",
+        "set run.out_dir to a writable folder (or remount it read-write)",
+    ),
+    errno.EACCES: (
+        "permission denied",
+        "set run.out_dir to a folder you can write to (or fix its permissions)",
+    ),
+    errno.EPERM: (
+        "operation not permitted",
+        "set run.out_dir to a folder you can write to (or fix its permissions)",
+    ),
+}
+
+
+def disk_error(exc: OSError, path: Path | str) -> OSError:
+    """``exc`` as a DiskError naming ``path`` when it is a full or unwritable disk; any other
+    OSError is returned unchanged (it keeps its traceback)."""
+    known = _DISK_ERRORS.get(exc.errno)
+    if known is None or isinstance(exc, DiskError):
+        return exc
+    what, todo = known
+    return DiskError(exc.errno, f"cannot write {path}: {what}; {todo}")
 
 
 class MetricsLogger:
@@ -31,11 +74,12 @@ class MetricsLogger:
     ) -> None:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.samples_path = Path(run_dir) / "samples.jsonl"
-        if resume_from_step is not None:
-            _truncate_after(self.path, resume_from_step)
-            _truncate_after(self.samples_path, resume_from_step)
-        self._file = self.path.open("a", buffering=1)
-        self._samples = self.samples_path.open("a", buffering=1)
+        with _disk(self.path):
+            if resume_from_step is not None:
+                _truncate_after(self.path, resume_from_step)
+                _truncate_after(self.samples_path, resume_from_step)
+            self._file = self.path.open("a", buffering=1)
+            self._samples = self.samples_path.open("a", buffering=1)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -56,11 +100,13 @@ class MetricsLogger:
         """Append one row (flushed); ``ledger``: the step's row of samples.jsonl (which samples
         it trained on: services/ledger.py::ledger_row), written first."""
         if ledger is not None:
-            self._samples.write(json.dumps(ledger) + "\n")
-            self._samples.flush()
+            with _disk(self.samples_path):
+                self._samples.write(json.dumps(ledger) + "\n")
+                self._samples.flush()
         row = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
-        self._file.write(json.dumps(row) + "\n")
-        self._file.flush()
+        with _disk(self.path):
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
         for key, value in values.items():
             if self._tb is not None:
                 if isinstance(value, list) and value:
@@ -75,8 +121,9 @@ class MetricsLogger:
             self._ray.step(step, values)
 
     def close(self) -> None:
-        self._file.close()
-        self._samples.close()
+        for f in (self._file, self._samples):
+            with contextlib.suppress(OSError):  # a full disk: the write raised DiskError already
+                f.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -206,9 +253,8 @@ def _truncate_after(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep, drop = [], []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+    for line, row in _parse_rows(path):
+        (keep if row is not None and row.get("step", 0) <= step else drop).append(line)
     if drop:
         with path.with_suffix(".discarded.jsonl").open("a") as f:
             f.write("\n".join(drop) + "\n")
@@ -223,8 +269,62 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+class TornFileError(UserError, ValueError):
+    """A JSON-lines file of a run has a broken row before its last one; names the file and line."""
+
+
+def _parse_rows(path: Path) -> list[tuple[str, dict | None]]:
+    """(line, row) for every non-empty line of a JSON-lines file. A half-written last line (a
+    crash mid-write) gets row None, with a warning on the console; a broken line before the
+    last is corruption, not a crash, and raises TornFileError naming the file and line."""
+    lines = [(i, line) for i, line in enumerate(Path(path).read_text().splitlines(), 1)]
+    lines = [(i, line) for i, line in lines if line.strip()]
+    out: list[tuple[str, dict | None]] = []
+    for n, (i, line) in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError(f"expected a JSON object, got {type(row).__name__}")
+        except ValueError as exc:
+            if n < len(lines) - 1:
+                raise TornFileError(
+                    f"{path}:{i}: not a JSON row ({exc}); the file is corrupt"
+                ) from None
+            from services.console import say
+
+            say(
+                f"[opdplus] warning: {path}:{i}: dropped a half-written last row "
+                f"({len(line)} characters; a crash while it was written)"
+            )
+            row = None
+        out.append((line, row))
+    return out
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The rows of a run's JSON-lines file (metrics.jsonl, samples.jsonl), without a
+    half-written last row (see ``_parse_rows``)."""
+    return [row for _, row in _parse_rows(path) if row is not None]
+
+
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return read_rows(path)
+
+
+class _disk:
+    """Turn a full or unwritable disk inside the block into a DiskError naming ``path``."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if isinstance(exc, OSError) and not isinstance(exc, DiskError):
+            err = disk_error(exc, self.path)
+            if err is not exc:
+                raise err from None
 
 
 def write_plots(run_dir: Path) -> list[Path]:

@@ -275,3 +275,83 @@ def test_describe_check_catches_planted_errors(described):
         "extra.knob: no doc in services/config.py",
         "extra.knob: not described",
     ]
+
+
+# ----------------------------------------------------------------------------- ranges
+
+
+def _numeric_keys() -> list[str]:
+    """Every int or float key of the schema (bools are not numbers here)."""
+    hints: dict[str, object] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, hint in typing.get_type_hints(cls).items():
+            if dataclasses.is_dataclass(hint):
+                walk(hint, f"{prefix}{name}.")
+            else:
+                hints[f"{prefix}{name}"] = hint
+
+    walk(Config, "")
+    return [k for k, h in hints.items() if h in (int, float)]
+
+
+def _outside(spec: str, is_int: bool) -> list:
+    """Values outside a RANGES spec (and, for floats, NaN and inf)."""
+    if spec == "finite":
+        return [float("nan"), float("inf")]
+    if spec.startswith(">="):
+        out = [float(spec[2:]) - 1]
+    elif spec.startswith(">"):
+        out = [float(spec[1:])]
+    else:
+        lo, hi = (float(x) for x in spec[1:-1].split(","))
+        out = [lo if spec[0] == "(" else lo - 1, hi if spec[-1] == ")" else hi + 1]
+    out = [int(v) for v in out] if is_int else out + [float("nan"), float("inf")]
+    return out
+
+
+def test_every_numeric_key_has_a_range():
+    from services.config import RANGES
+
+    keys = _numeric_keys()
+    assert len(keys) > 40 and "learner.lr" in keys and "rollout.max_model_len" in keys
+    assert [k for k in keys if k not in RANGES] == []  # (a misspelt entry leaves its key out)
+
+
+@pytest.mark.parametrize("key", _numeric_keys())
+def test_an_out_of_range_value_is_refused_naming_the_key(key):
+    from services.config import RANGES, validate
+
+    section, name = key.split(".")
+    is_int = typing.get_type_hints(_section_class(key))[name] is int
+    cfg = Config()
+    validate(cfg)  # the defaults are in range
+    for bad in _outside(RANGES[key], is_int):
+        planted = dataclasses.replace(
+            cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: bad})}
+        )
+        with pytest.raises(ConfigError, match=rf": {key}: must be"):
+            validate(planted)
+
+
+def _section_class(key: str) -> type:
+    return typing.get_type_hints(Config)[key.split(".")[0]]
+
+
+def test_the_range_check_can_fail():
+    """A planted key with no range is what the schema test reports."""
+    from services.config import RANGES, in_range
+
+    assert "rollout.new_knob" not in RANGES
+    assert not in_range(float("nan"), ">= 0") and not in_range(float("inf"), "> 0")
+    assert in_range(0.5, "(0, 1)") and not in_range(1.0, "(0, 1)") and in_range(1.0, "[0, 1]")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../escape", "a/b", "/abs", "a\\b"])
+def test_run_name_cannot_leave_the_output_folder(name):
+    from services.config import validate
+
+    cfg = Config()
+    with pytest.raises(ConfigError, match="run.name: must be a plain folder name"):
+        validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name)))
+    validate(dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name="a..b-1")))

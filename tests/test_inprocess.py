@@ -24,7 +24,15 @@ def test_driver_runs_with_in_process_rollout(ray_local, toy_pair, tmp_path, monk
         tmp_path,
         "inproc",
         3,
-        **{"rollout.in_process": "true", "learner.sync_every": 2, "rollout.max_staleness": 1},
+        **{
+            "rollout.in_process": "true",
+            "learner.sync_every": 2,
+            "rollout.max_staleness": 1,
+            # Room for prompts of 7 tokens (24 - 16 response tokens - 1): the arithmetic
+            # prompts of 8 and 9 tokens are longer than the engines' context allows. Skipped
+            # and counted when a step opens, never sent to an engine.
+            "rollout.max_model_len": 24,
+        },
     )
     summary = train(cfg, progress=False)
     run_dir = tmp_path / "inproc"
@@ -38,3 +46,6 @@ def test_driver_runs_with_in_process_rollout(ray_local, toy_pair, tmp_path, monk
     report = check_ledger(run_dir)
     assert report.ok, report.problems
     assert step_rows(run_dir)[-1]["worker/student-sampler-0/samples"] == 3 * 4 * 2
+    skipped = [r["data/skipped_long_tokens"] for r in step_rows(run_dir)]
+    assert skipped == sorted(skipped) and skipped[-1] > 0, skipped
+    assert [r["skipped_tokens"] for r in ledger] == skipped  # the ledger replayed the filter

@@ -188,6 +188,25 @@ def _bf16_and_fp32(model_dir, batch):
     return out
 
 
+def _nan_step(model_dir, batch, nan_batch):
+    """A NaN in a batch (a test double for a broken scorer: one teacher log-prob planted NaN
+    after collation): the step stops before the optimizer step; the next good step trains."""
+    from learner.step import NonFiniteError
+
+    engine = _engine(model_dir, 1, lr=1e-2)
+    before = engine.export_weights()
+    try:
+        _step(engine, nan_batch)
+        message = None
+    except NonFiniteError as exc:
+        message = str(exc)
+    after = engine.export_weights()
+    steps = engine.global_steps
+    metrics = _step(engine, batch)
+    return dict(message=message, before=before, after=after, steps=steps, metrics=metrics,
+                steps_after_good=engine.global_steps)  # fmt: skip
+
+
 # ----------------------------------------------------------------- tests
 
 
@@ -310,3 +329,19 @@ def test_lr_schedule():
     assert warm[4] == pytest.approx(0.5)
     assert warm[6] == pytest.approx(0.0)
     assert lr_factor(9, schedule="constant", warmup_steps=0, total_steps=1) == 1.0
+
+
+def test_a_nan_in_the_batch_stops_the_step_before_the_optimizer(worker, student):
+    import dataclasses
+
+    batch = make_batch(4, seed=7)
+    teacher = batch.logp_teacher_BT.clone()
+    teacher[2, int(batch.response_mask_BT[2].nonzero()[0])] = float("nan")
+    nan_batch = dataclasses.replace(batch, logp_teacher_BT=teacher)
+    out = worker.submit(_nan_step, student, batch, nan_batch).result()
+    assert out["message"] is not None and "teacher log-probs: 1 NaN" in out["message"]
+    assert out["steps"] == 0  # no optimizer step was taken
+    for (n, a), (_, b) in zip(out["after"], out["before"], strict=True):
+        assert torch.equal(a, b), n
+    assert out["steps_after_good"] == 1
+    assert all(math.isfinite(v) for v in out["metrics"].values())

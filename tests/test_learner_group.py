@@ -85,10 +85,29 @@ def one_rank_reference(ray_cluster, student, tmp_path_factory):
     continued = (group.train_step(next_batch), group.export_weights())
     state = group.load_checkpoint(ckpt)
     replayed = (group.train_step(next_batch), group.export_weights())
+    nan = _nan_step(group, scored_batch(4, seed=11, version=2))
     group.shutdown()
     return dict(
-        metrics=metrics, weights=weights, continued=continued, replayed=replayed, state=state
-    )
+        metrics=metrics, weights=weights, continued=continued, replayed=replayed, state=state,
+        nan=nan,
+    )  # fmt: skip
+
+
+def _nan_step(group, scored):
+    """Step 8 after a good step 7, with one teacher log-prob NaN: a test double for a broken
+    scorer, planted past the record's own check (a ScoredRollout refuses a NaN)."""
+    from learner.step import NonFiniteError
+
+    group.train_step(scored, step=7)
+    bad = scored[1]
+    object.__setattr__(bad, "logp_teacher", (float("nan"), *bad.logp_teacher[1:]))
+    before = group.export_weights()
+    try:
+        group.train_step(scored, step=8)
+        message = None
+    except NonFiniteError as exc:
+        message = str(exc)
+    return dict(message=message, before=before, after=group.export_weights())
 
 
 @pytest.mark.parametrize("zero_stage", [0, 3])
@@ -118,6 +137,17 @@ def test_two_ranks_equal_one_rank(one_rank_reference, student, tmp_path, zero_st
     hf = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "hf").named_parameters())
     for n, t in exported:
         assert torch.equal(hf[n].detach(), t), n
+
+
+def test_a_nan_loss_stops_the_step_naming_it_and_the_last_finite_values(one_rank_reference):
+    nan = one_rank_reference["nan"]
+    message = nan["message"]
+    assert message is not None and message.startswith("learner step 8 stopped: ")
+    assert "teacher log-probs: 1 NaN" in message
+    assert "the last finite step was 7: loss = " in message and "grad_norm = " in message
+    assert "--resume" not in message  # resuming would replay the same batch
+    for (n, a), (_, b) in zip(nan["after"], nan["before"], strict=True):
+        assert torch.equal(a, b), n  # the optimizer step was not applied
 
 
 def test_group_checkpoint_round_trip(one_rank_reference):

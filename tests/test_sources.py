@@ -230,3 +230,88 @@ def test_registered_source_is_usable_everywhere(tmp_path):
         del sources.SOURCES["fixed"]
     with pytest.raises(ConfigError, match="task.source.*fixed"):
         load_config(cfg_file, [])
+
+
+# ----------------------------------------------------------------------------- token limit
+
+
+def _chars(text: str) -> list[int]:
+    """A stand-in tokenizer for the wrapper's own logic: one token per character (the real
+    student tokenizer is used in tests/test_inprocess.py's run)."""
+    return [ord(c) for c in text]
+
+
+def test_prompts_too_long_in_tokens_are_skipped_and_counted(tmp_path):
+    from rollout.sources import TokenLimitedSource, skipped_metrics
+
+    records = [{"prompt": "x" * (3 + i % 7), "answer": 1, "id": str(i)} for i in range(40)]
+    path = _write_jsonl(tmp_path / "p.jsonl", records)
+
+    def build():
+        return TokenLimitedSource(
+            make_source("jsonl", path=path), _chars, max_prompt_tokens=6, max_eval_tokens=4
+        )
+
+    a = build()
+    first = a.next_batch(5)
+    assert all(len(p.prompt) <= 6 for p in first) and len(first) == 5
+    state = a.state()
+    assert state["skipped_tokens"] > 0
+    assert skipped_metrics(state)["data/skipped_long_tokens"] == state["skipped_tokens"]
+    rest = a.next_batch(9)
+    # Exactly the stream an uninterrupted source gives, also across a restore.
+    b = build()
+    b.restore(state)
+    assert b.next_batch(9) == rest and b.skipped_tokens == a.skipped_tokens
+    assert build().next_batch(14) == first + rest
+    assert all(len(p.prompt) <= 4 for p in a.eval_set())
+    assert a.eval_skipped_tokens == len(make_source("jsonl", path=path).eval_set()) - len(
+        a.eval_set()
+    )
+
+
+def test_all_prompts_too_long_in_tokens_is_a_clear_error(tmp_path):
+    from rollout.sources import TokenLimitedSource
+
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x" * 50, "answer": 1}] * 5)
+    src = TokenLimitedSource(
+        make_source("jsonl", path=path), _chars, max_prompt_tokens=10, max_eval_tokens=10
+    )
+    with pytest.raises(SourceError, match="longer than 10 tokens.*rollout.max_model_len"):
+        src.next_batch(1)
+    with pytest.raises(SourceError, match="no room for a prompt"):
+        TokenLimitedSource(src, _chars, max_prompt_tokens=0, max_eval_tokens=1)
+
+
+def test_bad_data_stops_a_run_without_a_resume_hint():
+    """A SourceError replays on resume (the same seeded batch): the driver does not offer to
+    resume (stop_reason None: the error keeps its own message); other rollout failures do."""
+    from services.channel import RolloutError
+    from services.driver import stop_reason
+
+    try:
+        try:
+            raise SourceError("p.jsonl:3: record has no 'answer'")
+        except SourceError as exc:
+            raise RolloutError(f"rollout producer failed: {exc}") from exc
+    except RolloutError as err:
+        assert stop_reason(err) is None
+    try:
+        try:
+            raise RuntimeError("sampler-1 died")
+        except RuntimeError as exc:
+            raise RolloutError("a worker kept failing") from exc
+    except RolloutError as err:
+        assert stop_reason(err) == "the rollout tier failed: sampler-1 died"
+
+
+def test_reasoning_gym_eval_collisions_end_in_an_error():
+    """A task whose every question is in the eval set: bounded attempts, then a clear error
+    (it used to loop forever)."""
+    from rollout.sources import ReasoningGymSource
+
+    tiny = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
+    src = ReasoningGymSource("chain_sum", task_config=tiny, eval_size=1500)
+    src.max_collisions = 300  # the default (10 000) takes a few seconds to reach
+    with pytest.raises(SourceError, match="300 training items in a row are questions of the eval"):
+        src.next_batch(5)

@@ -175,3 +175,47 @@ def test_center_cost_is_a_constant_shift(divergence, shifts):
     if divergence == "reverse_kl":
         opd, _ = loss_of(model, batch, estimator="opd", **kw)
         assert centred.item() == pytest.approx(opd.item(), rel=1e-6, abs=1e-7)
+
+
+# ----------------------------------------------------------------------------- NaN / Inf
+
+
+def nan_teacher_batch(scored, row=1):
+    """A test double for a broken scorer: the collated batch with one teacher log-prob NaN on
+    a response token (records refuse a NaN, so it is planted after collation)."""
+    import dataclasses
+
+    batch = collate(scored, pad_id=0)
+    teacher = batch.logp_teacher_BT.clone()
+    col = int(batch.response_mask_BT[row].nonzero()[0])
+    teacher[row, col] = float("nan")
+    return dataclasses.replace(batch, logp_teacher_BT=teacher)
+
+
+def test_a_nan_input_stops_the_loss_before_backward():
+    from learner_settings import loss_settings
+
+    from learner.step import NonFiniteError, compute_loss
+
+    model = tiny_llama()
+    batch = nan_teacher_batch(random_scored(4))
+    settings = loss_settings(divergence="forward_kl")
+    with pytest.raises(NonFiniteError, match="teacher log-probs: 1 NaN") as info:
+        compute_loss(
+            model, batch, settings=settings, normaliser=global_normaliser(batch, "token_mean")
+        )
+    assert "--resume" not in str(info.value)
+    assert all(p.grad is None for p in model.parameters())  # no backward ran
+
+
+def test_check_finite_names_the_step_and_the_last_finite_values():
+    from learner.step import NonFiniteError, check_finite
+
+    good = {"learner/loss": 0.25, "learner/grad_norm": 1.5, "distill/divergence": 0.1}
+    check_finite(good, step=6, last=None)
+    with pytest.raises(NonFiniteError) as info:
+        check_finite(good | {"learner/grad_norm": float("inf")}, step=7, last=(6, good))
+    message = str(info.value)
+    assert message.startswith("learner step 7 stopped: learner/grad_norm = inf")
+    assert "the last finite step was 6: loss = 0.25, grad_norm = 1.5, divergence = 0.1" in message
+    assert "--resume" not in message and "Nothing of this step was published" in message
