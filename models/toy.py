@@ -247,6 +247,22 @@ def train_sft(
     }
 
 
+def _payload(name: str, model_spec: ModelSpec, train_spec: TrainSpec, seed: int) -> dict:
+    return {"name": name, "model": asdict(model_spec), "train": asdict(train_spec), "seed": seed}
+
+
+def toy_models_cached(out_dir: Path, *, seed: int = 0, spec: ToySpec = ToySpec()) -> bool:
+    """Whether ``build_toy_models(out_dir, seed=seed, spec=spec)`` would only read the cache."""
+    parts = [
+        ("teacher", spec.teacher, spec.teacher_train, seed),
+        ("student", spec.student, spec.student_train, seed + 1),
+    ]
+    return all(
+        _cached(Path(out_dir) / name, _spec_hash(_payload(name, m, t, s))) is not None
+        for name, m, t, s in parts
+    )
+
+
 def _build_one(
     folder: Path,
     model_spec: ModelSpec,
@@ -258,7 +274,7 @@ def _build_one(
     progress: bool,
     heldout: bool = True,
 ) -> dict:
-    payload = {"name": name, "model": asdict(model_spec), "train": asdict(train_spec), "seed": seed}
+    payload = _payload(name, model_spec, train_spec, seed)
     spec_hash = _spec_hash(payload)
     with build_lock(folder):
         if not force and (info := _cached(folder, spec_hash)):

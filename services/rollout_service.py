@@ -71,7 +71,10 @@ class _LocalSampler:
         return self.sampler.version
 
     def sample_stream(self, items, req):
-        yield from self.sampler.sample(items, req)
+        # Drained at the first ``next``, as an actor runs one call to its end before the next:
+        # a lazy stream would leave requests in the engine that a ``generate`` (evaluation)
+        # called between two ``next``s would step and collect.
+        yield from list(self.sampler.sample(items, req))
 
     def load_weights(self, named_tensors, version: int):
         return self.sampler.load_weights(named_tensors, version)

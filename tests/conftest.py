@@ -12,6 +12,41 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
+def pytest_collection_modifyitems(config, items):
+    """The pure-logic tests first, then the ``slow`` ones (each group in file order): a broken
+    rule fails in the first minutes, and the toy pair builds meanwhile (below)."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+def pytest_sessionstart(session):
+    """On a fresh clone the toy pair is not built yet (~3-6 min of SFT on two cores): start its
+    build in a background process now, beside the pure-logic tests (mostly one core), instead of
+    inside the first test that needs it. ``toy_pair`` then waits on the same build lock
+    (``models.common.build_lock``) and finds the folders finished; if this build failed, the
+    fixture builds in the foreground and shows the error. Output: ``<cache>/toy-prebuild.log``."""
+    import subprocess
+    import sys
+
+    from models.common import cache_dir
+    from models.toy import toy_models_cached
+
+    out = cache_dir() / "models" / "toy"
+    if toy_models_cached(out) or os.environ.get("OPDPLUS_NO_PREBUILD"):
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    code = "import sys; from models.toy import build_toy_models; build_toy_models(sys.argv[1], progress=False)"
+    log = open(cache_dir() / "toy-prebuild.log", "w")  # noqa: SIM115 — the child owns it
+    session.config._toy_prebuild = subprocess.Popen(
+        [sys.executable, "-c", code, str(out)], stdout=log, stderr=subprocess.STDOUT
+    )
+
+
+def pytest_sessionfinish(session):
+    proc = getattr(session.config, "_toy_prebuild", None)
+    if proc is not None and proc.poll() is None:
+        proc.terminate()  # a run cut short (-x, Ctrl-C): its folder stays unbuilt, never half-written
+
+
 @pytest.fixture(scope="session")
 def cache_root() -> Path:
     from models.common import cache_dir

@@ -112,3 +112,22 @@ def test_toy_teacher_solves_heldout_and_student_is_clearly_weaker(toy_pair):
         for name, folder in [("teacher", toy_pair.teacher_dir), ("student", toy_pair.student_dir)]
     }
     assert params["student"] < params["teacher"]
+
+
+def test_toy_models_cached_says_whether_a_build_would_only_read_the_cache(tmp_path):
+    """What the test session's background pre-build (tests/conftest.py) asks before it starts."""
+    from models.toy import ModelSpec, ToySpec, TrainSpec, build_toy_models, toy_models_cached
+
+    tiny = ModelSpec(hidden=16, layers=1, heads=1, ffn=32)
+    spec = ToySpec(
+        teacher=tiny,
+        teacher_train=TrainSpec(max_steps=2, batch=4, lr=1e-3, warmup=1, eval_every=0),
+        student=tiny,
+        student_train=TrainSpec(max_steps=1, batch=4, lr=1e-3, warmup=1, eval_every=0),
+    )
+    assert not toy_models_cached(tmp_path, spec=spec)
+    pair = build_toy_models(tmp_path, spec=spec, progress=False)
+    assert toy_models_cached(tmp_path, spec=spec)
+    assert not toy_models_cached(tmp_path, spec=spec, seed=1)  # another seed is another build
+    (pair.student_dir / BUILD_MARKER).unlink()  # half a pair is not a cached pair
+    assert not toy_models_cached(tmp_path, spec=spec)
