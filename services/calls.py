@@ -15,6 +15,50 @@ from services.pool import Worker
 from services.scheduler import Chunk, Group
 
 
+class CallTimeout(RuntimeError):
+    """A worker missed a call's deadline: the producer treats it as dead (kills it, restarts it,
+    hands its work out again), like a worker whose process died."""
+
+
+class LearnerTimeout(RuntimeError):
+    """A learner rank missed its deadline (learner.step_timeout_s): the driver stops the run
+    with the resume command (a rank cannot be replaced mid-collective)."""
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """Seconds a call may take before its worker counts as hung (0 = no deadline)."""
+
+    call_s: float = 0.0  # a sample call without a finished prompt group; a score call
+    start_s: float = 0.0  # a (re)started worker's first answer (placement + engine start)
+    load_s: float = 0.0  # a weight load
+
+
+def overdue(task, now: float, limits: Deadlines) -> str | None:
+    """Why ``task`` (a call record below) has missed its deadline at ``now``, or None."""
+    if isinstance(task, Sample):
+        limit, since, what, key = limits.call_s, task.seen, "finished no prompt group", "call"
+    elif isinstance(task, Score):
+        limit, since, what, key = limits.call_s, task.t0, "did not finish scoring", "call"
+    elif isinstance(task, Ping):
+        limit, since, what, key = limits.start_s, task.t0, "did not start", "start"
+    elif isinstance(task, Load):
+        limit, since, what, key = limits.load_s, task.t0, "did not load its weights", "load"
+    elif isinstance(task, Poll):
+        limit, since = limits.call_s, task.t0
+        return "control actor did not answer" if limit and now - since > limit else None
+    else:
+        return None
+    if not limit or now - since <= limit:
+        return None
+    setting = {
+        "call": "rollout.call_timeout_s",
+        "start": "ray.placement_timeout_s",
+        "load": "rollout.sync_timeout_s",
+    }[key]
+    return f"{task.worker.name} {what} in {now - since:.0f} s ({setting} = {limit:g}): hung"
+
+
 def is_worker_death(exc: BaseException) -> bool:
     """True when ``exc`` says a Ray worker process died (not an error raised by its code)."""
     import sys
@@ -55,8 +99,12 @@ class RayCalls:
             ready += more
         return ready
 
-    def get(self, ref):
-        return self.ray.get(ref)
+    def get(self, ref, timeout: float | None = None):
+        """The call's result; CallTimeout when ``timeout`` (seconds) passes first."""
+        try:
+            return self.ray.get(ref, timeout=timeout)
+        except self.ray.exceptions.GetTimeoutError:
+            raise CallTimeout(f"no answer within {timeout:g} s") from None
 
     def next(self, stream):
         """The next item of a streaming call; StopIteration when it has ended."""
@@ -70,7 +118,7 @@ class RayCalls:
             self.ray.kill(handle, no_restart=True)
 
     def is_death(self, exc: BaseException) -> bool:
-        return isinstance(exc, self._death)
+        return isinstance(exc, (*self._death, CallTimeout))
 
 
 class _Done:
@@ -101,7 +149,7 @@ class LocalCalls:
     def wait(self, waitables: list, timeout: float) -> list:
         return list(waitables)
 
-    def get(self, done: _Done):
+    def get(self, done: _Done, timeout: float | None = None):
         if done.error is not None:
             raise done.error
         return done.value
@@ -147,6 +195,7 @@ class Load(Call):
 class Sample(Call):
     chunk: Chunk | None = None
     received: set = field(default_factory=set)
+    seen: float = field(default_factory=time.perf_counter)  # when it last sent a group
 
 
 @dataclass(eq=False)
@@ -157,6 +206,8 @@ class Score(Call):
 @dataclass(eq=False)
 class Poll:
     """A pending read of the control actor's resize target."""
+
+    t0: float = field(default_factory=time.perf_counter)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ class RolloutError(UserError, RuntimeError):
     """The rollout producer failed; the message carries the original error."""
 
 
+class StepTimeout(RolloutError):
+    """The step watchdog: a step's samples did not all arrive within rollout.step_timeout_s."""
+
+
 @dataclass(frozen=True)
 class Provenance:
     """Where one sample came from (a row of the ledger, ``samples.jsonl``)."""
@@ -155,10 +159,14 @@ class Channel:
                 raise RolloutError(f"rollout producer failed: {self._error}") from self._error
             if not ok:
                 have = len(self._by_step.get(step, ()))
-                state = {k: v for k, v in self._stats.items() if not k.endswith("/samples")}
-                raise RolloutError(
-                    f"step {step}: only {have}/{n} samples after {timeout:.0f} s "
-                    f"(rollout tier: {state})"
+                state = {
+                    k: v
+                    for k, v in self._stats.items()
+                    if k.startswith("rollout/") or k.endswith("/state")
+                }
+                raise StepTimeout(
+                    f"waited {timeout:.0f} s (rollout.step_timeout_s) for the samples of step "
+                    f"{step}: {have} of {n} arrived (rollout tier: {state})"
                 )
             items = sorted(self._by_step.pop(step), key=lambda p: p[0].sample_id)
             self._count -= len(items)

@@ -99,9 +99,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from services.cluster import stop_on_signals
+
     args = _parser().parse_args(argv)
     try:
-        return _COMMANDS[args.command](args)
+        with stop_on_signals():
+            return _COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print(
             "opdplus: interrupted; checkpoints and metrics written so far are kept", file=sys.stderr

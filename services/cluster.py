@@ -20,9 +20,61 @@ import contextlib
 import json
 import os
 import re
+import signal
+import socket
+import sys
+import threading
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+
+from services.errors import UserError
+
+SESSION_RECORD = "ray-session.json"
+_SIGNALS: list[tuple[tuple, Callable]] = []  # the active stop_on_signals handler, if any
+
+
+@contextlib.contextmanager
+def stop_on_signals(signums: tuple = (signal.SIGTERM, signal.SIGHUP)) -> Iterator[None]:
+    """SIGTERM (a scheduler, ``kill``, ``docker stop``) and SIGHUP (a closed terminal) take
+    Ctrl-C's path for the block: KeyboardInterrupt in the main thread, so the run stops its
+    actors and Ray, keeps its checkpoints and prints the resume command. Only the first signal
+    interrupts; later ones are ignored so cleanup can finish (SIGKILL still ends it at once).
+    Outside the main thread (no handlers can be installed there) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+
+    def interrupt(signum, _frame) -> None:
+        seen.append(signum)
+        if len(seen) == 1:
+            raise KeyboardInterrupt(signal.Signals(signum).name)
+        print(
+            f"opdplus: {signal.Signals(signum).name} again: still stopping the run's actors "
+            "(SIGKILL to end at once)",
+            file=sys.stderr,
+        )
+
+    old = {s: signal.signal(s, interrupt) for s in signums}
+    _SIGNALS.append((signums, interrupt))
+    try:
+        yield
+    finally:
+        _SIGNALS.pop()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def _reclaim_signals() -> None:
+    """``ray.init`` installs its own SIGTERM handler (``sys.exit``, which skips the resume
+    message); put the active ``stop_on_signals`` handler back."""
+    if _SIGNALS and threading.current_thread() is threading.main_thread():
+        signums, handler = _SIGNALS[-1]
+        for s in signums:
+            signal.signal(s, handler)
 
 
 @dataclass(frozen=True)
@@ -64,6 +116,32 @@ def _not_set_by_job(env: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_env}
 
 
+class ClusterUnreachable(UserError, ConnectionError):
+    """The Ray cluster a command is to join does not answer; names the address."""
+
+
+def check_reachable(address: str, *, timeout_s: float = 10.0) -> str:
+    """The cluster ``address`` resolves to (``auto`` or empty: RAY_ADDRESS, else the cluster
+    ``ray start`` last recorded, as ``ray.init`` resolves it), once it accepts a TCP connection
+    within ``timeout_s`` (``services.config.check_ray_address``); ClusterUnreachable otherwise:
+    ``ray.init`` would wait on a dead address for minutes."""
+    from services.config import ConfigError, check_ray_address
+
+    target = address
+    if address in ("", "auto"):
+        from ray._private.services import get_ray_address_from_environment
+
+        try:
+            target = get_ray_address_from_environment("auto", None)
+        except ConnectionError as exc:
+            raise ClusterUnreachable(f"ray.address = {address!r}: {exc}") from None
+    try:
+        check_ray_address(target, timeout_s=timeout_s)
+    except ConfigError as exc:
+        raise ClusterUnreachable(str(exc)) from None
+    return target
+
+
 def joins_cluster(address: str) -> bool:
     """True when the run joins an existing cluster (config address, or launched as a Ray job)."""
     return bool(address or os.environ.get("RAY_ADDRESS"))
@@ -71,11 +149,24 @@ def joins_cluster(address: str) -> bool:
 
 @contextlib.contextmanager
 def ray_session(
-    *, address: str = "", num_cpus: int = 0, dashboard: bool = True, namespace: str = ""
+    *,
+    address: str = "",
+    num_cpus: int = 0,
+    dashboard: bool = True,
+    namespace: str = "",
+    record: Path | None = None,
 ) -> Iterator[RayInfo]:
     """Join ``address`` (or the cluster of the Ray job this process runs in) or start a local
-    Ray instance (dashboard on 127.0.0.1) for the block, in ``namespace``."""
+    Ray instance (dashboard on 127.0.0.1) for the block, in ``namespace``.
+
+    record: a run directory; the session is written to its ``ray-session.json`` (address,
+    session dir, driver pid and host) and marked stopped when the block ends, and a local
+    instance an earlier driver of that run left running (it was killed before it could stop
+    it) is named in a warning first."""
     import ray
+
+    if record is not None:
+        warn_if_alive(record)
 
     env = {"env_vars": _not_set_by_job(worker_env())}
     if ray.is_initialized():
@@ -86,6 +177,7 @@ def ray_session(
         # Inside `ray job submit` RAY_ADDRESS names the cluster; the job's runtime env (working
         # dir, excludes) is inherited by the actors, ours only adds the env vars.
         target = address or os.environ["RAY_ADDRESS"]
+        check_reachable(target)  # a dead address is an error in seconds, not a long wait
         ctx = ray.init(address=target, namespace=ns, runtime_env=env, log_to_driver=True)
     else:
         ctx = ray.init(
@@ -99,6 +191,7 @@ def ray_session(
             runtime_env=env,
             log_to_driver=True,
         )
+    _reclaim_signals()
     from services.console import route_ray_worker_logs
 
     route_ray_worker_logs()  # quiet console: actor output to the run's engine.log
@@ -110,10 +203,82 @@ def ray_session(
         dashboard_url=url,
         namespace=namespace,
     )
+    session = {
+        "address": info.address,
+        "session_dir": ctx.address_info.get("session_dir", ""),
+        "local": not joins_cluster(address),
+        "driver_pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started_at": time.time(),
+    }
+    if record is not None:
+        _write_record(record, session)
     try:
         yield info
     finally:
         ray.shutdown()
+        if record is not None:
+            _write_record(record, session | {"stopped_at": time.time()})
+
+
+def _write_record(run_dir: Path, session: dict) -> None:
+    with contextlib.suppress(OSError):  # a record is a courtesy: never what stops a run
+        (Path(run_dir) / SESSION_RECORD).write_text(json.dumps(session, indent=2) + "\n")
+
+
+def old_session_alive(run_dir: Path, *, timeout_s: float = 1.0) -> dict | None:
+    """The session ``run_dir/ray-session.json`` records, if it is a local instance a run
+    started and never stopped whose GCS still answers (the driver was killed: SIGKILL, OOM)."""
+    try:
+        session = json.loads((Path(run_dir) / SESSION_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    if not session.get("local") or "stopped_at" in session:
+        return None
+    host, _, port = str(session.get("address", "")).rpartition(":")
+    if session.get("host") != socket.gethostname() or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return session
+    except OSError:
+        return None
+
+
+def warn_if_alive(run_dir: Path) -> None:
+    old = old_session_alive(run_dir)
+    if old is None:
+        return
+    from services.console import say
+
+    say(
+        f"[opdplus] warning: the local Ray instance an earlier driver of this run started is "
+        f"still running (address {old['address']}, session {old.get('session_dir')}, driver "
+        f"pid {old.get('driver_pid')}); it holds CPUs and memory this run needs. Stop it: its "
+        f"processes' command lines name {old.get('session_dir')}"
+    )
+
+
+class Stops(contextlib.ExitStack):
+    """What a run started, stopped when the block ends, last started first. Every stop runs
+    even when an earlier one raises (its error is reported, not raised, so the run's own
+    outcome is what the user sees) or the block fails while starting."""
+
+    def __init__(self, report: Callable[[str], None] = print) -> None:
+        super().__init__()
+        self.report = report
+
+    def add(self, what: str, obj, method: str):
+        """Stop ``obj`` by calling ``obj.<method>()`` at the end; returns ``obj``."""
+
+        def stop() -> None:
+            try:
+                getattr(obj, method)()
+            except Exception as exc:
+                self.report(f"[opdplus] warning: stopping {what} failed: {exc!r}")
+
+        self.callback(stop)
+        return obj
 
 
 def actor_name(base: str) -> str:

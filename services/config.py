@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -105,7 +106,19 @@ class RolloutConfig:
         0.3, "fraction of GPU memory per engine for weights + KV cache (GPU only)"
     )
     max_model_len: int = _f(256, "longest prompt+response the engines accept")
-    sync_timeout_s: float = _f(120.0, "a weight push that takes longer fails with an error")
+    sync_timeout_s: float = _f(
+        120.0, "a sampler whose weight load takes longer counts as hung (killed and replaced)"
+    )
+    call_timeout_s: float = _f(
+        600.0,
+        "a sampler that finishes no prompt group, or a scorer or evaluation call that does not "
+        "answer, for this long counts as hung: killed, replaced, its work handed out again",
+    )
+    step_timeout_s: float = _f(
+        3600.0,
+        "step watchdog: the run stops (with the resume command) when a step's samples "
+        "take longer than this to arrive",
+    )
     sync_backend: SyncBackend = _f(
         "auto",
         "weight-sync path; auto = nccl on GPU, object store on CPU; gloo = the nccl path "
@@ -167,6 +180,9 @@ class LearnerConfig:
     )
     gpus_per_rank: float = _f(0.0, "GPUs per learner rank")
     resources: dict = _f({}, "Ray custom resources per learner rank, e.g. {learner = 1}")
+    step_timeout_s: float = _f(
+        3600.0, "a learner rank that takes longer for one call stops the run (resume command)"
+    )
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage (0, 1, 2 or 3)")
     lr: float = _f(1e-3, "peak AdamW learning rate")
     lr_schedule: Literal["constant", "cosine"] = _f(
@@ -213,6 +229,11 @@ class RayConfig:
     address: str = _f("", "Ray cluster address; empty = start a local instance")
     num_cpus: int = _f(0, "CPUs for a local Ray instance (0 = all)")
     dashboard: bool = _f(True, "start the Ray dashboard (local instance, on 127.0.0.1)")
+    placement_timeout_s: float = _f(
+        900.0,
+        "an actor not placed and started (engines loaded) within this fails the run naming the "
+        "resources it asked for; one no node could ever hold fails at once",
+    )
 
 
 @dataclass(frozen=True)
@@ -470,6 +491,20 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             f"inconsistent resources: the actors reserve {cpus:g} CPUs (samplers + scorers + learner ranks) but the local "
             f"Ray instance has {cfg.ray.num_cpus}",
         )
+    if cfg.ray.address == "" and not os.environ.get("RAY_ADDRESS"):
+        # A local instance offers CPUs and the GPUs it finds, never custom resources.
+        for key, custom in (
+            ("learner.resources", lr.resources),
+            ("rollout.sampler_resources", r.sampler_resources),
+            ("rollout.scorer_resources", r.scorer_resources),
+        ):
+            need(
+                not custom,
+                key,
+                f"asks for {custom} but the run starts a local Ray instance (ray.address is "
+                f"empty), which has no custom resources; set ray.address to a cluster whose "
+                f"nodes offer them, or remove {key}",
+            )
     need(cfg.models.teacher != "", "models.teacher", "must name a model folder or 'toy'/'smollm2'")
     need(cfg.models.student != "", "models.student", "must name a model folder or 'toy'/'smollm2'")
     _validate_source(cfg.task, need)

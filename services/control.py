@@ -54,7 +54,14 @@ def collective_sync(cfg) -> bool:
     return sync_backend(cfg) != "object_store"
 
 
-def scale(run_dir: Path, *, samplers: int | None, scorers: int | None, timeout_s: float = 30):
+def scale(
+    run_dir: Path,
+    *,
+    samplers: int | None,
+    scorers: int | None,
+    timeout_s: float = 30,
+    connect_timeout_s: float = 10,
+):
     """Ask the running job in ``run_dir`` to run ``samplers`` samplers and ``scorers`` scorers."""
     from services.cluster import run_namespace
     from services.config import load_config
@@ -76,10 +83,14 @@ def scale(run_dir: Path, *, samplers: int | None, scorers: int | None, timeout_s
             f"rollout.sync_backend = 'object_store' to resize live"
         )
     if not ray.is_initialized():
+        from services.cluster import ClusterUnreachable, check_reachable
+
         address = cfg.ray.address or "auto"
         try:
+            # A dead address: a clear error within connect_timeout_s, not ray.init's long wait.
+            check_reachable(address, timeout_s=connect_timeout_s)
             ray.init(address=address, log_to_driver=False)
-        except ConnectionError as exc:
+        except (ConnectionError, ClusterUnreachable) as exc:
             raise ScaleError(
                 f"no Ray cluster to find the job of {run_dir} in (ray.address = {address!r}): {exc}"
             ) from None
@@ -93,5 +104,10 @@ def scale(run_dir: Path, *, samplers: int | None, scorers: int | None, timeout_s
             continue
     if actor is None:
         raise ScaleError(f"no running job for {run_dir} (control actor {name!r} not found)")
-    generation, s, c = ray.get(actor.set_target.remote(samplers, scorers), timeout=timeout_s)
+    try:
+        generation, s, c = ray.get(actor.set_target.remote(samplers, scorers), timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ScaleError(
+            f"the job of {run_dir} did not answer within {timeout_s:g} s (control actor {name!r})"
+        ) from None
     return {"generation": generation, "samplers": s, "scorers": c}

@@ -92,7 +92,7 @@ def _train(
 ) -> RunSummary:
     from models.pairs import resolve_pair
     from rollout.sources import skipped_metrics
-    from services.cluster import ray_session, run_namespace
+    from services.cluster import Stops, ray_session, run_namespace
     from services.console import adopt_run_dir, say
     from services.ledger import ledger_row
     from services.parts import (
@@ -105,6 +105,7 @@ def _train(
         load_tokenizer,
         step_metrics,
     )
+    from services.placement import preflight
     from services.progress import Progress
 
     hooks = hooks or RunHooks()
@@ -113,18 +114,31 @@ def _train(
     show = cfg.log.progress if progress is None else progress
     pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
     tokenizer = load_tokenizer(pair.student)
-    with ray_session(
-        address=cfg.ray.address,
-        num_cpus=cfg.ray.num_cpus,
-        dashboard=cfg.ray.dashboard,
-        namespace=run_namespace(cfg.run.name),
-    ) as ray_info:
+    # Everything started below is stopped by ``stops``, last started first, each stop even when
+    # an earlier one raises or the start-up itself fails (services.cluster.Stops).
+    with (
+        ray_session(
+            address=cfg.ray.address,
+            num_cpus=cfg.ray.num_cpus,
+            dashboard=cfg.ray.dashboard,
+            namespace=run_namespace(cfg.run.name),
+            record=run_dir,  # ray-session.json: a later --resume warns if it is still up
+        ) as ray_info,
+        Stops(report=say) as stops,
+    ):
         if ray_info.dashboard_url:
             say(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}")
+        preflight(cfg)  # a resource no node offers: an error now, before anything starts
         source = run_source(cfg, build_source(cfg), tokenizer)  # + the token-length filter
-        learner = build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0)
-        rollout = build_rollout(cfg, pair)
-        weight_publisher = build_weight_publisher(cfg, learner, rollout)
+        learner = stops.add(
+            "the learner ranks",
+            build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0),
+            "shutdown",
+        )
+        rollout = stops.add("the rollout tier", build_rollout(cfg, pair), "stop")
+        weight_publisher = stops.add(
+            "the weight publisher", build_weight_publisher(cfg, learner, rollout), "close"
+        )
         first_step, state = 1, None
         if resume:
             state = learner.load_checkpoint(checkpoint_dir(run_dir))
@@ -134,7 +148,11 @@ def _train(
             source.restore(state["source_state"])
             # The version the checkpointed weights are, as saved (not re-derived).
             weight_publisher.publish(state["policy_version"], wait=True)
-        metrics = open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None)
+        metrics = stops.add(
+            "the metrics writers",
+            open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None),
+            "close",
+        )
         eval_set = source.eval_set()[: cfg.task.eval_size]
         eval_before = (
             state["eval_before"]
@@ -148,7 +166,11 @@ def _train(
         rollout.start(
             source, tokenizer_encode(tokenizer), first_step=first_step, last_step=cfg.run.steps
         )
-        bar = Progress(total=cfg.run.steps, initial=first_step - 1, enabled=show, desc="OPD+ train")
+        bar = stops.add(
+            "the progress bar",
+            Progress(total=cfg.run.steps, initial=first_step - 1, enabled=show, desc="OPD+ train"),
+            "close",
+        )
         step = first_step - 1
         try:
             for step in range(first_step, cfg.run.steps + 1):
@@ -187,12 +209,6 @@ def _train(
             if reason is None:
                 raise
             raise RunStopped(stop_message(reason, run_dir, step)) from None
-        finally:
-            bar.close()
-            metrics.close()
-            weight_publisher.close()
-            rollout.stop()
-            learner.shutdown()
     return finish_run(run_dir, cfg, eval_before, eval_after, time.perf_counter() - t_start)
 
 
@@ -203,12 +219,14 @@ def stop_reason(exc: BaseException) -> str | None:
     """Why a run stopped, for the user, when it is a failure they can resume from; None for
     anything else (a bug keeps its traceback)."""
     from rollout.sources import SourceError
-    from services.calls import is_worker_death
+    from services.calls import LearnerTimeout, is_worker_death
     from services.channel import RolloutError
     from services.pool import short_error
 
     if isinstance(exc, KeyboardInterrupt):
-        return "interrupted"
+        return f"interrupted ({exc})" if str(exc) else "interrupted"  # (SIGTERM): services.cli
+    if isinstance(exc, LearnerTimeout):
+        return f"a learner rank hung: {exc}"
     if isinstance(exc, RolloutError):
         cause = exc.__cause__ or exc
         if isinstance(cause, SourceError):

@@ -133,6 +133,8 @@ class LearnerGroup:
         optim: OptimSettings,
         loss: LossSettings,
         num_threads: int = 0,
+        placement_timeout_s: float = 900.0,
+        step_timeout_s: float = 0.0,
     ) -> None:
         if num_ranks < 1:
             raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
@@ -153,6 +155,21 @@ class LearnerGroup:
             )
             for i in range(num_ranks)
         ]
+        from services.placement import KEYS, Ask, ray_resources, wait_started
+
+        # Placed within ray.placement_timeout_s, or an error naming the rank and its resources.
+        self.step_timeout_s = step_timeout_s  # learner.step_timeout_s (0 = no deadline)
+        asks = [
+            Ask(f"learner-rank-{i}", KEYS["learner"], ray_resources(rank_options))
+            for i in range(num_ranks)
+        ]
+        try:
+            wait_started(
+                [r.__ray_ready__.remote() for r in self.ranks], asks, timeout_s=placement_timeout_s
+            )
+        except BaseException:
+            self.shutdown()  # the ranks that were placed, and the pending ones, go
+            raise
         master_addr, master_port = ray.get(self.ranks[0].rendezvous_address.remote())
         # All at once: process-group initialisation blocks until every rank has joined.
         _get_all(
@@ -194,7 +211,8 @@ class LearnerGroup:
                 [
                     r.train_step.remote(shard, normaliser=normaliser)
                     for r, shard in zip(self.ranks, shards, strict=True)
-                ]
+                ],
+                timeout_s=self.step_timeout_s,
             )
         except NonFiniteError as exc:  # a rank's loss: add the step and the last finite values
             what = str(getattr(exc, "cause", None) or exc)  # Ray's wrapper: the rank's error
@@ -263,14 +281,26 @@ class LearnerGroup:
         self.ranks = []
 
 
-def _get_all(refs: list[ray.ObjectRef]) -> list:
+def _get_all(refs: list[ray.ObjectRef], timeout_s: float = 0.0) -> list:
     """Results of a collective call on every rank, raising the first rank's error at once.
 
     A plain ray.get waits in list order, so a failure on rank 1 would hide behind rank 0 blocking
-    in the collective until DeepSpeed's timeout (30 min).
+    in the collective until DeepSpeed's timeout (30 min). ``timeout_s`` > 0: a rank that has not
+    answered by then raises LearnerTimeout (the driver stops the run with the resume command).
     """
+    import time
+
+    from services.calls import LearnerTimeout
+
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            late = [f"learner-rank-{refs.index(r)}" for r in pending]
+            raise LearnerTimeout(
+                f"{', '.join(late)} did not answer within {timeout_s:g} s (learner.step_timeout_s)"
+            )
         ray.get(done)
     return ray.get(refs)

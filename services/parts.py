@@ -109,6 +109,9 @@ def build_rollout(cfg: Config, pair):
         seed=cfg.run.seed,
         max_restarts=r.max_restarts,
         dispatch_groups=r.dispatch_groups,
+        call_timeout_s=r.call_timeout_s,
+        start_timeout_s=cfg.ray.placement_timeout_s,
+        step_timeout_s=r.step_timeout_s,
     )
     return RolloutService(
         student_settings=engine_settings(
@@ -189,6 +192,8 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
         num_threads=lr.threads,
         optim=optim,
         loss=loss,
+        placement_timeout_s=cfg.ray.placement_timeout_s,
+        step_timeout_s=lr.step_timeout_s,
     )
 
 

@@ -17,11 +17,22 @@ from typing import TYPE_CHECKING
 from rollout.records import Rollout
 from rollout.sampler import SampleRequest, WorkItem
 from services import messages as m
-from services.calls import Call, Death, Load, Ping, Poll, Sample, Score
+from services.calls import (
+    Call,
+    CallTimeout,
+    Deadlines,
+    Death,
+    Load,
+    Ping,
+    Poll,
+    Sample,
+    Score,
+    overdue,
+)
 from services.channel import Channel, Command, Provenance, RolloutError
 from services.pool import DRAINING, READY, STARTING, SYNCING, Pool, Worker
 from services.scheduler import Group, Scheduler, chunk_seed, may_open
-from services.versions import Versions, WeightSyncError
+from services.versions import Versions
 
 if TYPE_CHECKING:
     from services.rollout_service import RolloutPlan
@@ -59,6 +70,7 @@ class Producer:
         plan: RolloutPlan,
         calls,
         control=None,
+        clock=time.perf_counter,
     ) -> None:
         self.samplers, self.scorers, self.versions = samplers, scorers, versions
         self.channel, self.plan, self.calls, self.control = channel, plan, calls, control
@@ -72,6 +84,13 @@ class Producer:
         self.deaths: list[Death] = []
         self.control_gen = 0
         self.next_poll = 0.0
+        self.clock = clock  # the clock of the call records (services.calls)
+        # In-process calls finish before the loop looks again: nothing can be overdue there.
+        self.limits = Deadlines(
+            call_s=plan.call_timeout_s,
+            start_s=plan.start_timeout_s,
+            load_s=plan.sync_timeout_s,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -86,16 +105,17 @@ class Producer:
                 self._dispatch()
                 self._sweep_drained()
                 self._deliver()
+                self._check_deadlines()
                 self._check_pushes()
                 self.channel.set_stats(self.stats())
                 self._wait()
         except BaseException as exc:
-            for _, fut in self.waiters:
+            for _, fut, _ in self.waiters:
                 if not fut.done():
                     fut.set_exception(exc)
             self.channel.fail(exc)
         finally:
-            for _, fut in self.waiters:
+            for _, fut, _ in self.waiters:
                 if not fut.done():
                     fut.set_exception(RolloutError("rollout service is stopped"))
             for w in self.samplers.workers + self.scorers.workers:
@@ -131,7 +151,7 @@ class Producer:
         and an unknown message fail only their reply."""
         msg, reply = cmd.message, cmd.reply
         if isinstance(msg, m.WaitPush):
-            self.waiters.append((self.versions.version, reply))
+            self.waiters.append((self.versions.version, reply, self.clock()))
         elif isinstance(msg, m.Generate):
             try:
                 w = min(self.samplers.live(), key=lambda w: w.slot)
@@ -176,7 +196,7 @@ class Producer:
         if any(isinstance(t, Poll) for t in self.tasks.values()):
             return
         self.next_poll = time.perf_counter() + CONTROL_POLL_S
-        self.tasks[self.calls.call(self.control, "target")] = Poll()
+        self.tasks[self.calls.call(self.control, "target")] = Poll(t0=self.clock())
 
     # ------------------------------------------------------------------ admission, dispatch
 
@@ -222,7 +242,8 @@ class Producer:
                 p.samples_per_prompt, p.max_tokens, p.temperature, chunk_seed(p.seed, chunk)
             )
             ref = self.calls.call(w.handle, "sample_stream", list(chunk.items), req, streaming=True)
-            self.tasks[ref] = Sample(w, w.restarts, chunk=chunk)
+            now = self.clock()
+            self.tasks[ref] = Sample(w, w.restarts, t0=now, seen=now, chunk=chunk)
             w.outstanding = len(chunk.items)
         self._dispatch_scores()
 
@@ -235,7 +256,7 @@ class Producer:
             groups = self.scheduler.take_groups(len(self.scorers.ready()))
             rollouts = [r for g in groups for r in g.rollouts]
             self.tasks[self.calls.call(w.handle, "score", rollouts)] = Score(
-                w, w.restarts, groups=groups
+                w, w.restarts, t0=self.clock(), groups=groups
             )
             w.outstanding += len(groups)
 
@@ -250,6 +271,7 @@ class Producer:
     def _sampled(self, task: Sample, pos: int, rollouts: list[Rollout]) -> None:
         if task.gen != task.worker.restarts or pos in task.received:
             return
+        task.seen = self.clock()
         task.received.add(pos)
         task.worker.outstanding -= 1
         group = Group(task.chunk.step, tuple(rollouts), task.worker.name, task.chunk.attempt)
@@ -264,7 +286,7 @@ class Producer:
             raise RuntimeError(
                 f"{w.name} ended a stream after {len(task.received)}/{len(chunk.items)} groups"
             )
-        seconds = time.perf_counter() - task.t0
+        seconds = self.clock() - task.t0
         self.channel.add_times(sample=seconds)
         w.observe_rate(len(chunk.items) / max(seconds, 1e-6))
         self._retire_if_drained(self.samplers, w)
@@ -306,21 +328,35 @@ class Producer:
             if w.state == SYNCING and not self._load(w):
                 self.samplers.synced(w)
 
+    def _check_deadlines(self) -> None:
+        """A call past its deadline (services.calls.overdue) means a hung worker: it is
+        treated as dead (killed, replaced, its groups handed out again), as if it had crashed.
+        A hung control actor's read is dropped (the next poll asks again)."""
+        if self.calls.local:
+            return
+        now = self.clock()
+        for ref, task in list(self.tasks.items()):
+            if ref not in self.tasks:  # dropped with an earlier call of the same worker
+                continue
+            why = overdue(task, now, self.limits)
+            if why is None:
+                continue
+            del self.tasks[ref]
+            if not isinstance(task, Poll):
+                self._failed(task, CallTimeout(why))
+
     def _check_pushes(self) -> None:
-        for task in self.tasks.values():
-            if isinstance(task, Load) and self.versions.overdue(task.t0):
-                raise WeightSyncError(
-                    f"weight push of version {task.version} did not complete on "
-                    f"{task.worker.name} within {self.versions.sync_timeout_s:.0f} s "
-                    f"(rollout.sync_timeout_s)"
-                )
-        live, keep = self.samplers.live(), []
+        live, keep, now = self.samplers.live(), [], self.clock()
         settling = any(w.state in (STARTING, SYNCING) for w in self.samplers.workers)
-        for version, fut in self.waiters:
-            if all(w.version >= version for w in live) and not settling:
+        for version, fut, since in self.waiters:
+            # A replacement still starting is waited for (it joins with the pushed weights),
+            # but no longer than a start may take: one left pending does not block every push.
+            grace = not self.limits.start_s or now - since <= self.limits.start_s
+            patient = settling and (not live or grace)
+            if all(w.version >= version for w in live) and not patient:
                 fut.set_result(None)
             else:
-                keep.append((version, fut))
+                keep.append((version, fut, since))
         self.waiters = keep
 
     # ------------------------------------------------------------------ faults
@@ -360,13 +396,13 @@ class Producer:
         return dropped
 
     def _ping(self, pool: Pool, w: Worker) -> None:
-        self.tasks[pool.ping(w)] = Ping(w, w.restarts)
+        self.tasks[pool.ping(w)] = Ping(w, w.restarts, t0=self.clock())
 
     def _load(self, w: Worker) -> bool:
         ref = self.versions.load(w)
         if ref is None:
             return False
-        self.tasks[ref] = Load(w, w.restarts, version=self.versions.version)
+        self.tasks[ref] = Load(w, w.restarts, t0=self.clock(), version=self.versions.version)
         return True
 
     def _sweep_drained(self) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from rollout.sampler import Sampler
 from rollout.scorer import Scorer
 from services import messages as m
-from services.calls import LocalCalls, RayCalls
+from services.calls import CallTimeout, LocalCalls, RayCalls
 from services.channel import Batch, Channel, RolloutError, RolloutTimes
 from services.pool import Pool, WorkerFailed, short_error
 from services.producer import Producer
@@ -59,6 +59,10 @@ class RolloutPlan:
     seed: int
     max_restarts: int = 3
     dispatch_groups: int = 0  # prompt groups per chunk; 0 = by measured speed (scheduler.share)
+    # Deadlines (seconds; 0 = none): a worker that misses one is treated as dead.
+    call_timeout_s: float = 600.0  # rollout.call_timeout_s: sample (per group), score, generate
+    start_timeout_s: float = 900.0  # ray.placement_timeout_s: placement + engine start
+    step_timeout_s: float = 3600.0  # rollout.step_timeout_s: the driver's wait for one step
 
 
 class _LocalSampler:
@@ -150,14 +154,32 @@ class RolloutService:
         self._scorers = Pool(
             "scorer", SCORER_PREFIX, make_c, "ready", max_restarts=restarts, calls=self.calls
         )
+        if not in_process:
+            from services.placement import KEYS, Ask, check_feasible, ray_resources, wait_started
+
+            asked = {"sampler": sampler_resources, "scorer": scorer_resources}
+            # A role no node could ever hold fails before any engine starts.
+            check_feasible(
+                [Ask(f"a {role}", KEYS[role], ray_resources(res)) for role, res in asked.items()]
+            )
         self._samplers.resize(num_samplers)
         self._scorers.resize(num_scorers)
-        # Surface engine start-up errors here, not at the first batch.
+        # Surface engine start-up errors here, not at the first batch; an actor Ray cannot
+        # place fails after ray.placement_timeout_s naming what it asked for.
         try:
-            for pool in (self._samplers, self._scorers):
-                for w in pool.workers:
-                    pool.started(w, self.calls.get(pool.ping(w)))
-                    pool.synced(w)  # nothing is published yet: the initial weights are current
+            starting = [(p, w) for p in (self._samplers, self._scorers) for w in p.workers]
+            refs = [pool.ping(w) for pool, w in starting]
+            if in_process:
+                answers = [self.calls.get(ref) for ref in refs]
+            else:
+                asks = [
+                    Ask(w.name, KEYS[pool.role], ray_resources(asked[pool.role]))
+                    for pool, w in starting
+                ]
+                answers = wait_started(refs, asks, timeout_s=plan.start_timeout_s)
+            for (pool, w), answer in zip(starting, answers, strict=True):
+                pool.started(w, answer)
+                pool.synced(w)  # nothing is published yet: the initial weights are current
         except BaseException as exc:
             for w in self._samplers.workers + self._scorers.workers:
                 self.calls.kill(w.handle)
@@ -204,8 +226,13 @@ class RolloutService:
 
     def next_batch(self, step: int, timeout: float | None = None) -> Batch:
         """Block until every sample of ``step`` is scored; returns them (sorted by sample id)
-        with their provenance and the prompt source's state after the step's prompts."""
+        with their provenance and the prompt source's state after the step's prompts.
+
+        The step watchdog: past ``timeout`` (default ``plan.step_timeout_s``, 0 = none) it
+        raises StepTimeout naming the step, the samples still missing and the tier's state."""
         n = self.plan.prompts_per_step * self.plan.samples_per_prompt
+        if timeout is None:
+            timeout = self.plan.step_timeout_s or None
         return self._channel.take(step, n, timeout)
 
     def take_times(self) -> RolloutTimes:
@@ -266,15 +293,22 @@ class RolloutService:
         if self.in_process:
             return self._ask(m.Generate(prompt_ids, kwargs))
         last: BaseException | None = None
+        limit = self.plan.call_timeout_s or None
         for _ in range(3):
             handles = self.samplers
             if not handles:
                 break
             try:
-                return self.calls.get(self.calls.call(handles[0], "generate", prompt_ids, **kwargs))
+                ref = self.calls.call(handles[0], "generate", prompt_ids, **kwargs)
+                return self.calls.get(ref, timeout=limit)
             except Exception as exc:
                 if not self.calls.is_death(exc):
                     raise
+                if isinstance(exc, CallTimeout):
+                    # Hung: killed here; the producer sees the death at its next call to it
+                    # and replaces it (services/producer.py), as for a crashed sampler.
+                    self.calls.kill(handles[0])
+                    exc = CallTimeout(f"a sampler's evaluation call {exc} (rollout.call_timeout_s)")
                 last = exc
         raise RolloutError(f"evaluation found no live sampler: {last}")
 

@@ -53,6 +53,7 @@ def _service(tiny_model, *, sampler_faults=None, scorer_faults=None, **kw):
         seed=0,
         max_restarts=kw.pop("max_restarts", 3),
         dispatch_groups=2,
+        call_timeout_s=kw.pop("call_timeout_s", 600.0),
     )
     return RolloutService(
         student_settings=student,
@@ -100,9 +101,10 @@ def test_killed_workers_are_replaced_and_their_work_redone(
         scorers=2,
         sampler_faults={"target": "student-sampler-0", "gate_file": str(s_gate)},
         scorer_faults={"target": "teacher-scorer-0", "gate_file": str(c_gate)},
+        call_timeout_s=HANG_DEADLINE_S,  # steps 5 and 6: hung workers (alive, never answer)
     )
-    want = _expected(5, 4)
-    svc.start(make_source("arithmetic", seed=5), encode, first_step=1, last_step=4)
+    want = _expected(5, 6)
+    svc.start(make_source("arithmetic", seed=5), encode, first_step=1, last_step=6)
     try:
         assert {s.sample_id for s in svc.next_batch(1, timeout=300)} == want[0]
         svc.push_weights(hf_named, version=1)
@@ -145,8 +147,52 @@ def test_killed_workers_are_replaced_and_their_work_redone(
             "teacher-scorer-0",
             "student-sampler-1",
         ]
+
+        # Hung, not dead: the worker holds its work and never answers. Past
+        # rollout.call_timeout_s the producer kills it, replaces it and hands its groups out
+        # again; the step still gets exactly its samples.
+        lost = {}
+        for step, gate, name in ((5, s_gate, "student-sampler-0"), (6, c_gate, "teacher-scorer-0")):
+            gate.touch()
+            svc.push_weights(hf_named, version=step - 1)
+            t_held = _wait_holding(svc, name)
+            death = _wait_death(svc, len(deaths) + step - 4)
+            gate.unlink()  # the replacement (same name prefix) must not hang too
+            batch = svc.next_batch(step, timeout=300)
+            assert {s.sample_id for s in batch} == want[step - 1] and len(batch) == PROMPTS * N
+            assert {s.policy_version for s in batch} == {step - 1}
+            assert death.worker == name and "rollout.call_timeout_s" in death.error, death
+            lost[name] = death.at - t_held
+            assert HANG_DEADLINE_S - 0.5 <= lost[name] < HANG_DEADLINE_S + 10, lost  # from dispatch
+        print(
+            f"seconds from a hang to its worker's replacement (deadline {HANG_DEADLINE_S} s): {lost}"
+        )
+        m = svc.worker_metrics()
+        assert m["worker/student-sampler-0/restarts"] == 2
+        assert m["worker/teacher-scorer-0/restarts"] == 2
     finally:
         svc.stop()
+
+
+HANG_DEADLINE_S = 6.0
+
+
+def _wait_holding(svc, name: str) -> float:
+    """When ``name`` (gated) holds work it cannot finish; perf_counter seconds."""
+    deadline = time.time() + 600  # only a broken dispatch never hands it work
+    while svc.worker_metrics().get(f"worker/{name}/held_groups", 0) == 0:
+        assert time.time() < deadline, f"{name} was never handed work"
+        time.sleep(0.01)
+    return time.perf_counter()
+
+
+def _wait_death(svc, count: int):
+    """The ``count``-th worker death the producer recovered from (a hang counts as one)."""
+    deadline = time.time() + 600  # only a missing deadline never declares it
+    while len(svc.deaths()) < count:
+        assert time.time() < deadline, "the hung worker was never replaced"
+        time.sleep(0.05)
+    return svc.deaths()[count - 1]
 
 
 def test_crash_loop_stops_with_worker_name_and_last_error(

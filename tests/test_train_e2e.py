@@ -105,12 +105,14 @@ def test_short_run_learns_and_writes_everything(ray_local, toy_pair, tmp_path):
     assert summary.eval_before["n_problems"] == 100 and summary.eval_after["n_problems"] == 100
 
 
-# A driver that stops inside step 5 (after it is logged) until it is killed: the test kills
-# it at a known point instead of polling files against a clock.
+# A driver that stops inside step 5 (after it is logged) until a signal stops it: the test
+# signals it at a known point instead of polling files against a clock. SIGTERM takes the CLI's
+# path (services.cluster.stop_on_signals, as `opdplus train` installs it).
 HOLD_AT_STEP_5 = """
 import pathlib, sys, time
+from services.cluster import stop_on_signals
 from services.config import load_config
-from services.driver import RunHooks, train
+from services.driver import RunHooks, RunStopped, train
 
 held, sets = pathlib.Path(sys.argv[1]), sys.argv[2:]
 
@@ -119,18 +121,25 @@ def hold(step, row):
         held.touch()
         time.sleep(3600)
 
-train(load_config("deploy/configs/demo.toml", sets), progress=False, hooks=RunHooks(on_step=hold))
+try:
+    with stop_on_signals():
+        train(load_config("deploy/configs/demo.toml", sets), progress=False, hooks=RunHooks(on_step=hold))
+except RunStopped as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(3)
 """
 
 
-def _kill_processes_of(ray_tmp: Path) -> None:
-    """Stop the processes of the Ray instance whose temp dir is ``ray_tmp`` (and no other)."""
+def _alive(procs) -> list:
+    """The processes of ``procs`` still running (a zombie has ended)."""
     import psutil
 
-    for p in psutil.process_iter(["cmdline"]):
-        if str(ray_tmp) in " ".join(p.info["cmdline"] or []):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+    return out
 
 
 def _train_cmd(cfg_sets: list[str], resume: bool = False) -> list[str]:
@@ -141,8 +150,10 @@ def _train_cmd(cfg_sets: list[str], resume: bool = False) -> list[str]:
 
 
 def test_resume_after_kill_repeats_and_skips_nothing(toy_pair, tmp_path, ray_local):
-    """A run killed mid-way and resumed trains on exactly the samples the prompt source deals
-    for each step (the ledger checker replays them), none repeated or skipped."""
+    """A run stopped mid-way by SIGTERM takes Ctrl-C's path (the resume command; every process
+    of the run, Ray's included, gone within a deadline; its Ray session recorded as stopped)
+    and, resumed, trains on exactly the samples the prompt source deals for each step (the
+    ledger checker replays them), none repeated or skipped."""
     from services.ledger import check_ledger
 
     ray_local.shutdown()  # the CLI runs start their own Ray; keep the 2 CPUs for them
@@ -157,19 +168,41 @@ def test_resume_after_kill_repeats_and_skips_nothing(toy_pair, tmp_path, ray_loc
         cwd=REPO,
         env={**env, "RAY_TMPDIR": str(ray_tmp)},
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(tmp_path / "driver.err").open("w"),
         start_new_session=True,
     )
     run_dir = tmp_path / "cut"
+    import psutil
+
+    run_procs = []
     try:
         deadline = time.time() + 900  # only a broken run never gets to step 5
         while not held.exists():
             assert proc.poll() is None and time.time() < deadline, "the run never reached step 5"
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: like a lost node
-        proc.wait()
+        # every process of this run: its Ray daemons, workers, engines (none of another run's)
+        run_procs = psutil.Process(proc.pid).children(recursive=True)
+        assert run_procs, "the run started no processes"
+        os.kill(proc.pid, signal.SIGTERM)  # as a scheduler stops a job: the driver alone
+        t0 = time.time()
+        proc.wait(timeout=120)
+        err = (tmp_path / "driver.err").read_text()
+        assert proc.returncode == 3, err[-3000:]  # RunStopped, not a traceback or a kill
+        assert "interrupted (SIGTERM)" in err and "--resume" in err, err[-3000:]
+        while _alive(run_procs) and time.time() < t0 + 60:
+            time.sleep(0.5)
+        left = [" ".join(p.cmdline()[:3]) for p in _alive(run_procs)]
+        assert not left, f"processes of the run left after SIGTERM: {left}"
+        print(f"SIGTERM to the last process of the run gone: {time.time() - t0:.1f} s")
     finally:
-        _kill_processes_of(ray_tmp)  # that run's Ray daemons outlive it; only theirs stop
+        for p in _alive(run_procs):  # only when the assertions above failed
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    session = json.loads((run_dir / "ray-session.json").read_text())
+    assert session["session_dir"].startswith(str(ray_tmp)) and "stopped_at" in session
     # what a failed run leaves behind is intact
     # held inside step 5, after its row was logged and before its checkpoint (every 3 steps)
     assert int((run_dir / "checkpoints" / "latest").read_text().strip().split("_")[1]) == 3
