@@ -73,8 +73,15 @@ def train(
     """Run (or resume) training. ``stop_after_step``: stop as Ctrl-C would once that step is
     logged and checkpointed (tests and tooling); raises RunStopped. ``hooks``: RunHooks.
     The run directory stays locked (services/run_dir.py) until the run has ended."""
+    from services import storage
+
+    # One absolute run path for every process of the run (and in the stored config.toml).
+    cfg = storage.absolute_out_dir(cfg)
+    if resume:
+        storage.pull_latest(cfg)  # run.storage: the remote checkpoints' `latest`, if any
     run_dir, run_lock = prepare_run_dir(cfg, resume=resume)
     with run_lock:
+        storage.prepare(run_dir, uri=cfg.run.storage, name=cfg.run.name)  # marker; says where
         return _train(
             cfg, run_dir, resume=resume, progress=progress, stop_after_step=stop_after_step,
             hooks=hooks,
@@ -107,6 +114,7 @@ def _train(
     )
     from services.placement import preflight
     from services.progress import Progress
+    from services.storage import for_run
 
     hooks = hooks or RunHooks()
     t_start = time.perf_counter()
@@ -135,6 +143,8 @@ def _train(
             build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0),
             "shutdown",
         )
+        # Every rank must see run_dir (reads the driver's marker) or run.storage be usable.
+        learner.attach_storage(for_run(run_dir, uri=cfg.run.storage, name=cfg.run.name))
         rollout = stops.add("the rollout tier", build_rollout(cfg, pair), "stop")
         weight_publisher = stops.add(
             "the weight publisher", build_weight_publisher(cfg, learner, rollout), "close"

@@ -26,10 +26,10 @@ from learner import manifest
 
 
 def _fsync_spy():
-    """Record (kind, path) for every os.fsync and os.replace, in order (the real calls run).
-    Returns the list and a function that removes the spy."""
+    """Record (kind, path) for every os.fsync, os.replace and shutil.rmtree, in order (the
+    real calls run). Returns the list and a function that removes the spy."""
     events: list[tuple[str, str]] = []
-    real_fsync, real_replace = os.fsync, os.replace
+    real_fsync, real_replace, real_rmtree = os.fsync, os.replace, shutil.rmtree
 
     def fsync(fd):
         events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -39,10 +39,14 @@ def _fsync_spy():
         events.append(("replace", str(dst)))
         return real_replace(src, dst, *a, **k)
 
-    def undo():
-        os.fsync, os.replace = real_fsync, real_replace
+    def rmtree(path, *a, **k):
+        events.append(("rmtree", str(path)))
+        return real_rmtree(path, *a, **k)
 
-    os.fsync, os.replace = fsync, replace
+    def undo():
+        os.fsync, os.replace, shutil.rmtree = real_fsync, real_replace, real_rmtree
+
+    os.fsync, os.replace, shutil.rmtree = fsync, replace, rmtree
     return events, undo
 
 
@@ -151,7 +155,9 @@ def test_checkpoints_are_durable_verified_and_fall_back(tmp_path):
             assert f"{partial}/{name}" in before, f"{name} not fsynced before latest moved"
     assert partial in before, "the checkpoint folder itself was not fsynced"
     assert str(root) in before, "the rename into step_00000003 was not made durable"
-    assert ("fsync", str(root)) in events[at + 1 :], "latest's rename was not made durable"
+    assert events[at + 1] == ("fsync", str(root)), "latest's rename was not made durable"
+    # Pruning comes after, and only then: the old checkpoints go once the new one is durable.
+    assert ("rmtree", f"{root}/step_00000001") in events[at + 2 :]
     # keep=2: two checkpoints locally and remotely; crashed .partial folders pruned.
     assert out["listing"] == ["step_00000002", "step_00000003"]
     assert out["remote_tags"] == ["step_00000002", "step_00000003"]

@@ -1,10 +1,18 @@
 """Two Ray nodes on one machine (``ray start --head`` + ``ray start --address``, each with its
 own ports, temp dir and custom resources); a short run with the roles' custom resources set
 puts the samplers and scorers on the rollout node and the learner on the learner node, as
-``ray.util.state.list_actors`` reports while the run is going."""
+``ray.util.state.list_actors`` reports while the run is going.
+
+One run storage (services/storage.py): the driver, the head node and the learner's node each
+run in their own working directory (a node's workers inherit its raylet's), and ``run.out_dir``
+is relative. The checkpoints and ``student/`` land in the driver's run directory, not in the
+learner's working directory, and from a third working directory the stored config resolves
+to the same run and its checkpoint (checked without a second run: path resolution and the
+checkpoint choice a ``--resume`` starts with)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -12,16 +20,24 @@ from pathlib import Path
 
 import pytest
 
+from tests import ray_cluster
 from tests.ray_cluster import REPO, LocalCluster, toy_entrypoint, wait_for_actors
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(tmp_path, monkeypatch):
     cluster = LocalCluster(num_cpus=1, resources={"rollout": 2})
     try:
-        cluster.add_node(num_cpus=1, resources={"learner": 1})
+        # The learner's node is started from a working directory of its own (`ray start`
+        # runs in ray_cluster.REPO): its raylet, and so the learner rank, run there.
+        learner_cwd = tmp_path / "learner-node-cwd"
+        learner_cwd.mkdir()
+        with monkeypatch.context() as m:
+            m.setattr(ray_cluster, "REPO", learner_cwd)
+            cluster.add_node(num_cpus=1, resources={"learner": 1})
+        cluster.learner_cwd = learner_cwd
         yield cluster
     finally:
         cluster.stop()
@@ -30,8 +46,11 @@ def two_nodes():
 def test_roles_land_on_the_nodes_their_resources_name(two_nodes, cache_root, toy_pair, tmp_path):
     cluster = two_nodes
     name = "multinode"
+    driver_cwd = tmp_path / "driver-cwd"
+    driver_cwd.mkdir()
+    run_dir = driver_cwd / "runs" / name  # run.out_dir = "runs", relative to the driver
     argv = toy_entrypoint(
-        tmp_path,
+        Path("runs"),
         name,
         steps=3,
         **{
@@ -45,14 +64,16 @@ def test_roles_land_on_the_nodes_their_resources_name(two_nodes, cache_root, toy
     env = {k: v for k, v in cluster.env.items() if k != "RAY_ADDRESS"}
     env["OPDPLUS_CACHE"] = str(cache_root)
     out, err = (tmp_path / "stdout.txt").open("w"), (tmp_path / "stderr.txt").open("w")
+    config_at = argv.index("--config") + 1
+    argv[config_at] = str(REPO / argv[config_at])
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "opdplus"), *argv[1:]],
-        cwd=REPO,
+        cwd=driver_cwd,
         env=env,
         stdout=out,
         stderr=err,
     )
-    engine_log = tmp_path / name / "engine.log"
+    engine_log = run_dir / "engine.log"
 
     def output() -> str:
         text = (tmp_path / "stdout.txt").read_text() + (tmp_path / "stderr.txt").read_text()
@@ -103,8 +124,49 @@ def test_roles_land_on_the_nodes_their_resources_name(two_nodes, cache_root, toy
     by_id = {n["id"]: n for n in nodes}
     assert by_id[node_of["student-sampler-0"]]["res"].get("rollout") == 2
     assert by_id[node_of["learner-rank-0"]]["res"].get("learner") == 1
-    rows = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["step"] for r in rows if "learner/loss" in r] == [1, 2, 3]
+    assert_one_run_storage(cluster, run_dir, actors, stdout, tmp_path)
+
+
+def assert_one_run_storage(cluster, run_dir: Path, actors, stdout: str, tmp_path: Path) -> None:
+    """The learner rank ran in its own working directory, yet its checkpoint and the final
+    student are in the driver's run directory; a --resume from a third directory finds them."""
+    import psutil
+
+    from learner import manifest
+    from services.storage import MARKER
+
+    learner_pid = next(a["pid"] for a in actors if a["name"] == "learner-rank-0")
+    with contextlib.suppress(psutil.Error):  # the rank has exited by now, normally
+        assert psutil.Process(learner_pid).cwd() == str(cluster.learner_cwd)
+    assert f"[opdplus] run directory: {run_dir}" in stdout
+    assert (run_dir / MARKER).is_file()
+    ckpt = run_dir / "checkpoints"
+    assert (ckpt / "latest").read_text() == "step_00000003"
+    manifest.verify(ckpt / "step_00000003")
+    assert (run_dir / "student" / "config.json").is_file()
+    assert (run_dir / "student" / "model.safetensors").is_file()
+    for stray in (cluster.learner_cwd / "runs", REPO / "runs" / run_dir.name):
+        assert not stray.exists(), f"the learner wrote into its own working directory: {stray}"
+    third = tmp_path / "third-cwd"
+    third.mkdir()
+    probe = (
+        "import sys; from services.config import load_config; "
+        "from services.storage import resolve_run_dir, has_checkpoint; "
+        "from learner.manifest import choose; "
+        "cfg = load_config(sys.argv[1]); d = resolve_run_dir(cfg.run.out_dir, cfg.run.name); "
+        "print(d, has_checkpoint(d), choose(d / 'checkpoints').tag)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe, str(run_dir / "config.toml")],
+        cwd=third,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == [str(run_dir), "True", "step_00000003"], out.stdout
 
 
 def assert_quiet_console(console: str, engine_log: Path) -> None:
