@@ -58,6 +58,8 @@ def test_roles_land_on_the_nodes_their_resources_name(two_nodes, cache_root, toy
             "rollout.sampler_resources": "{rollout = 1}",
             "rollout.scorer_resources": "{rollout = 1}",
             "learner.resources": "{learner = 1}",
+            # Copies of the checkpoints and the student through pyarrow.fs (file:// here).
+            "run.storage": f"file://{tmp_path / 'store'}",
         },
     )
     # The driver joins the cluster as a plain `opdplus train` with the cluster's token.
@@ -149,6 +151,12 @@ def assert_one_run_storage(cluster, run_dir: Path, actors, stdout: str, tmp_path
     assert (run_dir / "student" / "model.safetensors").is_file()
     for stray in (cluster.learner_cwd / "runs", REPO / "runs" / run_dir.name):
         assert not stray.exists(), f"the learner wrote into its own working directory: {stray}"
+    # run.storage: learner rank 0 copied the checkpoint (latest last) and the student there.
+    store = tmp_path / "store" / run_dir.name
+    assert (store / "checkpoints" / "latest").read_text() == "step_00000003"
+    manifest.verify(store / "checkpoints" / "step_00000003")
+    assert (store / "student" / "model.safetensors").is_file()
+    assert f"copied to file://{tmp_path / 'store'}/{run_dir.name}" in stdout
     third = tmp_path / "third-cwd"
     third.mkdir()
     probe = (
