@@ -151,21 +151,24 @@ def test_killed_workers_are_replaced_and_their_work_redone(
         # Hung, not dead: the worker holds its work and never answers. Past
         # rollout.call_timeout_s the producer kills it, replaces it and hands its groups out
         # again; the step still gets exactly its samples.
-        lost = {}
+        lost, step_s = {}, {}
         for step, gate, name in ((5, s_gate, "student-sampler-0"), (6, c_gate, "teacher-scorer-0")):
             gate.touch()
+            t_step = time.perf_counter()
             svc.push_weights(hf_named, version=step - 1)
             t_held = _wait_holding(svc, name)
             death = _wait_death(svc, len(deaths) + step - 4)
             gate.unlink()  # the replacement (same name prefix) must not hang too
             batch = svc.next_batch(step, timeout=300)
+            step_s[step] = round(time.perf_counter() - t_step, 1)
             assert {s.sample_id for s in batch} == want[step - 1] and len(batch) == PROMPTS * N
             assert {s.policy_version for s in batch} == {step - 1}
             assert death.worker == name and "rollout.call_timeout_s" in death.error, death
             lost[name] = death.at - t_held
             assert HANG_DEADLINE_S - 0.5 <= lost[name] < HANG_DEADLINE_S + 10, lost  # from dispatch
         print(
-            f"seconds from a hang to its worker's replacement (deadline {HANG_DEADLINE_S} s): {lost}"
+            f"hang → replacement, s (deadline {HANG_DEADLINE_S} s): {lost}; "
+            f"push → batch of the hung step, s: {step_s}"
         )
         m = svc.worker_metrics()
         assert m["worker/student-sampler-0/restarts"] == 2

@@ -126,3 +126,30 @@ def test_pending_actor_fails_after_the_deadline_naming_what_is_free(ray_local):
     assert "not placed and started within 1.5 s (ray.placement_timeout_s)" in msg
     assert "teacher-scorer-0 asks for held_by_another_job = 1" in msg
     assert "free now CPU = 0.5" in msg
+
+
+@pytest.mark.slow
+def test_a_learner_call_past_its_deadline_names_the_rank(ray_local):
+    """learner.step_timeout_s: a rank that does not answer stops the collective call with
+    LearnerTimeout naming it (the driver then stops the run with the resume command)."""
+    import ray
+
+    from services.calls import LearnerTimeout
+    from services.learner_group import _get_all
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def work(self, seconds: float) -> float:
+            time.sleep(seconds)
+            return seconds
+
+    ranks = [Rank.remote(), Rank.remote()]
+    try:
+        assert _get_all([r.work.remote(0) for r in ranks], timeout_s=30) == [0, 0]
+        t0 = time.monotonic()
+        with pytest.raises(LearnerTimeout, match=r"learner-rank-1 did not answer within 1 s"):
+            _get_all([ranks[0].work.remote(0), ranks[1].work.remote(60)], timeout_s=1)
+        assert time.monotonic() - t0 < 10
+    finally:
+        for r in ranks:
+            ray.kill(r)
