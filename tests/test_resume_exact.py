@@ -31,6 +31,24 @@ def _weights(run_dir):
     return out
 
 
+def _assert_resume_guarded(toy_pair, run_dir, config) -> None:
+    import torch
+
+    from services.driver import train
+    from services.run_dir import ResumeMismatch
+
+    saved = torch.load(
+        run_dir / "checkpoints" / "step_00000002" / "mp_rank_00_model_states.pt",
+        map_location="cpu",
+        weights_only=False,
+    )
+    assert saved["client"]["config"] == (run_dir / "config.toml").read_text()
+    before = (run_dir / "config.toml").read_text()
+    with pytest.raises(ResumeMismatch, match="rollout.prompts_per_step: 4 → 8"):
+        train(config(**{"rollout.prompts_per_step": 8}), resume=True, progress=False)
+    assert (run_dir / "config.toml").read_text() == before
+
+
 def test_resume_at_staleness_zero_equals_the_uninterrupted_run(ray_local, toy_pair, tmp_path):
     from services.driver import RunStopped, train
     from services.ledger import check_ledger
@@ -42,6 +60,10 @@ def test_resume_at_staleness_zero_equals_the_uninterrupted_run(ray_local, toy_pa
     with pytest.raises(RunStopped, match=r"(?s)latest: step_0*2\b.*--resume"):
         train(cfg, progress=False, stop_after_step=cut)
     assert [r["step"] for r in step_rows(tmp_path / "cut")] == [1, 2]
+    # The checkpoint holds the config it was trained with; a resume that would train another
+    # batch shape is refused before anything starts (services/run_dir.py), the run untouched.
+    _assert_resume_guarded(toy_pair, tmp_path / "cut", lambda **kw: small_config(
+        toy_pair, tmp_path, "cut", steps, **sets, **kw))  # fmt: skip
     train(cfg, resume=True, progress=False)
 
     full, resumed = (
