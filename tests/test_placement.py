@@ -150,6 +150,13 @@ def test_a_learner_call_past_its_deadline_names_the_rank(ray_local):
         with pytest.raises(LearnerTimeout, match=r"learner-rank-1 did not answer within 1 s"):
             _get_all([ranks[0].work.remote(0), ranks[1].work.remote(60)], timeout_s=1)
         assert time.monotonic() - t0 < 10
+        # the rollout tier's get (evaluation's generate): a late answer is a hung worker
+        from services.calls import CallTimeout, RayCalls
+
+        calls = RayCalls()
+        with pytest.raises(CallTimeout, match="no answer within 0.5 s") as info:
+            calls.get(ranks[0].work.remote(60), timeout=0.5)
+        assert calls.is_death(info.value)  # → killed and replaced like a crashed worker
     finally:
         for r in ranks:
             ray.kill(r)
