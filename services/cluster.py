@@ -181,6 +181,9 @@ def ray_session(
         ctx = ray.init(address=target, namespace=ns, runtime_env=env, log_to_driver=True)
     else:
         ctx = ray.init(
+            # "local": a new instance. Without it ray.init joins the cluster `ray start` last
+            # recorded in /tmp/ray/ray_current_cluster, which an empty ray.address must not do.
+            address="local",
             num_cpus=num_cpus or None,
             include_dashboard=dashboard,
             dashboard_host="127.0.0.1",
