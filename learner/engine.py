@@ -13,6 +13,7 @@ distributed settings (MASTER_ADDR, ranks) are passed in by the caller; see
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import time
@@ -29,7 +30,7 @@ from learner.batch import TrainBatch
 from learner.microbatch import padding_cells, plan_micro_batches
 from learner.schedule import lr_factor
 from learner.settings import LossSettings, OptimSettings
-from learner.step import compute_loss, merge_metrics
+from learner.step import NonFiniteError, compute_loss, merge_metrics
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
 # warnings say nothing actionable and would flood the Ray logs.
@@ -195,6 +196,11 @@ class LearnerEngine:
         # DeepSpeed reports the norm only from its ZeRO / bf16 optimizers; without them the
         # reduced gradients are still in .grad here (step() clears them).
         grads_norm = self._reduced_grad_norm() if self._norm_from_grads else None
+        if grads_norm is not None and not math.isfinite(grads_norm):
+            # Before step(): the weights stay as they were. (ZeRO and bf16 report the norm only
+            # from inside step(); there LearnerGroup stops the run right after it.)
+            self.engine.zero_grad()
+            raise NonFiniteError(f"gradient norm = {grads_norm} (no optimizer step was taken)")
         self.engine.step()
         norm = self.engine.get_global_grad_norm()
         metrics = merge_metrics(per_micro)

@@ -77,8 +77,6 @@ def train(
 
     # One absolute run path for every process of the run (and in the stored config.toml).
     cfg = storage.absolute_out_dir(cfg)
-    if resume:
-        storage.pull_latest(cfg)  # run.storage: the remote checkpoints' `latest`, if any
     run_dir, run_lock = prepare_run_dir(cfg, resume=resume)
     with run_lock:
         storage.prepare(run_dir, uri=cfg.run.storage, name=cfg.run.name)  # marker; says where

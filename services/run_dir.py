@@ -287,13 +287,17 @@ def prepare_run_dir(cfg: Config, *, resume: bool) -> tuple[Path, RunDirLock]:
     lock when the run ends (``close()`` or ``with``); a failed check releases it here."""
     from services.parts import checkpoint_dir
 
+    from services import storage
+
     check_ray_address(cfg.ray.address)  # a cluster that does not answer: an error in seconds
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
-    if resume and not (checkpoint_dir(run_dir) / "latest").exists():
+    if resume and not cfg.run.storage and not (checkpoint_dir(run_dir) / "latest").exists():
         raise RunDirError(f"--resume: {run_dir} has no checkpoint to resume from")
     _os_call(lambda: run_dir.mkdir(parents=True, exist_ok=True), run_dir)
     lock = RunDirLock(run_dir)
     try:
+        if resume:  # under the lock: never write the marker of a run another driver holds
+            storage.pull_latest(cfg)  # run.storage: the remote checkpoints' `latest`, if any
         # Checked again under the lock: a driver that just finished may have changed it.
         has_ckpt = (checkpoint_dir(run_dir) / "latest").exists()
         if resume and not has_ckpt:

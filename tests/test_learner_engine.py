@@ -207,6 +207,27 @@ def _nan_step(model_dir, batch, nan_batch):
                 steps_after_good=engine.global_steps)  # fmt: skip
 
 
+def _nan_grad_step(model_dir, batch):
+    """A finite loss whose gradient is NaN (a test double: a hook on one weight's gradient):
+    the step stops before the optimizer step. ZeRO stage 0: the reduced gradients are still in
+    ``.grad`` before step() (ZeRO >= 1 has the norm only inside step(); LearnerGroup checks it
+    right after)."""
+    from learner.step import NonFiniteError
+
+    engine = _engine(model_dir, 0, lr=1e-2)
+    before = engine.export_weights()
+    param = next(p for p in engine.engine.module.parameters() if p.requires_grad)
+    hook = param.register_hook(lambda g: g * float("nan"))
+    try:
+        _step(engine, batch)
+        message = None
+    except NonFiniteError as exc:
+        message = str(exc)
+    hook.remove()
+    return dict(message=message, before=before, after=engine.export_weights(),
+                steps=engine.global_steps)  # fmt: skip
+
+
 # ----------------------------------------------------------------- tests
 
 
@@ -345,3 +366,11 @@ def test_a_nan_in_the_batch_stops_the_step_before_the_optimizer(worker, student)
         assert torch.equal(a, b), n
     assert out["steps_after_good"] == 1
     assert all(math.isfinite(v) for v in out["metrics"].values())
+
+
+def test_a_nan_gradient_stops_the_step_before_the_optimizer(worker, student):
+    out = worker.submit(_nan_grad_step, student, make_batch(4, seed=7)).result()
+    assert out["message"] is not None and "gradient norm = nan" in out["message"]
+    assert out["steps"] == 0  # no optimizer step was taken
+    for (n, a), (_, b) in zip(out["after"], out["before"], strict=True):
+        assert torch.equal(a, b), n
