@@ -35,7 +35,10 @@ tail mass clamped to at least `tail_min`), never from a full-vocabulary softmax;
 not through ell_j, so for exponential-tailed costs (forward KL, ...) the pull on tokens the
 student has almost no mass on is damped: report and watch `clamped_frac`. The student's top-K
 log-probs are gathered from the logits chunk by chunk (`topk_token_logprobs`) without a
-[B, T, V] float32 tensor. Pure torch: no config, transformers, ray or vllm.
+[B, T, V] float32 tensor. Both sides are softmaxes over the tokenizer's ids only: an output
+layer's padding rows are sliced off before any log-softmax (the teacher's in its engine, the
+student's in `learner.step.learner_logprobs`; docs/math.md §6), so no top-K id names a padding
+row and P~, Q~ share one support. Pure torch: no config, transformers, ray or vllm.
 """
 
 from __future__ import annotations

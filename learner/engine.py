@@ -31,6 +31,7 @@ from learner.microbatch import padding_cells, plan_micro_batches
 from learner.schedule import lr_factor
 from learner.settings import LossSettings, OptimSettings
 from learner.step import NonFiniteError, compute_loss, merge_metrics
+from models.checks import tokenizer_length
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
 # warnings say nothing actionable and would flood the Ray logs.
@@ -115,6 +116,13 @@ class LearnerEngine:
         torch.manual_seed(optim.seed)
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        # The log-softmax runs over the tokenizer's ids only: further rows of the output layer
+        # are padding, sliced off as the samplers do (rollout/engine.py, docs/math.md).
+        self.vocab_size = (
+            tokenizer_length(model_path)
+            if (Path(model_path) / "tokenizer.json").is_file()
+            else None
+        )
         decay = [p for p in model.parameters() if p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.ndim < 2]
         optimizer = torch.optim.AdamW(
@@ -186,7 +194,11 @@ class LearnerEngine:
         for i, mb in enumerate(passes):
             self.engine.set_gradient_accumulation_boundary(i == count - 1)
             loss, stats = compute_loss(
-                self.engine, mb, settings=self.loss_settings, normaliser=normaliser
+                self.engine,
+                mb,
+                settings=self.loss_settings,
+                normaliser=normaliser,
+                vocab_size=self.vocab_size,
             )
             real = i < len(micro)
             # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.

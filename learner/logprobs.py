@@ -17,6 +17,12 @@ FLOPs are spent on response positions only (plus one recomputation in the backwa
 The same pass can gather the student's log-probs at any other ids per position
 (`extra_ids_BTK`, e.g. the teacher's top-K for dense distillation), at the same temperature.
 
+Padding rows. An output layer may have more rows than the tokenizer has ids (Qwen: 151936 or
+152064 rows for 151665 ids). With `vocab_size` = the tokenizer's length, only the first
+`vocab_size` rows of W take part: π_θ = softmax(W[:vocab_size] h / τ), the policy the samplers
+draw from (`rollout.engine` slices their logits the same way; docs/math.md "Padding rows").
+The padding rows get no gradient.
+
 Imports only torch; the model is anything callable like a Hugging Face causal LM (including a
 DeepSpeed engine wrapping one, whose forward hooks must see the call).
 """
@@ -38,6 +44,7 @@ def sampled_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     extra_ids_BTK: Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """log π_θ(x_i | x_<i) at temperature τ for the positions where positions_BT ≠ 0.
 
@@ -51,6 +58,8 @@ def sampled_logprobs(
     chunk_size: positions per output-layer chunk (memory ∝ chunk_size · V).
     extra_ids_BTK: optional [B, T, K] int64 ids; their log-probs under the same distribution
         are returned as well (only at the selected positions).
+    vocab_size: the tokenizer's length V ≤ the output layer's rows; the softmax runs over rows
+        [0, V) (the rest is padding). None: every row. Every target and extra id must be < V.
     Returns logp_BT [B, T] (float32, or float64 for a float64 model), zero where positions_BT is 0 (with gradient through the
     model), or (logp_BT, logp_extra_BTK) when extra_ids_BTK is given.
     """
@@ -71,7 +80,12 @@ def sampled_logprobs(
             f"[B, T] = {tuple(input_ids_BT.shape)}"
         )
     head = _output_layer(model)
-    V = head.out_features  # not weight.shape: ZeRO-3 partitions the weight outside forward
+    rows = head.out_features  # not weight.shape: ZeRO-3 partitions the weight outside forward
+    V = rows if vocab_size is None else int(vocab_size)
+    if not 0 < V <= rows:
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, {rows}] (the output layer's rows)"
+        )
     if extra_ids_BTK is not None and extra_ids_BTK.numel():
         lo, hi = int(extra_ids_BTK.min()), int(extra_ids_BTK.max())
         if not 0 <= lo <= hi < V:
@@ -82,11 +96,16 @@ def sampled_logprobs(
     sel_BT1 = positions_BT[:, 1:] != 0
     hidden_NH = hidden_BTH[:, :-1][sel_BT1]
     targets_N = input_ids_BT[:, 1:][sel_BT1]
+    if targets_N.numel() and int(targets_N.max()) >= V:
+        raise ValueError(
+            f"a selected token id is {int(targets_N.max())}, outside the vocabulary of {V} "
+            f"(the output layer has {rows} rows; rows from {V} on are padding)"
+        )
     extra_NK = None if extra_ids_BTK is None else extra_ids_BTK[:, 1:][sel_BT1]
     logp_N, logp_extra_NK = _call_as_forward(
         head,
         lambda h_NH: _ChunkedHeadLogprobs.apply(
-            h_NH, head.weight, targets_N, extra_NK, float(temperature), int(chunk_size)
+            h_NH, _real_rows(head, V), targets_N, extra_NK, float(temperature), int(chunk_size)
         ),
         hidden_NH,
     )
@@ -137,6 +156,13 @@ def _output_layer(model: torch.nn.Module) -> torch.nn.Linear:
             "a bias-free torch.nn.Linear"
         )
     return head
+
+
+def _real_rows(head: torch.nn.Linear, vocab_size: int) -> Tensor:
+    """W[:vocab_size] (the weight itself when there is no padding row). Called inside the
+    head's forward: ZeRO-3 gathers the weight only there."""
+    weight = head.weight
+    return weight if vocab_size == head.out_features else weight[:vocab_size]
 
 
 def _call_as_forward(module: torch.nn.Module, fn, *args):

@@ -144,13 +144,20 @@ def global_normaliser(batch: TrainBatch, aggregation: str) -> float:
 
 
 def learner_logprobs(
-    model: torch.nn.Module, batch: TrainBatch, *, temperature: float, chunk_size: int
+    model: torch.nn.Module,
+    batch: TrainBatch,
+    *,
+    temperature: float,
+    chunk_size: int,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """logp_learner_BT [B, T] = log π_θ(x_i | x_<i) at temperature τ on the response columns,
     and the [B, T, K] log-probs of the teacher's top-K ids when the batch has them (else None).
 
     chunk_size > 0: `learner.logprobs.sampled_logprobs` (response positions only, chunked,
     zero elsewhere). 0: the naive path, full [B, T, V] logits through `token_logprobs`.
+    vocab_size: the tokenizer's length; both paths softmax over the first vocab_size logits
+    (the output layer's further rows are padding, docs/math.md). None: every logit.
     """
     if chunk_size > 0:
         out = sampled_logprobs(
@@ -161,11 +168,14 @@ def learner_logprobs(
             temperature=temperature,
             chunk_size=chunk_size,
             extra_ids_BTK=batch.teacher_topk_ids_BTK,
+            vocab_size=vocab_size,
         )
         return out if batch.topk else (out, None)
     logits_BTV = model(
         input_ids=batch.input_ids_BT, attention_mask=batch.attention_mask_BT, use_cache=False
     ).logits
+    if vocab_size is not None and vocab_size < logits_BTV.shape[-1]:
+        logits_BTV = logits_BTV[..., :vocab_size]  # drop the padding rows' logits
     if temperature != 1.0:
         logits_BTV = logits_BTV.float() / temperature
     logp_BT = token_logprobs(logits_BTV, batch.input_ids_BT)
@@ -180,6 +190,7 @@ def compute_loss(
     *,
     settings: LossSettings,
     normaliser: float,
+    vocab_size: int | None = None,
 ) -> tuple[Tensor, StepStats]:
     """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
 
@@ -189,13 +200,14 @@ def compute_loss(
     settings: the run's `LossSettings` (divergence, estimator, discount, clips, aggregation,
         cost centring, the sampling temperature, the log-prob chunk size).
     normaliser: `global_normaliser` of the whole step batch, not of this shard.
+    vocab_size: the student tokenizer's length (`learner_logprobs`); None: every output row.
     Returns the scalar loss (with gradient) and `StepStats`.
     """
     s = settings
     divergence = s.get_divergence()
     ratio_clip = s.ratio_clip or None
     logp_learner_BT, logp_topk_BTK = learner_logprobs(
-        model, batch, temperature=s.temperature, chunk_size=s.logprob_chunk
+        model, batch, temperature=s.temperature, chunk_size=s.logprob_chunk, vocab_size=vocab_size
     )
     if batch.topk:  # OPD+ over the teacher's top-K (distill.teacher_topk > 0): learner/dense.py
         loss, dense = dense_batch_loss(

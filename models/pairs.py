@@ -15,7 +15,9 @@ class ModelPair:
 
 
 def resolve_pair(teacher: str, student: str, *, progress: bool = True) -> ModelPair:
-    """Build (or reuse from the cache) the built-in pairs; check user folders exist."""
+    """Build (or reuse from the cache) the built-in pairs; check user folders exist and share
+    one tokenizer (`models.checks.check_pair`: the one place a pair is checked; output layers
+    padded to different sizes pass)."""
     built: dict[str, object] = {}
 
     def resolve(name: str, role: str) -> Path:

@@ -5,6 +5,12 @@ On CPU the engine runs inside the calling process (``VLLM_ENABLE_V1_MULTIPROCESS
 weight pushes hand real tensors to the model runner (no serialisation, no files). On GPU the
 same classes run the official vLLM build; weight pushes there go through vLLM's native weight
 transfer (NCCL broadcast) — see ``rollout.weight_transfer``.
+
+Padding rows: vLLM scores every row of the output layer (config.json's vocab_size), also rows
+beyond the tokenizer's ids, and would sample them and normalise every log-prob over them. When
+the layer has such rows, each engine slices the model's logits to the tokenizer's ids
+(``WeightLoaderExtension.opdplus_keep_logits``), before the sampler and the prompt log-probs
+see them (docs/math.md §6, "Padding rows").
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from models.checks import tokenizer_length
 from rollout.alignment import response_positions
 from rollout.records import TeacherScore
 from services.errors import EngineError
@@ -94,6 +101,28 @@ class WeightLoaderExtension:
         self.model_runner.reload_weights(weights_iterator=iter(named_tensors))
         return len(named_tensors)
 
+    def opdplus_keep_logits(self, rows: int) -> int:
+        # The output layer may have more rows than the tokenizer has tokens (padding rows, e.g.
+        # Qwen's 151936 for 151665 tokens) and vLLM scores them all: a sample could draw a
+        # padding id and every log-prob (sampled, prompt, top-K) would be normalised over them.
+        # Slicing the logits the model hands on (sampler and prompt log-probs alike) to the
+        # first `rows` columns makes the policy softmax over the real tokens (docs/math.md).
+        processor = getattr(self.model_runner.get_model(), "logits_processor", None)
+        if processor is None:
+            raise RuntimeError("the model has no logits_processor to slice its logits")
+        old = getattr(processor, "opdplus_keep_hook", None)
+        if old is not None:
+            old.remove()
+
+        def keep(_module, _args, logits):
+            if logits is None or logits.shape[-1] <= rows:
+                return logits
+            # Contiguous: vLLM's CPU sampling kernels read the rows as dense.
+            return logits[..., :rows].contiguous()
+
+        processor.opdplus_keep_hook = processor.register_forward_hook(keep)
+        return rows
+
     def opdplus_scale_logits(self, factor: float) -> float:
         # Prompt log-probs bypass the sampler, so a request's temperature never reaches them;
         # scaling the logits themselves (vLLM's logit_scale) makes them log softmax(z · factor).
@@ -160,6 +189,32 @@ class _Engine:
             )
         except Exception as exc:  # vLLM raises many types; report which model and why
             raise EngineError(f"vLLM could not start on {settings.model_path}: {exc}") from exc
+        try:
+            self.vocab_size = self._keep_real_tokens()
+        except Exception:
+            self.close()
+            raise
+
+    def _keep_real_tokens(self) -> int:
+        """Slice the logits to the tokenizer's ids when the output layer has padding rows;
+        returns the number of real ids (`models.checks.tokenizer_length`)."""
+        path = Path(self.settings.model_path)
+        rows = self.llm.llm_engine.model_config.get_vocab_size()
+        seen = self.llm.get_tokenizer().max_token_id + 1  # vLLM's own count
+        tokens = tokenizer_length(path) if (path / "tokenizer.json").is_file() else seen
+        if not seen <= tokens <= rows:
+            raise EngineError(
+                f"{path}: its tokenizer has {tokens} token ids (vLLM counts {seen}) for an output "
+                f"layer of {rows} rows (config.json vocab_size); expected one row per token"
+            )
+        if self.settings.teacher_topk > tokens:
+            raise EngineError(
+                f"teacher_topk {self.settings.teacher_topk} exceeds the {tokens} token ids of "
+                f"{path}'s tokenizer"
+            )
+        if tokens < rows:
+            self.llm.collective_rpc("opdplus_keep_logits", args=(tokens,))
+        return tokens
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)
