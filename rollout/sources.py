@@ -17,14 +17,19 @@ and the settings it needs, and the config, the CLI help and the demo read the re
                        scored by the built-in ``#`` answer marker.
     ``reasoning_gym``  a procedural ``reasoning-gym`` task (``task="chain_sum"``, ...), scored by
                        that task's own ``score_answer`` on the text inside ``<answer>`` tags.
+    ``chat``           a chat dataset (``rollout/chat_data.py``): JSONL, Parquet or a
+                       ``save_to_disk`` folder of ``messages`` or ``prompt`` rows, answers
+                       optional, columns mapped by ``task.fields``; scored by ``task.verifier``.
 
 ``score(problem, completion)`` scores any problem from any source: a ``Problem`` names its kind
-and carries what that kind's verifier needs (``meta``), so scoring can run in another process
+and the verifier that scores it (``rollout/verifiers.py``; ``task.verifier``, else the kind's
+default) and carries what that verifier needs (``meta``), so scoring can run in another process
 than the source and never parses ids.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import random
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from rollout import tasks
+from rollout.prompting import Chat, PromptError
 from services.errors import UserError
 
 DEFAULT_MAX_PROMPT_CHARS = 512
@@ -51,17 +57,21 @@ class Problem:
     """One prompt with its reference answer.
 
     ``id`` is unique within its source and stable across runs; ``source`` names where it came
-    from (``arithmetic``, ``jsonl:<file stem>``, ``reasoning_gym:<task>``); ``kind`` is the
-    ``SOURCES`` key whose verifier scores it, and ``meta`` what that verifier needs beyond the
-    answer (a tuple of plain values, so problems pickle and compare).
+    from (``arithmetic``, ``jsonl:<file stem>``, ``reasoning_gym:<task>``, ``chat:<file stem>``);
+    ``prompt`` is a string (one user turn) or a ``rollout.prompting.Chat``; ``answer`` is ""
+    for a prompt-only row (never scored); ``kind`` is the ``SOURCES`` key; ``verifier`` the
+    verifier's name and arguments (``("regex", pattern)``; empty: the kind's default); ``meta``
+    what that verifier needs beyond the answer (a tuple of plain values, so problems pickle and
+    compare).
     """
 
     id: str
-    prompt: str
+    prompt: str | Chat
     answer: str
     source: str
     kind: str
     meta: tuple = ()
+    verifier: tuple[str, ...] = ()
 
 
 class PromptSource(Protocol):
@@ -375,27 +385,15 @@ class ReasoningGymSource:
         return list(self._eval)
 
 
-def _score_verified(problem: Problem, completion: str) -> float:
-    """The built-in ``#`` answer marker (``rollout.tasks.verify``)."""
-    return float(tasks.verify(completion, problem.answer))
-
-
-def _score_reasoning_gym(problem: Problem, completion: str) -> float:
-    """The task's own ``score_answer`` on the text inside ``<answer>`` tags."""
-    task, seed, idx, config = problem.meta
-    dataset = _rg_dataset(task, seed, config)
-    from reasoning_gym.utils import extract_answer
-
-    return float(dataset.score_answer(extract_answer(completion), dataset[idx]))
-
-
 @dataclass(frozen=True)
 class SourceOptions:
     """Everything a source may be built from (each kind reads what it needs).
 
-    path: file (jsonl). task: task name (arithmetic: add | add_sub; reasoning_gym: any task).
-    seed, max_prompt_chars: see the module docstring. task_config: reasoning-gym task options.
-    eval_path: a separate held-out file (jsonl).
+    path: file (jsonl; chat: also parquet or a save_to_disk folder). task: task name
+    (arithmetic: add | add_sub; reasoning_gym: any task). seed, max_prompt_chars: see the
+    module docstring. task_config: reasoning-gym task options. eval_path: a separate held-out
+    file (jsonl, chat). verifier: (name, *arguments) replacing the kind's default verifier.
+    fields, chat_template_kwargs: the chat source's column names and template options.
     """
 
     seed: int
@@ -404,6 +402,9 @@ class SourceOptions:
     task: str | None = None
     task_config: Mapping[str, Any] | None = None
     eval_path: str | Path | None = None
+    verifier: tuple[str, ...] = ()
+    fields: Mapping[str, str] | None = None
+    chat_template_kwargs: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -411,7 +412,8 @@ class SourceKind:
     """One registered kind of prompt source.
 
     name: the ``task.source`` value. doc: one line for the CLI help and ``opdplus config``.
-    build: options → a ``PromptSource``. score: (problem, completion) → reward in [0, 1].
+    build: options → a ``PromptSource``. verifier: the name of the default verifier
+    (``rollout.verifiers.VERIFIERS``) of its problems; ``task.verifier`` replaces it.
     requires: ``SourceOptions`` fields that must be set (named by their config key in errors,
     ``task.<field>``; the config key for ``task`` is ``task.name``).
     """
@@ -419,7 +421,7 @@ class SourceKind:
     name: str
     doc: str
     build: Callable[[SourceOptions], PromptSource]
-    score: Callable[[Problem, str], float]
+    verifier: str
     requires: tuple[str, ...] = ()
 
 
@@ -452,7 +454,7 @@ register_source(
         build=lambda o: ArithmeticSource(
             seed=o.seed, task=o.task, max_prompt_chars=o.max_prompt_chars
         ),
-        score=_score_verified,
+        verifier="marker",
     )
 )
 register_source(
@@ -462,7 +464,7 @@ register_source(
         build=lambda o: JsonlSource(
             o.path, seed=o.seed, max_prompt_chars=o.max_prompt_chars, eval_path=o.eval_path
         ),
-        score=_score_verified,
+        verifier="marker",
         requires=("path",),
     )
 )
@@ -473,8 +475,43 @@ register_source(
         build=lambda o: ReasoningGymSource(
             o.task, seed=o.seed, max_prompt_chars=o.max_prompt_chars, task_config=o.task_config
         ),
-        score=_score_reasoning_gym,
+        verifier="reasoning_gym",
         requires=("task",),
+    )
+)
+
+
+def _build_chat(o: SourceOptions) -> PromptSource:
+    from rollout.chat_data import ChatSource
+
+    def problem(row) -> Problem:
+        return Problem(
+            id=f"chat:{row.row_id}",
+            prompt=row.chat,
+            answer=row.answer,
+            source=f"chat:{Path(o.path).stem}",
+            kind="chat",
+        )
+
+    return ChatSource(
+        o.path,
+        seed=o.seed,
+        max_prompt_chars=o.max_prompt_chars,
+        make_problem=problem,
+        eval_path=o.eval_path,
+        fields=o.fields,
+        template_kwargs=o.chat_template_kwargs,
+    )
+
+
+register_source(
+    SourceKind(
+        name="chat",
+        doc="a chat dataset: JSONL, Parquet or a save_to_disk folder of messages/prompt rows "
+        "(task.path; task.fields, task.eval_path, task.verifier)",
+        build=_build_chat,
+        verifier="marker",
+        requires=("path",),
     )
 )
 
@@ -511,7 +548,10 @@ class TokenLimitedSource:
         return self.source.skipped
 
     def _fits(self, p: Problem, limit: int) -> bool:
-        return len(self.encode(p.prompt)) <= limit
+        try:
+            return len(self.encode(p.prompt)) <= limit
+        except PromptError as e:  # a template rejecting this chat: name the row
+            raise SourceError(f"{p.id} ({p.source}): {e}") from None
 
     def next_batch(self, n: int) -> list[Problem]:
         out: list[Problem] = []
@@ -556,14 +596,30 @@ def skipped_metrics(source_state: Mapping[str, Any]) -> dict[str, float]:
 
 
 def score(problem: Problem, completion: str) -> float:
-    """Reward in [0, 1] for ``completion`` (decoded response text, no prompt) to ``problem``."""
+    """Reward in [0, 1] for ``completion`` (decoded response text, no prompt) to ``problem``,
+    by its verifier (``problem.verifier``, else its kind's default)."""
+    from rollout.verifiers import score_with
+
     kind = SOURCES.get(problem.kind)
     if kind is None:
         raise SourceError(
             f"problem {problem.id!r} has unknown source kind {problem.kind!r} "
             f"(source {problem.source!r})"
         )
-    return kind.score(problem, completion)
+    return score_with(
+        problem.verifier[0] if problem.verifier else kind.verifier, problem, completion
+    )
+
+
+def sample_problems(source: PromptSource, n: int = 8) -> list[Problem]:
+    """Problems to check the prompt rendering on at a run's start, without advancing
+    ``source``: its own ``sample()`` when it has one (the chat source: one row per distinct
+    sequence of roles), else the first ``n`` of its evaluation set."""
+    if isinstance(source, TokenLimitedSource):  # the prompts before the token filter
+        source = source.source
+    if hasattr(source, "sample"):
+        return source.sample()
+    return source.eval_set()[:n]
 
 
 def make_source(
@@ -575,11 +631,22 @@ def make_source(
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
     task_config: Mapping[str, Any] | None = None,
     eval_path: str | Path | None = None,
+    verifier: str = "",
+    verifier_pattern: str = "",
+    fields: Mapping[str, str] | None = None,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
 ) -> PromptSource:
-    """Build a registered source by kind (``SOURCES``); missing required options are named."""
+    """Build a registered source by kind (``SOURCES``); missing required options are named.
+    ``verifier`` (+ ``verifier_pattern`` for ``regex``) replaces the kind's default verifier."""
+    from rollout.verifiers import check_verifier
+
     spec = get_source_kind(kind)
     if max_prompt_chars <= 0:
         raise SourceError(f"max_prompt_chars must be positive, got {max_prompt_chars}")
+    if verifier:
+        why = check_verifier(verifier, source=kind, pattern=verifier_pattern)
+        if why:
+            raise SourceError(f"task.verifier: {why}")
     options = SourceOptions(
         seed=seed,
         max_prompt_chars=max_prompt_chars,
@@ -587,8 +654,52 @@ def make_source(
         task=task,
         task_config=task_config,
         eval_path=eval_path,
+        fields=fields,
+        chat_template_kwargs=chat_template_kwargs,
     )
     for field_name in spec.requires:
         if not getattr(options, field_name):
             raise SourceError(f"{kind} source needs {OPTION_KEYS[field_name]} ({spec.doc})")
-    return spec.build(options)
+    source = spec.build(options)
+    if not verifier:
+        return source
+    from rollout.verifiers import get_verifier
+
+    args = (verifier_pattern,) if get_verifier(verifier).needs_pattern else ()
+    return VerifiedSource(source, (verifier, *args))
+
+
+class VerifiedSource:
+    """``source`` whose problems are scored by ``verifier`` (name, *arguments) instead of its
+    kind's default (``task.verifier``); otherwise the same source, state included."""
+
+    def __init__(self, source: PromptSource, verifier: tuple[str, ...]) -> None:
+        self.source, self.verifier = source, verifier
+
+    def _tag(self, problems: list[Problem]) -> list[Problem]:
+        return [dataclasses.replace(p, verifier=self.verifier) for p in problems]
+
+    @property
+    def skipped(self) -> int:
+        return self.source.skipped
+
+    def next_batch(self, n: int) -> list[Problem]:
+        return self._tag(self.source.next_batch(n))
+
+    def state(self) -> dict[str, Any]:
+        return self.source.state()
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        self.source.restore(state)
+
+    def eval_set(self) -> list[Problem]:
+        return self._tag(self.source.eval_set())
+
+    def sample(self) -> list[Problem]:
+        return self._tag(sample_problems(self.source))
+
+    def __getattr__(self, name: str):  # the chat source's counts, eval_prompts, ...
+        if name.startswith("__") or name == "source":  # copy/pickle probe a bare instance
+            raise AttributeError(name)
+        attr = getattr(self.source, name)
+        return (lambda *a, **k: self._tag(attr(*a, **k))) if name == "eval_prompts" else attr

@@ -91,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--samplers", type=int, default=None, help="student samplers wanted")
     sc.add_argument("--scorers", type=int, default=None, help="teacher scorers wanted")
 
+    dt = sub.add_parser(
+        "data", help="what a config's prompt source holds and how each model sees it (JSON)"
+    )
+    dt.add_argument(
+        "--config", required=True, help="run config, e.g. deploy/configs/chat_example.toml"
+    )
+    dt.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+
     c = sub.add_parser("config", help="print the resolved config, or every key with its doc")
     c.add_argument("--config", default=None)
     c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -204,6 +212,14 @@ def _cmd_scale(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from services.config import load_config
+    from services.parts import data_report
+
+    print(json.dumps(data_report(load_config(args.config, args.set)), indent=2))
+    return 0
+
+
 def _cmd_config(args) -> int:
     from services.config import describe, load_config, to_toml
 
@@ -222,6 +238,7 @@ _COMMANDS = {
     "toy-models": _cmd_toy_models,
     "smollm2": _cmd_smollm2,
     "config": _cmd_config,
+    "data": _cmd_data,
     "ledger": _cmd_ledger,
     "scale": _cmd_scale,
 }

@@ -69,12 +69,35 @@ class TaskConfig:
     source: str = _f(
         "arithmetic", "prompt source, a kind registered in rollout.sources.SOURCES: {sources}"
     )
-    path: str = _f("", "JSONL file of {prompt, answer} records (source = 'jsonl')")
+    path: str = _f(
+        "",
+        "JSONL file of {prompt, answer} records (source = 'jsonl'); source = 'chat': a JSONL or "
+        "Parquet file or a datasets save_to_disk folder of messages/prompt rows",
+    )
     name: str = _f(
         "", "reasoning-gym task name, e.g. 'basic_arithmetic' (source = 'reasoning_gym')"
     )
     max_prompt_chars: int = _f(512, "prompts longer than this are skipped and counted")
     eval_size: int = _f(200, "held-out problems used by evaluation")
+    eval_path: str = _f(
+        "", "held-out file/folder (source = 'jsonl' or 'chat'); empty = a seeded 10 % hold-out"
+    )
+    fields: dict[str, str] = _f(
+        {},
+        'chat source: your column names, e.g. {messages = "conversation", prompt = '
+        '"question", answer = "solution", id = "uid"}; unnamed keys use their own name',
+    )
+    verifier: str = _f(
+        "",
+        "how answers are scored, a verifier in rollout.verifiers: {verifiers}; empty = the source's own",
+    )
+    verifier_pattern: str = _f(
+        "", "verifier = 'regex': the answer is the first group of this pattern's last match"
+    )
+    chat_template_kwargs: dict[str, Any] = _f(
+        {},
+        "chat source: passed to every model's chat template, e.g. {enable_thinking = false}",
+    )
 
 
 @dataclass(frozen=True)
@@ -280,6 +303,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}")
         return value
+    if origin is dict:  # dict[str, str] (names) or dict[str, Any] (template options)
+        value_type = typing.get_args(annotation)[1]
+        if not isinstance(value, dict) or not all(
+            value_type is Any or isinstance(v, value_type) for v in value.values()
+        ):
+            kind = "strings" if value_type is str else "values"
+            raise ConfigError(f"{where}: expected a table of {kind}, got {value!r}")
+        return dict(value)
     if annotation is dict:
         if not isinstance(value, dict) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
@@ -644,6 +675,26 @@ def _validate_source(task: TaskConfig, need) -> None:
             OPTION_KEYS[option],
             f"source {task.source!r} needs it ({SOURCES[task.source].doc})",
         )
+    from rollout.chat_data import FIELDS
+    from rollout.verifiers import check_verifier
+
+    if task.verifier:
+        why = check_verifier(task.verifier, source=task.source, pattern=task.verifier_pattern)
+        need(why is None, "task.verifier", str(why))
+    for key, used_by in (
+        ("fields", ("chat",)),
+        ("chat_template_kwargs", ("chat",)),
+        ("eval_path", ("chat", "jsonl")),
+    ):
+        need(
+            not getattr(task, key) or task.source in used_by,
+            f"task.{key}",
+            f"only the {' and '.join(used_by)} source reads it; task.source is {task.source!r}",
+        )
+    unknown = sorted(set(task.fields) - set(FIELDS))
+    need(
+        not unknown, "task.fields", f"unknown keys {unknown}; expected some of {', '.join(FIELDS)}"
+    )
 
 
 def to_toml(cfg: Any, prefix: str = "") -> str:
@@ -690,6 +741,10 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
                 from rollout.sources import SOURCES
 
                 doc = doc.format(sources="; ".join(f"{k.name}: {k.doc}" for k in SOURCES.values()))
+            if "{verifiers}" in doc:
+                from rollout.verifiers import VERIFIERS
+
+                doc = doc.format(verifiers=", ".join(VERIFIERS))
             if "{divergences}" in doc:
                 doc = doc.format(divergences=", ".join(_divergence_names()))
             rows.append((f"{prefix}{f.name}", _toml_value(default), doc))

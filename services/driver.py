@@ -105,6 +105,7 @@ def _train(
         build_rollout,
         build_source,
         build_weight_publisher,
+        check_rendering,
         checkpoint_dir,
         evaluate_student,
         load_tokenizer,
@@ -136,6 +137,7 @@ def _train(
             say(f"[opdplus] Ray dashboard: {ray_info.dashboard_url}")
         preflight(cfg)  # a resource no node offers: an error now, before anything starts
         source = run_source(cfg, build_source(cfg), tokenizer)  # + the token-length filter
+        check_rendering(source, pair, tokenizer)  # teacher and student see the same token ids
         learner = stops.add(
             "the learner ranks",
             build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0),

@@ -36,7 +36,75 @@ def build_source(cfg: Config):
         seed=cfg.run.seed,
         task=t.name or None,
         max_prompt_chars=t.max_prompt_chars,
+        eval_path=t.eval_path or None,
+        verifier=t.verifier,
+        verifier_pattern=t.verifier_pattern,
+        fields=t.fields,
+        chat_template_kwargs=t.chat_template_kwargs,
     )
+
+
+def check_rendering(source, pair, student_tokenizer) -> int:
+    """Before any engine starts: the teacher and the student render a sample of the run's
+    prompts (the chat source: one row per distinct sequence of roles) to identical token ids,
+    and every template accepts them (rollout.prompting.check_same_rendering; UserError naming
+    the row and the first differing position otherwise). Returns the number checked."""
+    from rollout.prompting import check_same_rendering
+    from rollout.sources import sample_problems
+
+    teacher_tokenizer = (
+        student_tokenizer if pair.teacher == pair.student else load_tokenizer(pair.teacher)
+    )
+    samples = [(f"{p.id} ({p.source})", p.prompt) for p in sample_problems(source)]
+    return check_same_rendering(samples, teacher_tokenizer, student_tokenizer)
+
+
+def data_report(cfg: Config, *, n: int = 1000) -> dict:
+    """``opdplus data``: what the run's prompt source holds and how each model sees it — row
+    counts, prompts skipped and why, token-length percentiles of up to ``n`` training prompts
+    and the evaluation set, the rendering check, and one prompt rendered for each model."""
+    from models.pairs import resolve_pair
+    from rollout.prompting import encode_prompt, render_text
+    from services.driver import run_source
+
+    pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=False)
+    student = load_tokenizer(pair.student)
+    source = build_source(cfg)
+    checked = check_rendering(source, pair, student)  # UserError when they differ
+    counts = dict(getattr(source, "counts", {}))
+    limited = run_source(cfg, source, student)
+    train = limited.next_batch(n)
+    evals = limited.eval_set()
+
+    def percentiles(problems) -> dict:
+        lengths = sorted(len(encode_prompt(student, p.prompt)) for p in problems)
+        if not lengths:
+            return {}
+        return {
+            f"p{q}": lengths[min(len(lengths) - 1, len(lengths) * q // 100)]
+            for q in (50, 90, 99, 100)
+        }
+
+    teacher = student if pair.teacher == pair.student else load_tokenizer(pair.teacher)
+    example = (train or evals)[0]
+    return {
+        "source": cfg.task.source,
+        "counts": counts,
+        "skipped": {
+            "longer_than_max_prompt_chars": counts.get("too_long", limited.skipped),
+            f"longer_than_max_model_len_tokens (first {len(train)} training prompts)": (
+                limited.skipped_tokens
+            ),
+            "eval_longer_than_max_model_len_tokens": limited.eval_skipped_tokens,
+        },
+        "prompt_tokens": {"train": percentiles(train), "eval": percentiles(evals)},
+        "rendering_check": f"teacher and student give identical token ids on {checked} prompts",
+        "example": {
+            "id": example.id,
+            "teacher_sees": render_text(teacher, example.prompt),
+            "student_sees": render_text(student, example.prompt),
+        },
+    }
 
 
 def sync_backend(cfg: Config) -> str:
@@ -204,6 +272,8 @@ def evaluate_student(
     from rollout.accuracy import evaluate
     from services.eval_command import flatten_eval
 
+    if not problems:  # prompt-only held-out rows (a chat dataset without answers)
+        return {"n_problems": 0, "policy_version": rollout.served_version}
     if sync:
         rollout.wait_for_push()
     report = evaluate(

@@ -62,6 +62,9 @@ TRAINED_KEYS: frozenset[str] = frozenset(
         "task.path",
         "task.name",
         "task.max_prompt_chars",
+        "task.eval_path",  # without it, the seeded hold-out comes out of the training rows
+        "task.fields",
+        "task.chat_template_kwargs",  # the prompt token ids
         "rollout.prompts_per_step",
         "rollout.samples_per_prompt",
         "rollout.max_tokens",
@@ -100,6 +103,8 @@ HARMLESS_KEYS: frozenset[str] = frozenset(
         "run.checkpoint_every",
         "run.keep_checkpoints",
         "task.eval_size",
+        "task.verifier",  # scores evaluation only; training never reads answers
+        "task.verifier_pattern",
         "rollout.num_samplers",
         "rollout.num_scorers",
         "rollout.sampler_cpus",

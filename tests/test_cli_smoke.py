@@ -25,7 +25,7 @@ from ledger_fixtures import clean_rows, ledger_config, write_run_dir
 
 REPO = Path(__file__).resolve().parents[1]
 OPDPLUS = Path(sys.executable).parent / "opdplus"
-RUN_FOR_REAL = {"config", "ledger", "scale", "toy-models", "eval"}
+RUN_FOR_REAL = {"config", "ledger", "scale", "toy-models", "eval", "data"}
 HELP_ONLY = {"train", "demo", "smollm2"}
 
 
@@ -192,6 +192,25 @@ def test_scale_on_a_folder_that_is_not_a_run(tmp_path):
         f"opdplus: error: {tmp_path} is not a run directory (no config.toml)"
     )
     _no_traceback(out)
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_data_on_the_chat_example(toy_pair):
+    """The README's `opdplus data` on the shipped chat example: counts, skips, lengths, the
+    rendering check and one prompt as each model sees it, as JSON."""
+    out = opdplus("data", "--config", "deploy/configs/chat_example.toml", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    counts = report["counts"]
+    assert (
+        counts["rows"] == counts["train"] + counts["eval"] == 240 and counts["role_patterns"] == 3
+    )
+    assert report["prompt_tokens"]["train"]["p100"] >= report["prompt_tokens"]["train"]["p50"] > 1
+    assert "identical token ids" in report["rendering_check"]
+    assert report["example"]["teacher_sees"] == report["example"]["student_sees"]
 
 
 # --- models and evaluation ------------------------------------------------------------------

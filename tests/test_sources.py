@@ -210,7 +210,7 @@ def test_registered_source_is_usable_everywhere(tmp_path):
         name="fixed",
         doc="test source",
         build=Fixed,
-        score=lambda p, c: float(c == p.answer),
+        verifier="exact",
         requires=("path",),
     )
     sources.register_source(kind)
