@@ -290,9 +290,8 @@ def prepare_run_dir(cfg: Config, *, resume: bool) -> tuple[Path, RunDirLock]:
     """Check that ``ray.address`` answers, lock ``<run.out_dir>/<run.name>``, check it suits a
     fresh run (or ``--resume``), then write its ``config.toml``. Returns the directory and its held lock: the caller closes the
     lock when the run ends (``close()`` or ``with``); a failed check releases it here."""
-    from services.parts import checkpoint_dir
-
     from services import storage
+    from services.parts import checkpoint_dir
 
     check_ray_address(cfg.ray.address)  # a cluster that does not answer: an error in seconds
     run_dir = Path(cfg.run.out_dir) / cfg.run.name

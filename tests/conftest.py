@@ -13,9 +13,16 @@ os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
 
 def pytest_collection_modifyitems(config, items):
-    """The pure-logic tests first, then the ``slow`` ones (each group in file order): a broken
-    rule fails in the first minutes, and the toy pair builds meanwhile (below)."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+    """The pure-logic tests first, then the ``slow`` ones that do not need the toy pair, then
+    those that do (each group in file order): a broken rule fails in the first minutes, and on
+    a fresh clone the toy pair builds meanwhile (below) instead of holding up the whole run."""
+
+    def group(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 0
+        return 2 if "toy_pair" in getattr(item, "fixturenames", ()) else 1
+
+    items.sort(key=group)
 
 
 def pytest_sessionstart(session):
