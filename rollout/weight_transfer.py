@@ -678,10 +678,13 @@ class WeightReceiver:
         payload = spec.worker_payload(info, rank_offset)
         engine.llm.init_weight_transfer_engine(WeightTransferInitRequest(init_info=payload))
 
-    def receive(self, meta: WeightMeta, version: int) -> float:
-        """Receive one broadcast into the engine and serve ``version`` from now on; returns seconds."""
+    def receive(self, meta: WeightMeta, version: int, *, repeat: bool = False) -> float:
+        """Receive one broadcast into the engine and serve ``version`` from now on; returns seconds.
+
+        repeat: the push repeats ``version`` for a re-formed group (a replacement joined); an
+        engine that already serves it receives the same weights again."""
         engine = self.engine
-        if version <= engine.version:
+        if version < engine.version or (version == engine.version and not repeat):
             raise EngineError(f"weight version {version} is not newer than {engine.version}")
         if engine.llm is None:
             raise EngineError("engine is closed")

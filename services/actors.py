@@ -69,12 +69,14 @@ class StudentSampler:
             self.sampler.engine, master_address, master_port, rank_offset, world_size
         )
 
-    def collective_receive_weights(self, meta, version: int) -> tuple[int, float]:
+    def collective_receive_weights(
+        self, meta, version: int, repeat: bool = False
+    ) -> tuple[int, float]:
         """Receive one broadcast (meta: rollout.weight_transfer.WeightMeta); returns (version
-        served, seconds)."""
+        served, seconds). repeat: ``version`` again, for a group re-formed around a new member."""
         if self.receiver is None:
             raise RuntimeError("collective_init_receiver was not called on this sampler")
-        seconds = self.receiver.receive(meta, version)
+        seconds = self.receiver.receive(meta, version, repeat=repeat)
         return self.sampler.version, seconds
 
     def collective_close_receiver(self) -> None:

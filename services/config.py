@@ -145,8 +145,8 @@ class RolloutConfig:
     sync_backend: SyncBackend = _f(
         "auto",
         "weight-sync path; auto = nccl on GPU, object store on CPU; gloo = the nccl path "
-        "(collective broadcast from learner rank 0) over gloo, on CPU; nccl and gloo fix the "
-        "samplers when the group forms (no restarts or resizing)",
+        "(collective broadcast from learner rank 0) over gloo, on CPU; under nccl and gloo a "
+        "restarted or added sampler joins a re-formed group at the next push",
     )
     max_restarts: int = _f(
         3, "times a dead sampler or scorer is replaced (per worker) before the run stops"

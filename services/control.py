@@ -3,7 +3,9 @@
 ``opdplus scale RUN_DIR --samplers N --scorers M`` finds the run's control actor (by the run
 name in its config.toml) and sets the target; the producer reads it about once a second and
 grows or drains its pools (services/pool.py). The actor holds nothing else, so losing it loses
-no work: the run then just keeps its current size.
+no work: the run then just keeps its current size. Under a collective weight sync (nccl, gloo)
+the weight group is re-formed with the new samplers at the next push
+(services/weight_publisher.py); a new sampler takes work once that push reached it.
 """
 
 from __future__ import annotations
@@ -47,13 +49,6 @@ def start_control(name: str):
     return RolloutControl.options(name=actor_name(name)).remote()
 
 
-def collective_sync(cfg) -> bool:
-    """Whether the run's weights go by a collective (nccl or gloo) rather than the object store."""
-    from services.parts import sync_backend
-
-    return sync_backend(cfg) != "object_store"
-
-
 def scale(
     run_dir: Path,
     *,
@@ -75,13 +70,6 @@ def scale(
     if not config.is_file():
         raise ScaleError(f"{run_dir} is not a run directory (no config.toml)")
     cfg = load_config(config, [])
-    if samplers is not None and collective_sync(cfg):
-        raise ScaleError(
-            f"{run_dir} pushes weights by a collective broadcast (rollout.sync_backend = "
-            f"{cfg.rollout.sync_backend!r}), whose group cannot take new samplers mid-run; "
-            f"stop and resume it with --set rollout.num_samplers={samplers}, or run with "
-            f"rollout.sync_backend = 'object_store' to resize live"
-        )
     if not ray.is_initialized():
         from services.cluster import ClusterUnreachable, check_reachable
 

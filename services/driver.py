@@ -17,7 +17,7 @@ from typing import Any
 from services.config import Config
 from services.errors import UserError
 from services.run_dir import check_resume, prepare_run_dir
-from services.versions import published_after
+from services.versions import published_after, trained_at
 
 
 class RunError(UserError, RuntimeError):
@@ -185,7 +185,9 @@ def _train(
         try:
             for step in range(first_step, cfg.run.steps + 1):
                 clock = StepClock()
-                batch = rollout.next_batch(step)  # sample + score (overlapped)
+                # sample + score (overlapped); a collective publisher brings a replaced or
+                # added sampler into its group meanwhile (services/weight_publisher.py)
+                batch = weight_publisher.next_batch(rollout, step, trained=trained_at(step))
                 clock.mark("wait")
                 stats = learner.train_step(batch.samples, step=step)  # train (stops on NaN/Inf)
                 clock.mark("train")

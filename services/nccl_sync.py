@@ -20,20 +20,24 @@ Actor methods this module calls (the actor protocol):
   ``collective_send_weights() -> seconds``, ``collective_close_sender()``. Other learner
   ranks: ``collective_stage_weights(False)``.
 * each sampler: ``collective_init_receiver(master_address, master_port, rank_offset,
-  world_size)``, ``collective_receive_weights(meta, version) -> (version served, seconds)``,
-  ``collective_close_receiver()``.
+  world_size)``, ``collective_receive_weights(meta, version[, repeat]) -> (version served,
+  seconds)``, ``collective_close_receiver()``.
 
 A collective call that never meets its peer cannot be cancelled (NCCL never returns; gloo
 returns after ``rollout.weight_transfer.GLOO_TIMEOUT_S``): after a failed setup or push the
 group (and the actors blocked in it) is unusable, and every later call here refuses at once.
 Recover by killing and restarting the learner and sampler actors.
 
-The group's members are fixed when it forms: a replaced or added sampler cannot join it
-(``fixed_membership_error``).
+The group's members are fixed when it forms. A changed sampler set (a replacement after a death,
+a resize) is served by a new group: ``services.weight_publisher.CollectivePublisher`` closes this
+one and forms another with the current members (``WeightSync`` is one group's lifetime), then
+pushes the current weights to all of them (``start_push(..., repeat=True)`` when the version is
+the one the old members already serve).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,18 +62,6 @@ def _recovery_hint(label: str) -> str:
     )
 
 
-def fixed_membership_error(backend: str, members: int, live: int) -> str:
-    """Why a changed sampler set cannot be served by a formed group, and what to do instead."""
-    return (
-        f"rollout.sync_backend = {backend!r}: the weight group was formed with {members} "
-        f"sampler(s), but the {live} live sampler(s) are no longer those (one was restarted or "
-        f"the pool was resized). A {LABELS[backend]} group cannot take new members mid-run, so "
-        f"samplers cannot be restarted or resized under {backend!r}. Resume the run "
-        f"(opdplus train --resume) to form a new group with the current sampler count, or use "
-        f"rollout.sync_backend = 'object_store' for restarts and live resizing"
-    )
-
-
 def resolve_sync_backend(requested: str, *, sampler_gpus: float, learner_gpus: float) -> str:
     """The weight-sync path the driver should use: "nccl", "gloo" or "object_store".
 
@@ -77,9 +69,9 @@ def resolve_sync_backend(requested: str, *, sampler_gpus: float, learner_gpus: f
     per learner rank. The NCCL path needs whole GPUs on both sides (``services.config.nccl_fits``).
     "auto" picks NCCL exactly when that holds, the object store otherwise. On CPU gloo can be
     faster (bench/weight_sync.py, 2 busy cores: SmolLM2 student 248 ms vs 419 ms a push, toy
-    student 29 vs 24 ms) but, like NCCL, fixes the samplers when the group forms; the object
-    store alone survives sampler restarts and resizing, so it stays the CPU default. "gloo"
-    runs anywhere, opted into by name.
+    student 29 vs 24 ms) but on the toy pair it is slower, and a changed sampler set costs a
+    re-formed group (services/weight_publisher.py); the object store stays the CPU default.
+    "gloo" runs anywhere, opted into by name.
     """
     if requested not in SYNC_BACKENDS:
         raise ValueError(f"sync backend must be one of {SYNC_BACKENDS}, got {requested!r}")
@@ -132,6 +124,7 @@ class _Calls:
         self.started = time.monotonic() if started is None else started
         self.deadline = self.started + timeout_s
         self.results: dict[str, Any] = {}
+        self.failed: dict[str, BaseException] = {}  # label -> the error it raised
 
     def poll(self, block: bool) -> bool:
         """Collect finished calls; True once all are done. Raises WeightSyncError on failure."""
@@ -160,7 +153,27 @@ class _Calls:
         try:
             self.results[label] = ray.get(ref)
         except RayError as exc:
+            self.failed[label] = exc
             raise WeightSyncError(f"{self.what}: {label} failed: {exc}; {self.hint}") from exc
+
+    def settle(self, until: float) -> None:
+        """Wait until ``until`` (monotonic) at most for the pending calls, recording each answer
+        or error without raising (after a failure: who finished, who failed, who is stuck)."""
+        refs = [ref for ref in self.order if self.labels[ref] in self.pending()]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, until - time.monotonic()))
+        for ref in refs:
+            if ray.wait([ref], timeout=0)[0]:
+                with contextlib.suppress(WeightSyncError):  # recorded in self.failed
+                    self._collect(ref)
+
+    def pending(self) -> list[str]:
+        """Labels of the calls that have neither answered nor failed yet."""
+        return [
+            label
+            for label in self.labels.values()
+            if label not in self.results and label not in self.failed
+        ]
 
     def _timeout_message(self, pending: list[ray.ObjectRef]) -> str:
         waiting = [self.labels[ref] for ref in pending]
@@ -182,6 +195,11 @@ class Push:
         self._calls = calls
         self._num_samplers = num_samplers
         self._report: PushReport | None = None
+
+    @property
+    def calls(self) -> _Calls:
+        """The push's calls by side (which answered, failed or are still pending)."""
+        return self._calls
 
     def poll(self) -> PushReport | None:
         """The report if every side has finished, None if still within the deadline."""
@@ -311,10 +329,12 @@ class WeightSync:
         self._samplers = samplers
         self.address = (host, port)
 
-    def start_push(self, version: int, timeout_s: float) -> Push:
+    def start_push(self, version: int, timeout_s: float, *, repeat: bool = False) -> Push:
         """Submit a push of the learner's current weights as ``version``; returns at once.
 
-        Waits first for the previous push, if any, to finish.
+        Waits first for the previous push, if any, to finish. repeat: ``version`` may equal the
+        last one pushed (a group re-formed around a new member gets the current weights again;
+        members that serve them already receive the same weights).
         """
         _check_timeout(timeout_s)
         self._check_usable()
@@ -322,7 +342,7 @@ class WeightSync:
             raise WeightSyncError(f"{self.label} weight sync is not set up: call setup() first")
         if self._pending is not None:
             self._pending.wait()
-        if version <= self.version:
+        if version < self.version or (version == self.version and not repeat):
             raise ValueError(f"weight version {version} is not newer than {self.version}")
         meta = self._learner.collective_stage_weights.remote(True)
         calls = {"learner rank 0 (export)": meta}
@@ -331,30 +351,52 @@ class WeightSync:
         # Queued behind the export on the same actor; the samplers' calls start once `meta`
         # (rank 0's export) is ready, because Ray resolves object refs passed as arguments.
         calls[SENDER] = self._learner.collective_send_weights.remote()
+        args = (meta, version, True) if repeat else (meta, version)
         for i, sampler in enumerate(self._samplers):
-            calls[f"sampler {i}"] = sampler.collective_receive_weights.remote(meta, version)
+            calls[f"sampler {i}"] = sampler.collective_receive_weights.remote(*args)
         what = f"weight push of version {version} over {self.label}"
         pending = _Calls(what, calls, timeout_s, hint=self.hint)
         self._pending = Push(self, version, pending, len(self._samplers))
         return self._pending
 
-    def push(self, version: int, timeout_s: float) -> PushReport:
+    def push(self, version: int, timeout_s: float, *, repeat: bool = False) -> PushReport:
         """Push the learner's current weights as ``version`` and wait until every sampler serves it."""
-        return self.start_push(version, timeout_s).wait()
+        return self.start_push(version, timeout_s, repeat=repeat).wait()
 
-    def close(self, timeout_s: float) -> None:
-        """Leave the group on every side. After a failure the actors may be blocked, so nothing is called."""
+    def close(self, timeout_s: float, *, samplers: Sequence | None = None) -> None:
+        """Leave the group on every side. After a failure the actors may be blocked, so nothing is called.
+
+        samplers: the members to call (default: all); a member that died or was stopped is left
+        out, its end of the group went with its process.
+        """
         _check_timeout(timeout_s)
         if self._learner is None or self._failure is not None:
             self._learner = None
             return
         if self._pending is not None:
             self._pending.wait()
+        keep = self._samplers if samplers is None else list(samplers)
         calls = {SENDER: self._learner.collective_close_sender.remote()}
         for i, sampler in enumerate(self._samplers):
-            calls[f"sampler {i}"] = sampler.collective_close_receiver.remote()
+            if any(sampler == k for k in keep):
+                calls[f"sampler {i}"] = sampler.collective_close_receiver.remote()
         self._learner = None
         _Calls(f"{self.label} teardown", calls, timeout_s, hint=self.hint).poll(block=True)
+
+    def abandon(self, samplers: Sequence, timeout_s: float) -> None:
+        """After a failed push that left learner rank 0 free: close the sender and the
+        receivers of ``samplers`` (members that finished the push; the others are gone)."""
+        _check_timeout(timeout_s)
+        if self._learner is None:
+            return
+        calls = {SENDER: self._learner.collective_close_sender.remote()}
+        for i, sampler in enumerate(self._samplers):
+            if any(sampler == k for k in samplers):
+                calls[f"sampler {i}"] = sampler.collective_close_receiver.remote()
+        self._learner = None
+        _Calls(f"{self.label} teardown after a failed push", calls, timeout_s, hint=self.hint).poll(
+            block=True
+        )
 
     # ------------------------------------------------------------------ state
 

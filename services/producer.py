@@ -49,7 +49,35 @@ class _Job:
     last_step: int
 
 
+@dataclass(frozen=True)
+class CollectiveMembers:
+    """Answer: ``(handles, waiting)``: the samplers a collective weight group holds now (ready,
+    or started and waiting for the group's weights; not draining), in slot order, and how many
+    of them wait. (The collective path's messages; the others are in services/messages.py.)"""
+
+
+@dataclass(frozen=True)
+class CollectiveServed:
+    """``version`` reached the samplers ``handles`` by a collective push (answer: None): they
+    serve it, and those that waited for it take work from now on."""
+
+    version: int
+    handles: tuple
+
+
+@dataclass(frozen=True)
+class CollectiveLost:
+    """The samplers ``handles`` died, or were killed blocked in a broken collective push:
+    replaced and their work handed out again, as for any death (answer: None)."""
+
+    handles: tuple
+    why: str
+
+
 _ANSWERED = (
+    CollectiveMembers,
+    CollectiveServed,
+    CollectiveLost,
     m.Produce,
     m.Publish,
     m.MarkServed,
@@ -161,7 +189,12 @@ class Producer:
         elif type(msg) not in _ANSWERED:
             reply.set_exception(TypeError(f"the producer has no handler for {msg!r}"))
         else:
-            reply.set_result(self._answer(msg))
+            try:
+                answer = self._answer(msg)
+            except BaseException as exc:  # the driver's wait ends too; the loop then fails
+                reply.set_exception(exc)
+                raise
+            reply.set_result(answer)
 
     def _answer(self, msg: m.Message):
         if isinstance(msg, m.Produce):
@@ -176,7 +209,22 @@ class Producer:
         elif isinstance(msg, m.SamplerVersions):
             return [w.version for w in self.samplers.live()]
         elif isinstance(msg, m.SamplerHandles):
-            return [w.handle for w in self.samplers.live()]
+            # Ready first: a draining sampler may not get a collective push (evaluation).
+            return [w.handle for w in sorted(self.samplers.live(), key=lambda w: w.state != READY)]
+        elif isinstance(msg, CollectiveMembers):
+            members = sorted(
+                (w for w in self.samplers.workers if w.state in (READY, SYNCING)),
+                key=lambda w: w.slot,
+            )
+            return [w.handle for w in members], sum(w.state == SYNCING for w in members)
+        elif isinstance(msg, CollectiveServed):
+            got = [w for w in self.samplers.workers if any(w.handle == h for h in msg.handles)]
+            self.versions.mark_external(msg.version, got)
+            for w in got:
+                self.samplers.synced(w)
+        elif isinstance(msg, CollectiveLost):
+            for w in [w for w in self.samplers.workers if any(w.handle == h for h in msg.handles)]:
+                self._lost(w, RuntimeError(msg.why))
         elif isinstance(msg, m.WorkerHandle):
             workers = self.samplers.workers + self.scorers.workers
             return next((w.handle for w in workers if w.name == msg.name), None)
@@ -347,7 +395,11 @@ class Producer:
 
     def _check_pushes(self) -> None:
         live, keep, now = self.samplers.live(), [], self.clock()
-        settling = any(w.state in (STARTING, SYNCING) for w in self.samplers.workers)
+        # After a collective push, one starting or waiting gets weights only from the driver's
+        # next push (services/weight_publisher.py), which this wait would hold up.
+        settling = not self.versions.external and any(
+            w.state in (STARTING, SYNCING) for w in self.samplers.workers
+        )
         for version, fut, since in self.waiters:
             # A replacement still starting is waited for (it joins with the pushed weights),
             # but no longer than a start may take: one left pending does not block every push.
@@ -367,6 +419,10 @@ class Producer:
             return  # a call to a worker that has already been replaced
         if not self.calls.is_death(exc):
             raise exc
+        self._lost(w, exc, task)
+
+    def _lost(self, w: Worker, exc: BaseException, task: Call | None = None) -> None:
+        """``w`` is dead (``task``: the call that told us, if any): replace it, re-dispatch."""
         pool = self.samplers if self.samplers.holds(w) else self.scorers
         groups = self._reclaim(w, task)
         self.deaths.append(Death(time.perf_counter(), w.name, groups, str(exc)[-300:]))
@@ -376,10 +432,10 @@ class Producer:
         pool.restart(w, exc)  # raises WorkerFailed once the budget is spent
         self._ping(pool, w)
 
-    def _reclaim(self, w: Worker, failed: Call) -> int:
+    def _reclaim(self, w: Worker, failed: Call | None) -> int:
         """Hand back every group ``w`` holds (``failed``, the call that told us, included:
         it has already left ``tasks``); returns how many."""
-        held = [failed] + self._drop_calls(w)
+        held = ([failed] if failed is not None else []) + self._drop_calls(w)
         groups = 0
         for task in held:
             if isinstance(task, Sample):
@@ -399,6 +455,8 @@ class Producer:
         self.tasks[pool.ping(w)] = Ping(w, w.restarts, t0=self.clock())
 
     def _load(self, w: Worker) -> bool:
+        if self.versions.awaits_push(w):
+            return True  # stays syncing until the next collective push (CollectiveServed)
         ref = self.versions.load(w)
         if ref is None:
             return False

@@ -17,6 +17,11 @@ prompts and sample ids are the same; the sampled tokens, losses and weights diff
 
 ``Versions`` holds the published version and the latest weights' handle for the producer; the
 transport that moves weights is ``services.weight_publisher``.
+
+Collective pushes (nccl, gloo): a version reaches exactly the samplers in the group that
+received it (``mark_external``). A sampler that was not in it (a replacement, an added one) is
+not current: it waits, taking no work (``awaits_push``), until the publisher re-forms the group
+with it and pushes the current weights again.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ class Versions:
         self.sync_timeout_s = sync_timeout_s
         self.version = 0
         self.weights = None  # object ref (or tensors, in-process) of ``version``
-        self.external = False  # versions delivered by another path (NCCL)
+        self.external = False  # versions delivered by a collective push (nccl, gloo)
 
     def need(self, step: int) -> int:
         return need(step, self.max_staleness)
@@ -84,10 +89,18 @@ class Versions:
         self.version, self.weights, self.external = version, weights, False
 
     def mark_external(self, version: int, samplers: list[Worker]) -> None:
-        """A version delivered to every live sampler by a collective broadcast (nccl, gloo)."""
+        """``version`` was delivered by a collective broadcast (nccl, gloo) to ``samplers``:
+        exactly the group that received it; no other sampler becomes current by it."""
+        if version < self.version:
+            raise WeightSyncError(f"weight version {version} is older than {self.version}")
         self.version, self.weights, self.external = version, None, True
         for w in samplers:
             w.version = w.loading = version
+
+    def awaits_push(self, w: Worker) -> bool:
+        """``w`` is behind a version that came by a collective push: it can get it only from
+        the next push (to a group re-formed with it), not by a load of its own."""
+        return self.external and max(w.version, w.loading) < self.version
 
     def load(self, w: Worker):
         """Send the latest weights to ``w`` (queued behind its current work); None if current."""
@@ -95,11 +108,8 @@ class Versions:
             return None
         if self.weights is None:
             raise WorkerFailed(
-                f"{w.name} needs policy version {self.version} but the weights were sent by a "
-                f"collective broadcast (rollout.sync_backend nccl or gloo), which a replacement "
-                f"sampler cannot join mid-run; resume the run (opdplus train --resume) to form "
-                f"a new group, or use rollout.sync_backend = 'object_store' for restarts and "
-                f"resizing"
+                f"{w.name} needs policy version {self.version}, which came by a collective "
+                f"push: it waits for the next push (awaits_push), it cannot load it alone"
             )
         w.loading = self.version
         return self.calls.call(w.handle, "load_weights", self.weights, self.version)

@@ -1,5 +1,8 @@
 """Chaos: a 20-step run in which a seeded schedule kills a random sampler or scorer after
-every 5th step (4 kills, from the driver's ``on_step`` hook) finishes with a clean ledger. Prints, per kill, the prompt
+every 5th step (4 kills, from the driver's ``on_step`` hook) finishes with a clean ledger. Weights go
+over gloo (``rollout.sync_backend = "gloo"``, the collective path): a replaced sampler joins a
+re-formed weight group at a push before it samples (the object store's restarts are the same
+pool and producer; its pushes are covered by the e2e runs). Prints, per kill, the prompt
 groups handed out again and the seconds the step lost (its time/step minus the median of the
 steps without a kill); the figures also go to <run_dir>/chaos.json."""
 
@@ -7,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import statistics
 import time
 
@@ -18,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 STEPS, EVERY, MAX_KILLS, SEED = 20, 5, 4, 1234
 
 
-def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_path):
+def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_path, capsys):
     import ray
 
     from services.driver import RunHooks, train
@@ -37,6 +41,7 @@ def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_pa
             "rollout.dispatch_groups": 1,
             "rollout.sampler_cpus": 0.1,
             "rollout.scorer_cpus": 0.1,
+            "rollout.sync_backend": '"gloo"',
         },
     )
     rng = random.Random(SEED)
@@ -71,6 +76,15 @@ def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_pa
     assert report.ok, report.problems
     assert len(kills) == MAX_KILLS, kills
     assert got[-1]["rollout/restarts"] >= len(kills)
+    reforms = [
+        float(s)
+        for s in re.findall(
+            r"gloo weight group re-formed with \d+ sampler\(s\) in ([\d.]+) s",
+            capsys.readouterr().out,
+        )
+    ]
+    sampler_kills = sum(k["worker"].startswith("student-sampler-") for k in kills)
+    assert len(reforms) >= sampler_kills, (reforms, kills)
 
     hit = {k["after_step"] + 1 for k in kills}
     quiet = [r["time/step"] for r in got if r["step"] not in hit and r["step"] > 2]
@@ -97,6 +111,7 @@ def test_run_survives_seeded_kills_with_clean_ledger(ray_local, toy_pair, tmp_pa
         "wall_s": round(wall, 1),
         "restarts": got[-1]["rollout/restarts"],
         "redispatched_groups": got[-1]["rollout/redispatched_groups"],
+        "reform_s": reforms,
         "retried_samples": report.retried_samples,
         "per_sampler": report.per_sampler,
         "per_scorer": report.per_scorer,

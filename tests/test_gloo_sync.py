@@ -8,7 +8,9 @@
 * a short toy run with ``rollout.sync_backend = "gloo"``: after every push the samplers'
   log-probs equal the learner's, versions and staleness as on the object-store path.
 
-The control-plane tests that run against gloo on CPU are in tests/test_nccl_sync.py.
+The control-plane tests that run against gloo on CPU are in tests/test_nccl_sync.py (re-forming
+the group on a changed sampler set among them); restarts and live resizing over gloo, end to end,
+are tests/test_chaos.py and tests/test_resize.py.
 """
 
 from __future__ import annotations
@@ -184,6 +186,30 @@ def test_gloo_push_into_a_real_engine_matches_transformers(gloo_engine, tiny_mod
             assert worst < 1e-4, f"engine vs transformers after gloo push {version}: {worst}"
         with pytest.raises(Exception, match="not newer"):
             receiver.receive(meta, 2)
+        # A re-formed group (services/weight_publisher.py, after a sampler set changed): both
+        # ends leave the group, a new one forms on a new port, the current version goes out
+        # again as a repeat, and the next one after it; the engine matches transformers.
+        sender.close()
+        receiver.close()
+        host, port = _free_port()
+        sender, receiver = _in_threads(
+            lambda: WeightSender(host, port, 2, backend="gloo", dtype="float32"),
+            lambda: WeightReceiver(engine, host, port, 1, 2),
+        )
+        for version, seed in ((2, None), (3, 5)):
+            if seed is not None:
+                g = torch.Generator().manual_seed(seed)
+                with torch.no_grad():
+                    for p in hf.parameters():
+                        p.add_(0.05 * torch.randn(p.shape, generator=g))
+            meta = sender.stage([(n, p.detach().clone()) for n, p in hf.named_parameters()])
+            _in_threads(
+                sender.send_staged,
+                lambda m=meta, v=version: receiver.receive(m, v, repeat=v == engine.version),
+            )
+            assert engine.version == version
+            worst = worst_vs_transformers(engine, hf)
+            assert worst < 1e-4, f"after a re-formed group's push {version}: {worst}"
     finally:
         sender.close()
         receiver.close()
@@ -223,21 +249,3 @@ def test_toy_run_over_gloo_serves_the_learners_weights(ray_local, toy_pair, tmp_
     assert [sorted(set(r["versions"])) for r in ledger] == [[0], [1], [2]]
     report = check_ledger(tmp_path / "gloo")
     assert report.ok, report.problems
-
-
-def test_scale_refuses_new_samplers_for_a_collective_run(tmp_path):
-    """A collective group cannot take a sampler mid-run: ``opdplus scale`` says so before it
-    looks for the job (scorers, outside the group, may still be resized)."""
-    import dataclasses
-
-    from ledger_fixtures import ledger_config, write_run_dir
-
-    from services.control import ScaleError, scale
-
-    cfg = ledger_config("collective", str(tmp_path))
-    cfg = dataclasses.replace(
-        cfg, rollout=dataclasses.replace(cfg.rollout, sync_backend="gloo", in_process=False)
-    )
-    run_dir = write_run_dir(tmp_path / "collective", cfg)
-    with pytest.raises(ScaleError, match="rollout.sync_backend = 'gloo'.*rollout.num_samplers=2"):
-        scale(run_dir, samplers=2, scorers=None)

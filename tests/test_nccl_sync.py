@@ -142,6 +142,7 @@ def _hf_logps(model_dir, weights, dtype: str, prompts, gens) -> list[torch.Tenso
     """log π(y_t | x, y_<t) from transformers for every generated token, weights optional."""
     from transformers import AutoModelForCausalLM
 
+    from models.checks import tokenizer_length
     from rollout.alignment import response_positions, token_logprobs
 
     device = "cuda" if HAS_CUDA else "cpu"
@@ -149,11 +150,12 @@ def _hf_logps(model_dir, weights, dtype: str, prompts, gens) -> list[torch.Tenso
     if weights is not None:
         model.load_state_dict(weights, strict=True)
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
-    out = []
+    out, vocab = [], tokenizer_length(model_dir)
     for prompt, (gen,) in zip(prompts, gens, strict=True):
         ids = torch.tensor([prompt + list(gen.token_ids)], device=device)
         with torch.no_grad():
-            logp = token_logprobs(model(ids).logits, ids)[0].cpu()
+            # over the tokenizer's ids, as the engine (docs/math.md §6: padding rows)
+            logp = token_logprobs(model(ids).logits[..., :vocab], ids)[0].cpu()
         out.append(logp[response_positions(len(prompt), len(gen.token_ids))])
     return out
 
@@ -595,21 +597,36 @@ def _fake_sampler():
         """Answers the sampler-side protocol on CPU; delays, errors and lies are configurable."""
 
         def __init__(
-            self, init_s=0.0, receive_s=0.0, receive_error=None, report_version=None
+            self,
+            init_s=0.0,
+            receive_s=0.0,
+            receive_error=None,
+            report_version=None,
+            receive_exits=False,
         ) -> None:
             self.init_s, self.receive_s = init_s, receive_s
             self.receive_error, self.report_version = receive_error, report_version
+            self.receive_exits = receive_exits
             self.log = []
+
+        def version(self):
+            return 0
 
         def collective_init_receiver(self, master_address, master_port, rank_offset, world_size):
             time.sleep(self.init_s)
             self.log.append(("init", master_address, master_port, rank_offset, world_size))
 
-        def collective_receive_weights(self, meta, version):
+        def collective_receive_weights(self, meta, version, repeat=False):
+            if self.receive_exits:
+                import os
+
+                os._exit(1)  # the actor dies in the push
             time.sleep(self.receive_s)
             if self.receive_error:
                 raise RuntimeError(self.receive_error)
-            self.log.append(("receive", meta, version))
+            self.log.append(
+                ("receive", meta, version, "repeat") if repeat else ("receive", meta, version)
+            )
             return (self.report_version or version), 0.25
 
         def collective_close_receiver(self):
@@ -816,29 +833,128 @@ def test_versions_must_increase(ray_local, kill_after):
     assert ray_local.get(learner.calls.remote())[-1] == ("send",)  # nothing was submitted
 
 
-@pytest.mark.slow
-def test_publisher_refuses_a_changed_sampler_set(ray_local, kill_after):
-    """A restarted or added sampler cannot join a formed group: the next publish says so, names
-    the backend and what to do, before any broadcast could hang or mislabel a sampler."""
+class _Rollout:
+    """The rollout side a CollectivePublisher talks to (RolloutService's collective methods):
+    the current members, what each push reached, which samplers were reported lost (a lost one
+    leaves the members, as the producer's replacement is not started yet)."""
+
+    def __init__(self, members) -> None:
+        self.members, self.served, self.lost = list(members), [], []
+
+    def collective_members(self):
+        return list(self.members), 0
+
+    def mark_served(self, version, handles):
+        self.served.append((version, list(handles)))
+
+    def collective_lost(self, handles, why):
+        self.lost.append((list(handles), why))
+        self.members = [h for h in self.members if h not in handles]
+
+
+def _publisher(learner, rollout):
     from types import SimpleNamespace
 
-    from services.rollout_service import WeightSyncError
     from services.weight_publisher import CollectivePublisher, make_weight_publisher
 
-    learner, samplers = _make(kill_after, sampler_kwargs=[{}, {}, {}])
-    served = []
-    rollout = SimpleNamespace(samplers=samplers[:2], mark_served=served.append)
     publisher = make_weight_publisher(
         "gloo", SimpleNamespace(ranks=[learner]), rollout, timeout_s=30, wire_dtype="float32"
     )
     assert isinstance(publisher, CollectivePublisher) and publisher.backend == "gloo"
+    return publisher
+
+
+M = {"meta": "from-rank-0"}
+
+
+@pytest.mark.slow
+def test_publisher_reforms_the_group_when_the_samplers_change(ray_local, kill_after):
+    """A replaced sampler and an added one: the next push closes the group on learner rank 0
+    and on the members that stay, forms one with the current members (new world size, ranks in
+    order) and pushes to all; the same version again goes out as a repeat."""
+    learner, (s0, s1, s2, s3) = _make(kill_after, sampler_kwargs=[{}, {}, {}, {}])
+    rollout = _Rollout([s0, s1])
+    publisher = _publisher(learner, rollout)
     publisher.publish(1)
-    assert served == [1]
-    rollout.samplers = [samplers[0], samplers[2]]  # sampler 1 died and was replaced
-    with pytest.raises(WeightSyncError) as err:
-        publisher.publish(2)
-    message = str(err.value)
-    assert "rollout.sync_backend = 'gloo'" in message and "formed with 2 sampler(s)" in message
-    assert "--resume" in message and "'object_store'" in message
-    assert served == [1]
-    assert ray_local.get(samplers[2].calls.remote()) == []  # never asked to receive
+    rollout.members = [s0, s2]  # sampler 1 was replaced by sampler 2
+    publisher.publish(2)
+    rollout.members = [s0, s2, s3]  # one added: the current version, again, to all
+    publisher.publish(2)
+    publisher.publish(3)  # the same members: no re-form
+    publisher.close()
+    assert rollout.served == [(1, [s0, s1]), (2, [s0, s2]), (2, [s0, s2, s3]), (3, [s0, s2, s3])]
+    assert len(publisher.reforms) == 2 and rollout.lost == []
+    learner_calls = ray_local.get(learner.calls.remote())
+    inits = [c[3] for c in learner_calls if c[0] == "init"]
+    assert inits == [3, 3, 4]  # world sizes
+    assert [c[0] for c in learner_calls].count("close") == 3
+    assert ray_local.get(s0.calls.remote()) == [
+        ("init", "127.0.0.1", 29999, 1, 3),
+        ("receive", M, 1),
+        ("close",),
+        ("init", "127.0.0.1", 29999, 1, 3),
+        ("receive", M, 2),
+        ("close",),
+        ("init", "127.0.0.1", 29999, 1, 4),
+        ("receive", M, 2, "repeat"),
+        ("receive", M, 3),
+        ("close",),
+    ]
+    # the replaced sampler is not called again (its end of the group went with it)
+    assert ray_local.get(s1.calls.remote()) == [
+        ("init", "127.0.0.1", 29999, 2, 3),
+        ("receive", M, 1),
+    ]
+    assert ray_local.get(s3.calls.remote()) == [
+        ("init", "127.0.0.1", 29999, 3, 4),
+        ("receive", M, 2, "repeat"),
+        ("receive", M, 3),
+        ("close",),
+    ]
+
+
+@pytest.mark.slow
+def test_publisher_leaves_out_a_dead_member_before_the_group_forms(ray_local, kill_after):
+    """A member that died unnoticed would leave the others blocked in the rendezvous: it is
+    found before the group forms, reported lost (to be replaced), and the group forms without it."""
+    learner, (s0, s1, s2) = _make(kill_after, sampler_kwargs=[{}, {}, {}])
+    rollout = _Rollout([s0, s1])
+    publisher = _publisher(learner, rollout)
+    publisher.publish(1)
+    ray_local.kill(s1)
+    rollout.members = [s0, s1, s2]  # sampler 2 was added; sampler 1's death is not seen yet
+    publisher.publish(2)
+    assert [(h, "found dead" in why) for hs, why in rollout.lost for h in hs] == [(s1, True)]
+    assert rollout.served[-1] == (2, [s0, s2])
+    assert ray_local.get(s2.calls.remote()) == [
+        ("init", "127.0.0.1", 29999, 2, 3),
+        ("receive", M, 2),
+    ]
+
+
+@pytest.mark.slow
+def test_publisher_recovers_from_a_death_during_a_push(ray_local, kill_after, monkeypatch):
+    """A member dies inside a push: the members that had not finished (blocked in the broken
+    broadcast) are stopped and reported lost with it, the group is closed on the rest and
+    re-formed, and the push is made again, as a repeat for those that already got it."""
+    import services.weight_publisher as wp
+
+    monkeypatch.setattr(wp, "SETTLE_S", 1.0)
+    learner, (s0, s1, s2) = _make(
+        kill_after, sampler_kwargs=[{}, {"receive_exits": True}, {"receive_s": 60}]
+    )
+    rollout = _Rollout([s0, s1, s2])
+    publisher = _publisher(learner, rollout)
+    publisher.publish(1)
+    ((lost, why),) = rollout.lost
+    assert lost == [s1, s2] and "sampler 1 died" in why
+    assert rollout.served == [(1, [s0])] and len(publisher.reforms) == 1
+    assert ray_local.get(s0.calls.remote()) == [
+        ("init", "127.0.0.1", 29999, 1, 4),
+        ("receive", M, 1),
+        ("close",),
+        ("init", "127.0.0.1", 29999, 1, 2),
+        ("receive", M, 1, "repeat"),
+    ]
+    with pytest.raises(Exception, match="died|dead"):
+        ray_local.get(s2.calls.remote(), timeout=10)  # stopped while blocked in the push

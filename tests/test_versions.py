@@ -55,6 +55,32 @@ def test_version_values():
         v.publish("weights-v4-again", 4)
 
 
+def test_a_collective_version_reaches_only_the_group_that_received_it():
+    """A collective push makes current exactly the samplers it reached; one outside the group
+    (a replacement, an added one) is not current: it waits for the next push and cannot load
+    the version alone (the object-store path loads it)."""
+    from services.calls import LocalCalls
+    from services.pool import Worker, WorkerFailed
+    from services.versions import Versions, WeightSyncError
+
+    v = Versions(LocalCalls(), max_staleness=0, sync_timeout_s=10)
+    member = Worker("student-sampler-0", 0, object())
+    joined = Worker("student-sampler-1", 1, object())  # started after the group formed
+    assert not v.awaits_push(joined)  # version 0: the initial weights it was built with
+    v.mark_external(3, [member])
+    assert member.version == 3 and joined.version == 0
+    assert v.awaits_push(joined) and not v.awaits_push(member)
+    assert not v.may_take(joined, 4) and v.may_take(member, 4)
+    with pytest.raises(WorkerFailed, match="next push"):
+        v.load(joined)
+    v.mark_external(3, [member, joined])  # the re-formed group's repeat of version 3
+    assert joined.version == 3 and not v.awaits_push(joined)
+    with pytest.raises(WeightSyncError, match="older"):
+        v.mark_external(2, [member])
+    v.publish("weights-v4", 4)  # the object store: a sampler behind loads it itself
+    assert not v.awaits_push(Worker("student-sampler-2", 2, object()))
+
+
 def test_version_arithmetic_has_one_home():
     found = [
         f"{path.relative_to(ROOT)}:{line}"
