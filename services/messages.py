@@ -79,6 +79,31 @@ class Scale:
     scorers: int | None
 
 
+@dataclass(frozen=True)
+class CollectiveMembers:
+    """Answer: ``(handles, waiting)``: the samplers a collective weight group holds now (ready,
+    or started and waiting for the group's weights; not draining), in slot order, and how many
+    of them wait."""
+
+
+@dataclass(frozen=True)
+class CollectiveServed:
+    """``version`` reached the samplers ``handles`` by a collective push (answer: None): they
+    serve it, and those that waited for it take work from now on."""
+
+    version: int
+    handles: tuple
+
+
+@dataclass(frozen=True)
+class CollectiveLost:
+    """The samplers ``handles`` died, or were killed blocked in a broken collective push:
+    replaced and their work handed out again, as for any death (answer: None)."""
+
+    handles: tuple
+    why: str
+
+
 Message = (
     Produce
     | Publish
@@ -89,4 +114,7 @@ Message = (
     | WorkerHandle
     | Generate
     | Scale
+    | CollectiveMembers
+    | CollectiveServed
+    | CollectiveLost
 )

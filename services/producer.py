@@ -49,35 +49,10 @@ class _Job:
     last_step: int
 
 
-@dataclass(frozen=True)
-class CollectiveMembers:
-    """Answer: ``(handles, waiting)``: the samplers a collective weight group holds now (ready,
-    or started and waiting for the group's weights; not draining), in slot order, and how many
-    of them wait. (The collective path's messages; the others are in services/messages.py.)"""
-
-
-@dataclass(frozen=True)
-class CollectiveServed:
-    """``version`` reached the samplers ``handles`` by a collective push (answer: None): they
-    serve it, and those that waited for it take work from now on."""
-
-    version: int
-    handles: tuple
-
-
-@dataclass(frozen=True)
-class CollectiveLost:
-    """The samplers ``handles`` died, or were killed blocked in a broken collective push:
-    replaced and their work handed out again, as for any death (answer: None)."""
-
-    handles: tuple
-    why: str
-
-
 _ANSWERED = (
-    CollectiveMembers,
-    CollectiveServed,
-    CollectiveLost,
+    m.CollectiveMembers,
+    m.CollectiveServed,
+    m.CollectiveLost,
     m.Produce,
     m.Publish,
     m.MarkServed,
@@ -211,18 +186,18 @@ class Producer:
         elif isinstance(msg, m.SamplerHandles):
             # Ready first: a draining sampler may not get a collective push (evaluation).
             return [w.handle for w in sorted(self.samplers.live(), key=lambda w: w.state != READY)]
-        elif isinstance(msg, CollectiveMembers):
+        elif isinstance(msg, m.CollectiveMembers):
             members = sorted(
                 (w for w in self.samplers.workers if w.state in (READY, SYNCING)),
                 key=lambda w: w.slot,
             )
             return [w.handle for w in members], sum(w.state == SYNCING for w in members)
-        elif isinstance(msg, CollectiveServed):
+        elif isinstance(msg, m.CollectiveServed):
             got = [w for w in self.samplers.workers if any(w.handle == h for h in msg.handles)]
             self.versions.mark_external(msg.version, got)
             for w in got:
                 self.samplers.synced(w)
-        elif isinstance(msg, CollectiveLost):
+        elif isinstance(msg, m.CollectiveLost):
             for w in [w for w in self.samplers.workers if any(w.handle == h for h in msg.handles)]:
                 self._lost(w, RuntimeError(msg.why))
         elif isinstance(msg, m.WorkerHandle):
@@ -456,7 +431,7 @@ class Producer:
 
     def _load(self, w: Worker) -> bool:
         if self.versions.awaits_push(w):
-            return True  # stays syncing until the next collective push (CollectiveServed)
+            return True  # stays syncing until the next collective push (messages.CollectiveServed)
         ref = self.versions.load(w)
         if ref is None:
             return False

@@ -29,7 +29,7 @@ from services import messages as m
 from services.calls import CallTimeout, LocalCalls, RayCalls
 from services.channel import Batch, Channel, RolloutError, RolloutTimes
 from services.pool import Pool, WorkerFailed, short_error
-from services.producer import CollectiveLost, CollectiveMembers, CollectiveServed, Producer
+from services.producer import Producer
 from services.versions import Versions, WeightSyncError
 
 __all__ = [
@@ -267,16 +267,16 @@ class RolloutService:
         if handles is None:
             self._ask(m.MarkServed(version))
         else:
-            self._ask(CollectiveServed(version, tuple(handles)))
+            self._ask(m.CollectiveServed(version, tuple(handles)))
 
     def collective_members(self) -> tuple[list, int]:
         """(handles of the samplers a collective group should hold now, how many of them wait
         for its weights): services/weight_publisher.py re-forms the group when these change."""
-        return self._ask(CollectiveMembers())
+        return self._ask(m.CollectiveMembers())
 
     def collective_lost(self, handles: list, why: str) -> None:
         """Samplers found dead, or killed blocked in a broken push: replace them."""
-        self._ask(CollectiveLost(tuple(handles), why))
+        self._ask(m.CollectiveLost(tuple(handles), why))
 
     @property
     def served_version(self) -> int:
