@@ -297,7 +297,7 @@ class LearnerEngine:
         # Checked on every rank (a read of the shared folder), so that all ranks raise together
         # instead of the others waiting at the barrier for rank 0. A latest checkpoint that no
         # longer verifies (a resume fell back past it) is replaced, not protected.
-        if final.exists() and manifest.read_latest(root) == tag and _verifies(final):
+        if final.exists() and manifest.read_latest(root) == tag and manifest.verifies(final):
             raise FileExistsError(f"checkpoint {final} exists and is the latest")
         if self.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -345,11 +345,3 @@ class LearnerEngine:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / choice.tag}")
         self.last_load = choice
         return state["client"]
-
-
-def _verifies(folder: Path) -> bool:
-    try:
-        manifest.verify(folder)
-    except manifest.CheckpointIntegrityError:
-        return False
-    return True

@@ -269,3 +269,12 @@ def prune(root: str | Path, keep: int) -> list[str]:
     if removed:
         fsync_dir(root)
     return removed
+
+
+def verifies(folder: Path) -> bool:
+    """Whether ``verify(folder)`` passes (a checkpoint usable as it is)."""
+    try:
+        verify(folder)
+    except CheckpointIntegrityError:
+        return False
+    return True

@@ -327,6 +327,19 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported type {annotation}")  # a bug in this module
 
 
+def schema_hints(cls: type | None = None, prefix: str = "") -> dict[str, Any]:
+    """Every leaf key of the config schema (``section.key``, in schema order) → its type."""
+    out: dict[str, Any] = {}
+    hints = typing.get_type_hints(cls or Config)
+    for f in dataclasses.fields(cls or Config):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            out |= schema_hints(hint, f"{prefix}{f.name}.")
+        else:
+            out[f"{prefix}{f.name}"] = hint
+    return out
+
+
 def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

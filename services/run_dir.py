@@ -18,17 +18,15 @@ again once a checkpoint is loaded.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import fcntl
 import os
 import socket
 import tomllib
-import typing
 from pathlib import Path
 from typing import Any
 
-from services.config import Config, check_ray_address, to_toml
+from services.config import Config, check_ray_address, schema_hints, to_toml
 from services.errors import UserError
 
 LOCK_NAME = "run.lock"
@@ -147,16 +145,9 @@ HARMLESS_KEYS: frozenset[str] = frozenset(
 )
 
 
-def config_keys(cls: type = Config, prefix: str = "") -> list[str]:
+def config_keys() -> list[str]:
     """Every leaf key of the config schema (``section.key``)."""
-    keys = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            keys += config_keys(hints[f.name], f"{prefix}{f.name}.")
-        else:
-            keys.append(f"{prefix}{f.name}")
-    return keys
+    return list(schema_hints())
 
 
 def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
@@ -169,21 +160,7 @@ def flatten(table: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _dict_keys() -> frozenset[str]:
-    hints: dict[str, Any] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        for name, hint in typing.get_type_hints(cls).items():
-            if dataclasses.is_dataclass(hint):
-                walk(hint, f"{prefix}{name}.")
-            else:
-                hints[f"{prefix}{name}"] = hint
-
-    walk(Config, "")
-    return frozenset(k for k, h in hints.items() if h is dict)
-
-
-_DICT_KEYS = _dict_keys()
+_DICT_KEYS = frozenset(k for k, h in schema_hints().items() if h is dict)
 
 
 def resume_diff(old_toml: str, cfg: Config) -> list[str]:

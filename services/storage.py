@@ -175,14 +175,6 @@ def _node_id() -> str:
         return ""
 
 
-def _verifies(folder: Path) -> bool:
-    try:
-        manifest.verify(folder)
-    except manifest.CheckpointIntegrityError:
-        return False
-    return True
-
-
 class Remote:
     """``<uri>/<name>`` through ``pyarrow.fs``: checkpoints under ``checkpoints/`` (``latest``
     written last) and the final student under ``student/``."""
@@ -288,7 +280,7 @@ class Remote:
         fetched = []
         for tag in manifest.candidates(local_root, latest, remote_tags):
             folder = local_root / tag
-            if folder.is_dir() and self._same_manifest(tag, folder) and _verifies(folder):
+            if folder.is_dir() and self._same_manifest(tag, folder) and manifest.verifies(folder):
                 break
             if tag not in remote_tags:
                 continue
@@ -304,7 +296,7 @@ class Remote:
             shutil.rmtree(folder, ignore_errors=True)
             staging.rename(folder)
             fetched.append(tag)
-            if _verifies(folder):
+            if manifest.verifies(folder):
                 break
         manifest.write_latest(local_root, latest)
         return fetched

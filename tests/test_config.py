@@ -282,17 +282,9 @@ def test_describe_check_catches_planted_errors(described):
 
 def _numeric_keys() -> list[str]:
     """Every int or float key of the schema (bools are not numbers here)."""
-    hints: dict[str, object] = {}
+    from services.config import schema_hints
 
-    def walk(cls: type, prefix: str) -> None:
-        for name, hint in typing.get_type_hints(cls).items():
-            if dataclasses.is_dataclass(hint):
-                walk(hint, f"{prefix}{name}.")
-            else:
-                hints[f"{prefix}{name}"] = hint
-
-    walk(Config, "")
-    return [k for k, h in hints.items() if h in (int, float)]
+    return [k for k, h in schema_hints().items() if h in (int, float)]
 
 
 def _outside(spec: str, is_int: bool) -> list:
