@@ -31,7 +31,6 @@ FOLDERS = ("rollout", "learner", "services", "models", "bench", "scripts", "test
 # its submodules. Everything else an import statement names must import.
 CANNOT_IMPORT_ON_CPU = {
     "trl": "the `bench` extra, for bench/peer_trl.py only; not in the default install",
-    "datasets": "comes with trl (the `bench` extra); bench/peer_trl.py only",
     "wandb": "the optional `wandb` extra, imported only when log.wandb = true",
 }
 
