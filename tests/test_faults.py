@@ -70,6 +70,19 @@ def _service(tiny_model, *, sampler_faults=None, scorer_faults=None, **kw):
     )
 
 
+def _gated_service(tiny_model, s_gate, c_gate, **kw):
+    """Two samplers and two scorers; sampler 0 and scorer 0 block on any work while their gate
+    file exists."""
+    return _service(
+        tiny_model,
+        samplers=2,
+        scorers=2,
+        sampler_faults={"target": "student-sampler-0", "gate_file": str(s_gate)},
+        scorer_faults={"target": "teacher-scorer-0", "gate_file": str(c_gate)},
+        **kw,
+    )
+
+
 def _expected(seed: int, steps: int) -> list[set[str]]:
     from rollout.sources import make_source
 
@@ -98,13 +111,7 @@ def test_killed_workers_are_replaced_and_their_work_redone(
     from rollout.sources import make_source
 
     s_gate, c_gate = tmp_path / "hold-sampler-0", tmp_path / "hold-scorer-0"
-    svc = _service(
-        tiny_model,
-        samplers=2,
-        scorers=2,
-        sampler_faults={"target": "student-sampler-0", "gate_file": str(s_gate)},
-        scorer_faults={"target": "teacher-scorer-0", "gate_file": str(c_gate)},
-    )
+    svc = _gated_service(tiny_model, s_gate, c_gate)
     want = _expected(5, 4)
     svc.start(make_source("arithmetic", seed=5), encode, first_step=1, last_step=4)
     try:
@@ -163,14 +170,7 @@ def test_hung_workers_are_replaced_past_the_call_deadline(
     from rollout.sources import make_source
 
     s_gate, c_gate = tmp_path / "hold-sampler-0", tmp_path / "hold-scorer-0"
-    svc = _service(
-        tiny_model,
-        samplers=2,
-        scorers=2,
-        sampler_faults={"target": "student-sampler-0", "gate_file": str(s_gate)},
-        scorer_faults={"target": "teacher-scorer-0", "gate_file": str(c_gate)},
-        call_timeout_s=HANG_DEADLINE_S,
-    )
+    svc = _gated_service(tiny_model, s_gate, c_gate, call_timeout_s=HANG_DEADLINE_S)
     want = _expected(5, 6)
     source = make_source("arithmetic", seed=5)
     for _ in range(4):  # steps 1-4 are the test above's
