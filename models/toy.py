@@ -8,7 +8,7 @@ safetensors, tokenizer, generation config) that load in transformers and in vLLM
 * student: smaller, same tokenizer, warm-started by a short SFT on gold solutions and stopped
   early (at ~20 % on a dev set) so on-policy distillation has a lot of room to improve it.
 
-Builds are deterministic (seeded; bit-identical on rebuild with the same thread count) and
+Builds are deterministic (seeded; bit-identical on rebuild, with one torch thread or two) and
 cached: the folder holds a hash of the spec and the code version, and a second call with the
 same spec returns at once.
 

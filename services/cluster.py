@@ -283,6 +283,45 @@ class Stops(contextlib.ExitStack):
         self.callback(stop)
         return obj
 
+    def start_beside(self, what: str, start: Callable[[], object], method: str, *, wait_s=30.0):
+        """Run ``start()`` in a background thread while the caller starts something else in
+        this one (the learner ranks load beside the vLLM engines: start-up is two waits for
+        other processes, not one after the other). Returns a function that waits for it and
+        returns the started object or raises its error. Its stop is registered now, so it is
+        stopped in the order it was started; if the block fails while it is still starting,
+        the stop waits ``wait_s`` for it and otherwise leaves its actors to end with the Ray
+        session. ``start`` must only make Ray calls (no signal handlers off the main thread)."""
+        box: dict = {}
+
+        def run() -> None:
+            try:
+                box["obj"] = start()
+            except BaseException as exc:  # handed to the caller by result()
+                box["error"] = exc
+
+        thread = threading.Thread(target=run, name=f"start {what}", daemon=True)
+        thread.start()
+
+        def stop() -> None:
+            thread.join(wait_s)
+            if thread.is_alive():
+                self.report(f"[opdplus] warning: {what} still starting; they end with Ray")
+            elif "obj" in box:
+                try:
+                    getattr(box["obj"], method)()
+                except Exception as exc:
+                    self.report(f"[opdplus] warning: stopping {what} failed: {exc!r}")
+
+        self.callback(stop)
+
+        def result():
+            thread.join()
+            if "error" in box:
+                raise box["error"]
+            return box["obj"]
+
+        return result
+
 
 def actor_name(base: str) -> str:
     """``base`` if no live actor in this namespace holds that name, else ``base-<4 hex>``.

@@ -138,14 +138,16 @@ def _train(
         preflight(cfg)  # a resource no node offers: an error now, before anything starts
         source = run_source(cfg, build_source(cfg), tokenizer)  # + the token-length filter
         check_rendering(source, pair, tokenizer)  # teacher and student see the same token ids
-        learner = stops.add(
+        # The learner ranks load (a Ray thread) while the engines start here: two waits at once.
+        learner_started = stops.start_beside(
             "the learner ranks",
-            build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0),
+            lambda: build_learner(cfg, pair.student, pad_id=tokenizer.pad_token_id or 0),
             "shutdown",
         )
+        rollout = stops.add("the rollout tier", build_rollout(cfg, pair), "stop")
+        learner = learner_started()
         # Every rank must see run_dir (reads the driver's marker) or run.storage be usable.
         learner.attach_storage(for_run(run_dir, uri=cfg.run.storage, name=cfg.run.name))
-        rollout = stops.add("the rollout tier", build_rollout(cfg, pair), "stop")
         weight_publisher = stops.add(
             "the weight publisher", build_weight_publisher(cfg, learner, rollout), "close"
         )

@@ -41,7 +41,13 @@ def pytest_sessionstart(session):
     if toy_models_cached(out) or os.environ.get("OPDPLUS_NO_PREBUILD"):
         return
     out.parent.mkdir(parents=True, exist_ok=True)
-    code = "import sys; from models.toy import build_toy_models; build_toy_models(sys.argv[1], progress=False)"
+    # One torch thread: the tests beside it hold the other core, and two threads on one free
+    # core ran the build 2.5-3x slower. The weights do not depend on it: a one-thread build
+    # gave the same safetensors bytes (sha256) as the two-thread build in the cache.
+    code = (
+        "import sys, torch; torch.set_num_threads(1); from models.toy import build_toy_models;"
+        " build_toy_models(sys.argv[1], progress=False)"
+    )
     log = open(cache_dir() / "toy-prebuild.log", "w")  # noqa: SIM115 — the child owns it
     session.config._toy_prebuild = subprocess.Popen(
         [sys.executable, "-c", code, str(out)], stdout=log, stderr=subprocess.STDOUT

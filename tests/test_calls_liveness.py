@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from concurrent.futures import Future
 
@@ -130,10 +131,10 @@ def test_a_hung_sampler_is_killed_replaced_and_its_groups_handed_out_again():
     producer.tasks[object()] = Sample(w, w.restarts, t0=0.0, seen=0.0, chunk=chunk, received={0})
     w.outstanding = 3
     clock.now = 9.0
-    producer._check_deadlines()
+    producer.recovery.check_deadlines()
     assert w.restarts == 0 and len(producer.tasks) == 1  # within its deadline
     clock.now = 10.5
-    producer._check_deadlines()
+    producer.recovery.check_deadlines()
     assert calls.killed == [old]  # the hung process is killed (ray.kill) ...
     assert w.restarts == 1 and w.state == STARTING and w.handle != old  # ... and replaced
     assert [c.first for c in producer.scheduler.queue] == [1]  # groups 1-3 handed out again
@@ -146,7 +147,7 @@ def test_a_hung_sampler_is_killed_replaced_and_its_groups_handed_out_again():
 
     clock.now = 10.5 + 101
     with pytest.raises(WorkerFailed, match=r"sampler-0 failed .* did not start in 101 s"):
-        producer._check_deadlines()
+        producer.recovery.check_deadlines()
 
 
 def test_a_pending_replacement_does_not_block_weight_waits_forever():
@@ -160,10 +161,10 @@ def test_a_pending_replacement_does_not_block_weight_waits_forever():
     starting.state = STARTING  # a replacement that Ray has not placed yet
     reply: Future = Future()
     producer.handle(Command(m.WaitPush(), reply))
-    producer._check_pushes()
+    producer.waits.check(producer.samplers, producer.versions, clock.now)
     assert not reply.done()  # a replacement about to join is waited for ...
     clock.now = 100.5
-    producer._check_pushes()
+    producer.waits.check(producer.samplers, producer.versions, clock.now)
     assert reply.done() and reply.result() is None  # ... but not past a start's deadline
 
 
@@ -230,6 +231,66 @@ def test_stops_runs_every_stop_even_when_one_raises():
     assert notes == [
         "[opdplus] warning: stopping the rollout tier failed: RuntimeError('rollout would not stop')"
     ]
+
+
+class _Part:
+    def __init__(self, name, done):
+        self.name, self.done = name, done
+
+    def stop(self):
+        self.done.append(self.name)
+
+
+def test_start_beside_overlaps_the_two_starts_and_keeps_the_stop_order():
+    from services.cluster import Stops
+
+    done, engines_up = [], threading.Event()
+
+    def start_learner():  # finishes only once the main thread's start is under way
+        assert engines_up.wait(30), "start_beside ran the start in the caller's thread"
+        return _Part("learner", done)
+
+    with Stops(report=done.append) as stops:
+        learner_started = stops.start_beside("the learner", start_learner, "stop")
+        engines_up.set()
+        stops.add("the rollout tier", _Part("rollout", done), "stop")
+        assert learner_started().name == "learner"
+        stops.add("the metrics", _Part("metrics", done), "stop")
+    assert done == ["metrics", "rollout", "learner"]  # last started first, as with add()
+
+
+def test_start_beside_raises_the_background_error_and_still_stops_the_rest():
+    from services.cluster import Stops
+
+    done = []
+
+    def start_learner():
+        raise RuntimeError("learner-rank-0 could not be placed")
+
+    with (
+        pytest.raises(RuntimeError, match="learner-rank-0 could not be placed"),
+        Stops(report=done.append) as stops,
+    ):
+        learner_started = stops.start_beside("the learner", start_learner, "stop")
+        stops.add("the rollout tier", _Part("rollout", done), "stop")
+        learner_started()
+    assert done == ["rollout"]
+
+
+def test_a_start_still_running_when_the_block_fails_is_waited_for_then_left():
+    from services.cluster import Stops
+
+    notes, release = [], threading.Event()
+
+    def start_learner():
+        release.wait(30)
+        return _Part("learner", notes)
+
+    with pytest.raises(ValueError, match="engines failed"), Stops(report=notes.append) as stops:
+        stops.start_beside("the learner ranks", start_learner, "stop", wait_s=0.2)
+        raise ValueError("engines failed")
+    release.set()
+    assert notes == ["[opdplus] warning: the learner ranks still starting; they end with Ray"]
 
 
 def test_a_local_ray_an_earlier_driver_left_running_is_named(tmp_path):
