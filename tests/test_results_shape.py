@@ -36,6 +36,9 @@ def test_opd_plus_beats_opd_and_topk_beats_sampled(toy_pair, tmp_path):
         # staleness 0: which policy samples each step does not depend on timing, so each arm
         # is the same run every time and the margins below are not at the mercy of load
         "--set=rollout.max_staleness=0",
+        # the engines in this process (same figures as actors at staleness 0, measured): no
+        # engine actors to start for each arm; the actor path is every other run-level test's
+        "--set=rollout.in_process=true",
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert done.returncode == 0, done.stderr[-3000:]
