@@ -9,6 +9,10 @@ With γ = 1 the OPD+ estimator E[Σ_t −A_t ∇log π_θ(y_t|s_t)] equals ∇ E
 exactly; with γ = 0 it equals Σ_t E_{s_t}[∇ D_f(π_θ(·|s_t) ‖ π_T(·|s_t))] with the state
 distribution held fixed. OPD (stop-gradient) drops r·g'(r) and is unbiased only for reverse KL.
 Advantages are never normalised per batch: that would erase what separates OPD from OPD+.
+
+Episodes (docs/math.md §10): with `student_mask_BT` (1 at the student's tokens, 0 at the
+environment's), the sums run over student tokens only — an environment token has no cost, no
+score term and takes no step of γ (k − t counts the student tokens in (t, k]).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ ESTIMATORS = ("opd_plus", "opd")
 
 @dataclass(frozen=True)
 class AdvantageStats:
-    """Batch diagnostics, all over masked (response) tokens.
+    """Batch diagnostics, all over masked (response) tokens, the student's only in an episode.
 
     clamped_frac: fraction of tokens whose |ell| exceeded ratio_clip.
     max_abs_advantage: max |A_t|.
@@ -49,15 +53,39 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
-def discounted_future_sum(x_BT: Tensor, discount: float) -> Tensor:
-    """S_t = Σ_{k>t} γ^{k−t} · x_k along the last dim; shape [B, T] → [B, T], O(B·T).
+def keep_mask(mask_BT: Tensor, student_mask_BT: Tensor | None = None) -> Tensor:
+    """Bool [B, T]: the positions that carry a cost and a score term, mask ∧ student mask.
 
-    Distances k − t count positions, so zeros in x (masked tokens) contribute nothing but still
-    take a step of discount.
+    mask_BT: nonzero on response (trajectory) tokens. student_mask_BT: optional, nonzero at the
+    student's tokens and 0 at an environment's (docs/math.md §10); None: every response token
+    is the student's.
+    """
+    keep_BT = mask_BT != 0
+    if student_mask_BT is None:
+        return keep_BT
+    if student_mask_BT.shape != mask_BT.shape:
+        raise ValueError(
+            f"student_mask_BT has shape {tuple(student_mask_BT.shape)}, "
+            f"expected the mask's {tuple(mask_BT.shape)}"
+        )
+    return keep_BT & (student_mask_BT != 0)
+
+
+def discounted_future_sum(
+    x_BT: Tensor, discount: float, *, steps_BT: Tensor | None = None
+) -> Tensor:
+    """S_t = Σ_{k>t} γ^{n(t,k)} · x_k along the last dim; shape [B, T] → [B, T], O(B·T).
+
+    steps_BT None: n(t, k) = k − t counts positions, so zeros in x (masked tokens) contribute
+    nothing but still take a step of discount.
+    steps_BT: bool [B, T], the positions that count (an episode's student tokens): n(t, k) is the
+    number of them in (t, k], and any other position neither contributes nor takes a step.
     """
     out_BT = torch.zeros_like(x_BT)
     if discount == 0 or x_BT.shape[-1] < 2:
         return out_BT
+    if steps_BT is not None:
+        return _stepped_future_sum(x_BT, discount, steps_BT)
     if discount == 1:
         # Reverse cumulative sum shifted left by one, so position t sums k > t without the
         # rounding of subtracting x_t back out.
@@ -65,6 +93,23 @@ def discounted_future_sum(x_BT: Tensor, discount: float) -> Tensor:
         return out_BT
     for t in range(x_BT.shape[-1] - 2, -1, -1):
         out_BT[..., t] = discount * (x_BT[..., t + 1] + out_BT[..., t + 1])
+    return out_BT
+
+
+def _stepped_future_sum(x_BT: Tensor, discount: float, steps_BT: Tensor) -> Tensor:
+    """`discounted_future_sum` where only the positions in steps_BT count (its docstring)."""
+    if steps_BT.shape != x_BT.shape:
+        raise ValueError(f"steps_BT {tuple(steps_BT.shape)} does not match x {tuple(x_BT.shape)}")
+    x_BT = torch.where(steps_BT, x_BT, 0.0)
+    if discount == 1:  # every exponent is 1: skipping positions changes nothing
+        return discounted_future_sum(x_BT, 1.0)
+    out_BT = torch.zeros_like(x_BT)
+    # carry = x_j + S_j of the next counted position j (0 past the last): a position that does
+    # not count leaves it unchanged, so the discount steps only at counted positions.
+    carry = torch.zeros_like(x_BT[..., 0])
+    for t in range(x_BT.shape[-1] - 1, -1, -1):
+        out_BT[..., t] = discount * carry
+        carry = torch.where(steps_BT[..., t], x_BT[..., t] + out_BT[..., t], carry)
     return out_BT
 
 
@@ -78,6 +123,7 @@ def token_advantages(
     discount: float = 0.0,
     ratio_clip: float | None = 10.0,
     center_cost: bool = False,
+    student_mask_BT: Tensor | None = None,
 ) -> Tensor:
     """Detached advantages A_BT [B, T] (equation in the module docstring).
 
@@ -93,6 +139,10 @@ def token_advantages(
         unchanged while the variance is not: uncentred reverse-KL OPD+ (cost ell + 1) pushes
         every sampled token down by 1 in a single sample; centred it is the usual ell cost.
         f'(1) = 0 for every divergence here except reverse and forward KL.
+    student_mask_BT: optional [B, T], nonzero at the student's tokens, 0 at an environment's
+        (an episode, docs/math.md §10): those get A = 0, add no cost to any sum and take no
+        step of γ. None: every masked token is the student's and γ counts positions, as
+        before episodes existed (the same numbers as all ones for a contiguous mask).
     Returns A_BT in the inputs' promoted dtype, upcast to float32 if narrower.
     """
     terms = _advantage_terms(
@@ -104,6 +154,7 @@ def token_advantages(
         discount=discount,
         ratio_clip=ratio_clip,
         center_cost=center_cost,
+        student_mask_BT=student_mask_BT,
     )
     return terms[0]
 
@@ -118,6 +169,7 @@ def token_advantages_with_stats(
     discount: float = 0.0,
     ratio_clip: float | None = 10.0,
     center_cost: bool = False,
+    student_mask_BT: Tensor | None = None,
 ) -> tuple[Tensor, AdvantageStats]:
     """`token_advantages` plus its `AdvantageStats` (one host sync for the stats)."""
     adv_BT, ell_BT, cost_BT, clamped_BT, keep_BT = _advantage_terms(
@@ -129,6 +181,7 @@ def token_advantages_with_stats(
         discount,
         ratio_clip,
         center_cost,
+        student_mask_BT,
     )
     n = keep_BT.sum().clamp(min=1).to(adv_BT.dtype)
     max_abs = adv_BT.abs().amax() if adv_BT.numel() else adv_BT.new_zeros(())
@@ -145,6 +198,7 @@ def _advantage_terms(
     discount: float,
     ratio_clip: float | None,
     center_cost: bool,
+    student_mask_BT: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(A_BT, clamped ell_BT, g_BT, clamped_BT, keep_BT), all zero off the mask."""
     div = get_divergence(divergence)
@@ -162,7 +216,9 @@ def _advantage_terms(
 
     dtype = compute_dtype(logp_student_BT, logp_teacher_BT)
     with torch.no_grad():
-        keep_BT = mask_BT != 0
+        keep_BT = keep_mask(mask_BT, student_mask_BT)
+        # Without a student mask γ counts positions (as always); with one, student tokens only.
+        steps_BT = None if student_mask_BT is None else keep_BT
         # Upcast before subtracting: a bf16 difference of two log-probs keeps only 8 bits.
         ell_BT = logp_student_BT.detach().to(dtype) - logp_teacher_BT.detach().to(dtype)
         ell_BT = torch.where(keep_BT, ell_BT, 0.0)
@@ -178,6 +234,6 @@ def _advantage_terms(
                 immediate_BT = immediate_BT - div.grad_cost(ell_BT.new_zeros(()))
         else:
             immediate_BT = cost_BT
-        adv_BT = -(immediate_BT + discounted_future_sum(cost_BT, discount))
+        adv_BT = -(immediate_BT + discounted_future_sum(cost_BT, discount, steps_BT=steps_BT))
         adv_BT = torch.where(keep_BT, adv_BT, 0.0)
     return adv_BT, ell_BT, cost_BT, clamped_BT, keep_BT

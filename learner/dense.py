@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from learner.advantages import compute_dtype, discounted_future_sum
+from learner.advantages import compute_dtype, discounted_future_sum, keep_mask
 from learner.divergences import Divergence, get_divergence
 from learner.loss import AGGREGATIONS, surrogate_loss
 
@@ -177,6 +177,7 @@ def dense_surrogate_loss(
     normaliser: float | Tensor | None = None,
     tail_min: float | None = None,
     logp_teacher_BT: Tensor | None = None,
+    student_mask_BT: Tensor | None = None,
 ) -> tuple[Tensor, DenseStats]:
     """Scalar OPD+ top-K surrogate loss and its `DenseStats`.
 
@@ -192,6 +193,8 @@ def dense_surrogate_loss(
                       nothing and may hold garbage.
     discount: γ ∈ [0, 1]; ratio_clip, is_cap: None disables.
     logp_teacher_BT: optional [B, T] teacher log-prob of y_t, only for the `ell_mean` stat.
+    student_mask_BT: optional [B, T], 0 at an episode's environment tokens: no D~, no score
+        term, no step of γ there (docs/math.md §10). None: every masked position counts.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -209,7 +212,10 @@ def dense_surrogate_loss(
         )
 
     dtype = compute_dtype(logp_student_BTK, logp_teacher_BTK, logp_learner_BT)
-    keep_BT = mask_BT != 0
+    keep_BT = keep_mask(mask_BT, student_mask_BT)
+    # An episode's environment tokens: no D~, no score term, no step of γ (docs/math.md §10).
+    steps_BT = None if student_mask_BT is None else keep_BT
+    mask_BT = mask_BT if student_mask_BT is None else keep_BT
     keep_BT1 = keep_BT.unsqueeze(-1)
     K = logp_student_BTK.shape[-1]
     # Off the mask, swap in a harmless uniform distribution before any logsumexp / exp: padding
@@ -224,7 +230,8 @@ def dense_surrogate_loss(
     d_BT = torch.where(keep_BT, d_BT, 0.0)
 
     # State-distribution term: OPD+'s future cost with g(r_k) replaced by D~_k (detached).
-    adv_BT = torch.where(keep_BT, -discounted_future_sum(d_BT.detach(), discount), 0.0)
+    future_BT = discounted_future_sum(d_BT.detach(), discount, steps_BT=steps_BT)
+    adv_BT = torch.where(keep_BT, -future_BT, 0.0)
     state_loss, loss_stats = surrogate_loss(
         logp_learner_BT,
         adv_BT,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from learner.advantages import compute_dtype
+from learner.advantages import compute_dtype, keep_mask
 
 AGGREGATIONS = ("token_mean", "seq_mean")
 
@@ -60,6 +60,7 @@ def surrogate_loss(
     is_cap: float | None = 2.0,
     aggregation: str = "token_mean",
     normaliser: float | Tensor | None = None,
+    student_mask_BT: Tensor | None = None,
 ) -> tuple[Tensor, LossStats]:
     """Scalar surrogate loss and its `LossStats`.
 
@@ -72,6 +73,8 @@ def surrogate_loss(
                       N = number of sequences with n_b > 0.
     normaliser: overrides N. For a batch split across data-parallel shards pass the global N;
         then the shards' losses (and gradients) sum to the full batch's.
+    student_mask_BT: optional [B, T], 0 at an episode's environment tokens: they get no score
+        term and are not counted in N or n_b (docs/math.md §10). None: all masked tokens count.
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -82,7 +85,7 @@ def surrogate_loss(
         raise ValueError(f"all inputs must share one [B, T] shape, got {sorted(shapes)}")
 
     dtype = compute_dtype(logp_learner_BT, logp_sampler_BT)
-    keep_BT = mask_BT != 0
+    keep_BT = keep_mask(mask_BT, student_mask_BT)
     w_BT = importance_weights(logp_learner_BT, logp_sampler_BT, is_cap=is_cap)
     coef_BT = torch.where(keep_BT, advantages_BT.detach().to(dtype) * w_BT, 0.0)
     # where() rather than a multiply by the mask: padding log-probs may be -inf, and 0·inf = NaN.
