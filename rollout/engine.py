@@ -36,8 +36,9 @@ if not torch.cuda.is_available():
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from vllm import LLM, SamplingParams  # noqa: E402
+from vllm import LLM, PoolingParams, SamplingParams  # noqa: E402
 from vllm.inputs import TokensPrompt  # noqa: E402
+from vllm.transformers_utils.config import try_get_dense_modules  # noqa: E402
 
 # Importing rollout.weight_transfer registers the "gloo" weight-transfer engines with vLLM. The
 # worker imports this module (worker_extension_cls) before it builds its transfer engine, so the
@@ -394,6 +395,104 @@ def _top_k(entry, token: int, k: int) -> tuple[tuple[int, ...], tuple[float, ...
     if not all(math.isfinite(x) for x in logps):
         raise EngineError("teacher returned a non-finite top-k log-prob")
     return tuple(int(t) for t, _ in ranked), logps
+
+
+class TeacherHiddenEngine(_Engine):
+    """Scores given token sequences with the teacher's final hidden states (after the model's
+    final norm, no output layer): the learner applies the teacher's own output layer to them.
+
+    A vLLM pooling engine (``runner="pooling"``, ``convert="embed"``, task ``token_embed``):
+    prefill only, the output layer is never built or run, and every position's hidden state
+    comes back as one tensor per sequence. Normalisation is off (``use_activation=False``) and
+    the pooler head keeps the engine's dtype (vLLM's pooling default casts to float32).
+    Built from the same ``EngineSettings`` as ``TeacherEngine``; ``teacher_topk`` and
+    ``teacher_temperature`` do not apply here (the learner applies τ_T to its logits) and
+    ``weight_transfer`` must be "none" (a teacher is frozen).
+    """
+
+    # Its own LLM (pooling runner), not _Engine's; close() and _check_lengths are shared.
+    def __init__(self, settings: EngineSettings) -> None:
+        _check_settings(settings)
+        if settings.weight_transfer != "none":
+            raise EngineError(
+                f"TeacherHiddenEngine takes no weight pushes; weight_transfer must be 'none', "
+                f"got {settings.weight_transfer!r}"
+            )
+        self.settings = settings
+        try:
+            self.llm = LLM(
+                model=settings.model_path,
+                tokenizer=settings.model_path,
+                dtype=settings.dtype,
+                seed=settings.seed,
+                **_memory_kwargs(settings),
+                max_model_len=settings.max_model_len,
+                max_num_seqs=settings.max_num_seqs,
+                enforce_eager=settings.enforce_eager,
+                enable_prefix_caching=False,
+                runner="pooling",
+                convert="embed",
+                pooler_config={"task": "token_embed", "tok_pooling_type": "ALL"},
+                # Pooling models cast their head's input to float32 by default
+                # (vllm/config/model.py _get_head_dtype); "model" keeps the engine's dtype.
+                hf_overrides={"head_dtype": "model"},
+            )
+        except Exception as exc:  # vLLM raises many types; report which model and why
+            raise EngineError(f"vLLM could not start on {settings.model_path}: {exc}") from exc
+        try:
+            self.hidden_size, self.dtype = self._check_plain_head()
+        except Exception:
+            self.close()
+            raise
+
+    def _check_plain_head(self) -> tuple[int, torch.dtype]:
+        """The pooler must hand on the final norm's output untouched: no Sentence-Transformers
+        projector (a folder with modules.json Dense layers gets one) and the model's dtype."""
+        config = self.llm.llm_engine.model_config
+        # The same lookup vLLM's pooler makes (vllm/model_executor/models/adapters.py).
+        if try_get_dense_modules(config.model, revision=config.revision) is not None:
+            raise EngineError(
+                f"{self.settings.model_path}: its modules.json names Sentence-Transformers Dense "
+                f"layers, which vLLM's pooler would apply to the hidden states; expected none"
+            )
+        if config.head_dtype != config.dtype:
+            raise EngineError(
+                f"vLLM's pooler casts to {config.head_dtype}, not the engine's {config.dtype}"
+            )
+        return config.get_hidden_size(), config.dtype
+
+    def hidden_states(
+        self, prompt_ids: list[list[int]], response_ids: list[list[int]]
+    ) -> list[torch.Tensor]:
+        """h_T(x, y_<t) for each response token y_t: one tensor [R, H] per sequence, on CPU,
+        in the engine's dtype, contiguous and owning its storage.
+
+        Row t is the final-norm output at the position that predicts y_t, i.e. one before
+        the position ``rollout.alignment.response_positions`` gives y_t's log-prob; so
+        log softmax(lm_head(h[t]) / τ_T)[y_t] = log π_T(y_t | x, y_<t).
+        """
+        seqs = [list(p) + list(r) for p, r in zip(prompt_ids, response_ids, strict=True)]
+        self._check_lengths(seqs, 0)
+        params = PoolingParams(use_activation=False)
+        outputs = self.llm.encode(
+            [TokensPrompt(prompt_token_ids=s) for s in seqs],
+            params,
+            pooling_task="token_embed",
+            use_tqdm=False,
+        )
+        states = []
+        for seq, p, r, out in zip(seqs, prompt_ids, response_ids, outputs, strict=True):
+            h_TH = out.outputs.data
+            if h_TH.shape != (len(seq), self.hidden_size):
+                raise EngineError(
+                    f"teacher returned hidden states {tuple(h_TH.shape)} for a {len(seq)}-token "
+                    f"sequence (expected [{len(seq)}, {self.hidden_size}])"
+                )
+            span = response_positions(len(p), len(r))
+            # The hidden state at position i predicts token i + 1. clone: the engine hands
+            # views of its whole batch's buffer; the copy keeps only the response rows.
+            states.append(h_TH[span.start - 1 : span.stop - 1].clone())
+        return states
 
 
 # Engine-side choice of weight transport; the transport itself is rollout/weight_transfer.py.
