@@ -128,13 +128,18 @@ def _regex(problem: Problem, completion: str) -> float:
     return float(got is not None and _norm(got) == _norm(problem.answer))
 
 
+MATH_TIMEOUT_S = 60  # per parse and per comparison, main thread only (see _math)
+
+
 def _math(problem: Problem, completion: str) -> float:
     """``math_verify.verify(parse(answer), parse(completion))``. Its timeouts use SIGALRM, which
     only the main thread may set: elsewhere (a Ray actor's worker thread) they are off."""
     from math_verify import parse, verify
 
     main = threading.current_thread() is threading.main_thread()
-    limit = {} if main else {"parsing_timeout": None}
+    # Wall-clock limits: math-verify's 5 s default failed a true equivalence (x^2+2x vs
+    # x(x+2), sympy's first simplify) on a loaded 2-core machine: scored 0, silently wrong.
+    limit = {"parsing_timeout": MATH_TIMEOUT_S if main else None}
     answer = problem.answer
     # A reference answer is usually bare LaTeX ("x^2 + 2x", "\\sqrt{2}/2"): read it as math
     # mode, else math-verify takes the first number it finds ("2").
@@ -143,7 +148,7 @@ def _math(problem: Problem, completion: str) -> float:
     pred = parse(completion, **limit)
     if not gold or not pred:
         return 0.0
-    return float(verify(gold, pred, **({} if main else {"timeout_seconds": None})))
+    return float(verify(gold, pred, timeout_seconds=MATH_TIMEOUT_S if main else None))
 
 
 register_verifier(
