@@ -393,3 +393,265 @@ def topk_token_logprobs(logits_BTV: Tensor, ids_BTK: Tensor, *, chunk: int = 256
     ids_next_BTK = ids_BTK[:, 1:].long().contiguous()
     logp_BTK = _ShiftedGatherLogSoftmax.apply(logits_BTV, ids_next_BTK, chunk)
     return torch.nn.functional.pad(logp_BTK, (0, 0, 1, 0), value=0.0)
+
+
+# ----------------------------------------------------------------- the full vocabulary ("full")
+# With the teacher's final hidden states and its output layer, the learner has π_T(·|s_t) over
+# every token: the dense loss is the exact D_f(π_θ(·|s_t) ‖ π_T(·|s_t)) (no tail bucket, not a
+# lower bound) with the same two terms as above (docs/math.md §8, "The full vocabulary").
+
+
+def head_log_softmax(hidden_CH: Tensor, weight_VH: Tensor, temperature: float = 1.0) -> Tensor:
+    """[C, V] log softmax(h·Wᵀ / τ) for one chunk of positions, in at least float32.
+
+    hidden_CH: [C, H] final hidden states (after the final norm); weight_VH: [V, H] the output
+    layer already cut to the tokenizer's V rows (docs/math.md §6, "Padding rows"). The product
+    runs in the weight's dtype (hidden states are cast to it), then upcasts.
+    """
+    z_CV = (hidden_CH.to(weight_VH.dtype) @ weight_VH.t()).to(
+        torch.promote_types(weight_VH.dtype, torch.float32)
+    )
+    if temperature != 1.0:
+        z_CV.div_(temperature)
+    return z_CV.log_softmax(-1)
+
+
+def full_divergence(
+    logp_student_NV: Tensor,
+    logp_teacher_NV: Tensor,
+    *,
+    divergence: Divergence | str,
+    ratio_clip: float | None = 10.0,
+) -> tuple[Tensor, Tensor]:
+    """(D_N [...], clamped_NV bool): D_f(π_θ ‖ π_T) = Σ_v π_θ(v) · g(clamp(ell_v, ±ratio_clip)).
+
+    logp_*_NV: [..., V] full-vocabulary log-probs of each side. With ratio_clip None this is the
+    exact per-state f-divergence; a clamped entry keeps its gradient through π_θ(v) only (as in
+    `restricted_divergence`). Differentiable in logp_student_NV; the teacher side is detached.
+    The reference form (autograd through it gives ∇D_f); `full_vocab_divergence` is the chunked
+    production path with the same values and the gradient written out.
+    """
+    div = get_divergence(divergence)
+    ell_NV = logp_student_NV - logp_teacher_NV.detach()
+    clamped_NV = torch.zeros_like(ell_NV, dtype=torch.bool)
+    if ratio_clip is not None:
+        clamped_NV = ell_NV.detach().abs() > ratio_clip
+        ell_NV = ell_NV.clamp(-ratio_clip, ratio_clip)
+    return (logp_student_NV.exp() * div.cost(ell_NV)).sum(-1), clamped_NV
+
+
+def _student_log_softmax(student_CX: Tensor, weight_VH: Tensor | None, temperature: float):
+    """The student's [C, V] log-probs from hidden states (weight given) or from logits."""
+    if weight_VH is not None:
+        return head_log_softmax(student_CX, weight_VH, temperature)
+    z_CV = student_CX.to(torch.promote_types(student_CX.dtype, torch.float32))
+    return (z_CV / temperature if temperature != 1.0 else z_CV).log_softmax(-1)
+
+
+class _ChunkedFullDivergence(torch.autograd.Function):
+    """d_N = D_f(softmax(z_s/τ) ‖ softmax(W_T h_T/τ_T)) per position, chunk by chunk.
+
+    z_s = student hidden · W_sᵀ (or the student's logits when W_s is None). Nothing [N, V] is
+    kept: backward recomputes each chunk. With p = π_θ, ell = log p − log q and a_v = ∂D/∂log p_v
+    = p_v · f'(r_v) (= p_v · g(ell_v) where ell_v is clamped: no gradient through the clamped
+    ell), the log-softmax gives ∂D/∂z_v = (a_v − p_v · Σ_u a_u) / τ. ∂/∂W_s is accumulated in at
+    least float32. The teacher's hidden states and weight get no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student_NX, weight_VH, t_hidden_NH, t_weight_VH, div, tau, tau_t, clip, chunk):
+        N = student_NX.shape[0]
+        dtype = torch.promote_types(
+            student_NX.dtype if weight_VH is None else weight_VH.dtype, torch.float32
+        )
+        d_N = student_NX.new_zeros(N, dtype=dtype)
+        clamped_N = student_NX.new_zeros(N, dtype=dtype)
+        with torch.no_grad():
+            for lo in range(0, N, chunk):
+                hi = min(lo + chunk, N)
+                logp_s_CV = _student_log_softmax(student_NX[lo:hi], weight_VH, tau)
+                logp_t_CV = head_log_softmax(t_hidden_NH[lo:hi], t_weight_VH, tau_t)
+                d_C, clamped_CV = full_divergence(
+                    logp_s_CV, logp_t_CV.to(dtype), divergence=div, ratio_clip=clip
+                )
+                d_N[lo:hi], clamped_N[lo:hi] = d_C, clamped_CV.sum(-1)
+                del logp_s_CV, logp_t_CV, clamped_CV
+        ctx.save_for_backward(student_NX, weight_VH, t_hidden_NH, t_weight_VH)
+        ctx.settings = (div, tau, tau_t, clip, chunk)
+        ctx.mark_non_differentiable(clamped_N)
+        return d_N, clamped_N
+
+    @staticmethod
+    def backward(ctx, g_N, _g_clamped):
+        student_NX, weight_VH, t_hidden_NH, t_weight_VH = ctx.saved_tensors
+        div, tau, tau_t, clip, chunk = ctx.settings
+        need_x, need_w = ctx.needs_input_grad[:2]
+        N = student_NX.shape[0]
+        grad_x = torch.zeros_like(student_NX) if need_x else None
+        grad_w = None
+        if need_w:
+            grad_w = torch.zeros(
+                weight_VH.shape,
+                dtype=torch.promote_types(weight_VH.dtype, torch.float32),
+                device=weight_VH.device,
+            )
+        for lo in range(0, N, chunk):
+            hi = min(lo + chunk, N)
+            logp_s_CV = _student_log_softmax(student_NX[lo:hi], weight_VH, tau)
+            logp_t_CV = head_log_softmax(t_hidden_NH[lo:hi], t_weight_VH, tau_t)
+            ell_CV = logp_s_CV - logp_t_CV.to(logp_s_CV.dtype)
+            del logp_t_CV
+            p_CV = logp_s_CV.exp_()  # the log-probs are not needed any more
+            if clip is None:
+                a_CV = div.grad_cost(ell_CV)
+            else:
+                a_CV = torch.where(
+                    ell_CV.abs() > clip, div.cost(ell_CV.clamp(-clip, clip)), div.grad_cost(ell_CV)
+                )
+            del ell_CV
+            a_CV.mul_(p_CV)
+            # ∂D/∂z = a − p·Σa, times the upstream gradient and 1/τ.
+            dz_CV = a_CV.sub_(p_CV * a_CV.sum(-1, keepdim=True))
+            dz_CV.mul_((g_N[lo:hi].to(dz_CV.dtype) / tau)[:, None])
+            del p_CV
+            if weight_VH is None:
+                grad_x[lo:hi] = dz_CV.to(grad_x.dtype)
+                continue
+            h_CH = student_NX[lo:hi]
+            if need_x:
+                grad_x[lo:hi] = dz_CV.to(weight_VH.dtype) @ weight_VH
+            if need_w:
+                grad_w.addmm_(dz_CV.t(), h_CH.to(grad_w.dtype))
+            del dz_CV
+        if grad_w is not None:
+            grad_w = grad_w.to(weight_VH.dtype)
+        return grad_x, grad_w, None, None, None, None, None, None, None
+
+
+def full_vocab_divergence(
+    student_NX: Tensor,
+    teacher_hidden_NH: Tensor,
+    teacher_weight_VH: Tensor,
+    *,
+    divergence: Divergence | str,
+    student_weight_VH: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    ratio_clip: float | None = 10.0,
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """(d_N, clamped_N): the exact per-position D_f(π_θ(·|s_n) ‖ π_T(·|s_n)), chunked.
+
+    student_NX: [N, H] the student's final hidden states when student_weight_VH ([V, H], cut to
+        the tokenizer's V rows) is given, else [N, V] the student's logits; differentiable.
+        π_θ = softmax(z / temperature).
+    teacher_hidden_NH: [N, H_T] the teacher's final hidden states (any float dtype, e.g. the
+        engine's bf16) for the same N states; teacher_weight_VH: [V, H_T] its output layer cut
+        to the same V rows (`learner.teacher_head.load_teacher_head`). π_T = softmax(z_T / τ_T).
+    ratio_clip: clamp of ell before g as `full_divergence` (None: exact, unclamped).
+    chunk: positions per chunk; memory beyond the inputs is a few [chunk, V] float32 buffers.
+    Returns d_N (float32, or float64 for float64 inputs), with gradient to student_NX and
+    student_weight_VH, and clamped_N: how many of the V entries were clamped at each position.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if ratio_clip is not None and not ratio_clip > 0:
+        raise ValueError(f"ratio_clip must be positive or None, got {ratio_clip}")
+    V = teacher_weight_VH.shape[0]
+    width = student_NX.shape[-1] if student_weight_VH is None else student_weight_VH.shape[0]
+    if width != V:
+        raise ValueError(
+            f"the student's distribution has {width} entries and the teacher's output layer "
+            f"{V} rows; cut both to the tokenizer's length (docs/math.md §6)"
+        )
+    if student_NX.shape[0] != teacher_hidden_NH.shape[0]:
+        raise ValueError(
+            f"{student_NX.shape[0]} student positions and {teacher_hidden_NH.shape[0]} teacher "
+            "hidden states"
+        )
+    return _ChunkedFullDivergence.apply(
+        student_NX,
+        student_weight_VH,
+        teacher_hidden_NH.detach(),
+        teacher_weight_VH.detach(),
+        get_divergence(divergence),
+        float(temperature),
+        float(teacher_temperature),
+        ratio_clip,
+        int(chunk),
+    )
+
+
+def full_dense_surrogate_loss(
+    d_BT: Tensor,
+    logp_learner_BT: Tensor,
+    logp_sampler_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    discount: float = 0.0,
+    is_cap: float | None = 2.0,
+    aggregation: str = "token_mean",
+    normaliser: float | Tensor | None = None,
+    clamped_BT: Tensor | None = None,
+    vocab_size: int = 1,
+    logp_teacher_BT: Tensor | None = None,
+    ratio_clip: float | None = None,
+) -> tuple[Tensor, DenseStats]:
+    """Scalar OPD+ full-vocabulary loss and its `DenseStats` (teacher/student tails are 0).
+
+    loss_t = D_t(θ) − A_t · w_t · log π_θ(y_t|s_t), A_t = −Σ_{k>t} γ^{k−t} sg(D_k): the loss of
+    `dense_surrogate_loss` with D~_t replaced by the exact D_t = D_f(π_θ(·|s_t) ‖ π_T(·|s_t)).
+
+    d_BT: [B, T] D_t with gradient (e.g. `full_vocab_divergence` placed at response columns);
+        off the mask it may hold anything finite or not. logp_learner_BT, logp_sampler_BT,
+        mask_BT, discount, is_cap, aggregation, normaliser: as `dense_surrogate_loss`.
+    clamped_BT: optional [B, T] clamped entries per position (of vocab_size), for clamped_frac.
+    logp_teacher_BT: optional, the sampled token's teacher log-prob, only for `ell_mean`.
+    """
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
+    if not 0.0 <= discount <= 1.0:
+        raise ValueError(f"discount must be in [0, 1], got {discount}")
+    if d_BT.shape != mask_BT.shape:
+        raise ValueError(f"d_BT {tuple(d_BT.shape)} does not match the mask {tuple(mask_BT.shape)}")
+    dtype = compute_dtype(d_BT, logp_learner_BT)
+    keep_BT = mask_BT != 0
+    d_BT = torch.where(keep_BT, d_BT.to(dtype), 0.0)
+    adv_BT = torch.where(keep_BT, -discounted_future_sum(d_BT.detach(), discount), 0.0)
+    state_loss, loss_stats = surrogate_loss(
+        logp_learner_BT,
+        adv_BT,
+        logp_sampler_BT,
+        mask_BT,
+        is_cap=is_cap,
+        aggregation=aggregation,
+        normaliser=normaliser,
+    )
+    loss = _aggregate(d_BT, keep_BT, aggregation, normaliser) + state_loss  # direct + state
+
+    with torch.no_grad():
+        n = keep_BT.sum().clamp(min=1).to(dtype)
+        clamped = d_BT.new_zeros(()) if clamped_BT is None else clamped_BT.to(dtype)
+        terms = [
+            d_BT.detach().sum() / n,
+            torch.where(keep_BT, clamped, 0.0).sum() / (n * vocab_size),
+            adv_BT.abs().amax() if adv_BT.numel() else adv_BT.new_zeros(()),
+        ]
+        if logp_teacher_BT is not None:
+            ell_BT = logp_learner_BT.detach().to(dtype) - logp_teacher_BT.to(dtype)
+            if ratio_clip is not None:
+                ell_BT = ell_BT.clamp(-ratio_clip, ratio_clip)
+            terms.append(torch.where(keep_BT, ell_BT, 0.0).sum() / n)
+        values = torch.stack(terms).tolist()
+    stats = DenseStats(
+        divergence=values[0],
+        clamped_frac=values[1],
+        adv_abs_max=values[2],
+        teacher_tail_mean=0.0,
+        student_tail_mean=0.0,
+        ell_mean=values[3] if len(values) > 3 else 0.0,
+        is_truncated_frac=loss_stats.is_truncated_frac,
+        is_weight_mean=loss_stats.is_weight_mean,
+        mismatch=loss_stats.mismatch,
+    )
+    return loss, stats
