@@ -170,22 +170,29 @@ class LearnerGroup:
         except BaseException:
             self.shutdown()  # the ranks that were placed, and the pending ones, go
             raise
-        master_addr, master_port = ray.get(self.ranks[0].rendezvous_address.remote())
+        (master_addr, master_port) = self._all(
+            [self.ranks[0].rendezvous_address.remote()], "rendezvous_address"
+        )[0]
         # All at once: process-group initialisation blocks until every rank has joined.
-        _get_all(
-            [
-                r.build.remote(
-                    model_path=model_path,
-                    optim=optim,
-                    loss=loss,
-                    rank=i,
-                    world_size=num_ranks,
-                    master_addr=master_addr,
-                    master_port=master_port,
-                )
-                for i, r in enumerate(self.ranks)
-            ]
-        )
+        try:
+            self._all(
+                [
+                    r.build.remote(
+                        model_path=model_path,
+                        optim=optim,
+                        loss=loss,
+                        rank=i,
+                        world_size=num_ranks,
+                        master_addr=master_addr,
+                        master_port=master_port,
+                    )
+                    for i, r in enumerate(self.ranks)
+                ],
+                "build",
+            )
+        except BaseException:
+            self.shutdown()  # a rank that failed to build leaves none behind
+            raise
 
     @property
     def num_ranks(self) -> int:
@@ -213,6 +220,7 @@ class LearnerGroup:
                     for r, shard in zip(self.ranks, shards, strict=True)
                 ],
                 timeout_s=self.step_timeout_s,
+                call="train_step",
             )
         except NonFiniteError as exc:  # a rank's loss: add the step and the last finite values
             what = str(getattr(exc, "cause", None) or exc)  # Ray's wrapper: the rank's error
@@ -225,7 +233,7 @@ class LearnerGroup:
     def export_weights(self) -> list[tuple[str, torch.Tensor]]:
         """(HF name, CPU float32 tensor) for every parameter, ready for vLLM `reload_weights`."""
         refs = [r.export_weights.remote(keep_result=i == 0) for i, r in enumerate(self.ranks)]
-        return _get_all(refs)[0]
+        return self._all(refs, "export_weights")[0]
 
     def attach_storage(self, storage) -> None:
         """Check that every rank can use the run directory the driver prepared (it reads the
@@ -234,8 +242,13 @@ class LearnerGroup:
         `RunStorageError` naming both hosts and the path when a rank cannot."""
         from services.storage import judge
 
-        judge(storage, _get_all([r.probe_storage.remote(storage) for r in self.ranks]))
+        judge(storage, self._all([r.probe_storage.remote(storage) for r in self.ranks], "probe"))
         self.storage = storage
+
+    def _all(self, refs: list, call: str) -> list:
+        # Every collective call has the deadline of learner.step_timeout_s, not only the step:
+        # a rank hung in a checkpoint write or an export stops the run the same way.
+        return _get_all(refs, timeout_s=self.step_timeout_s, call=call)
 
     def _remote(self):
         storage = getattr(self, "storage", None)
@@ -247,9 +260,10 @@ class LearnerGroup:
         """Crash-safe, durable DeepSpeed checkpoint under `path` (absolute; see
         `LearnerEngine.save_checkpoint`), then copied to `run.storage` when it is set."""
         refs = [r.save_checkpoint.remote(str(path), client_state, keep) for r in self.ranks]
-        final = Path(_get_all(refs)[0])
+        final = Path(self._all(refs, "save_checkpoint")[0])
         if (storage := self._remote()) is not None:
-            _get_all([self.ranks[0].upload_checkpoint.remote(storage, str(path), final.name, keep)])
+            upload = self.ranks[0].upload_checkpoint.remote(storage, str(path), final.name, keep)
+            self._all([upload], "upload_checkpoint")
         return final
 
     def load_checkpoint(self, path: str | Path) -> dict:
@@ -257,8 +271,8 @@ class LearnerGroup:
         `run.storage` first when it is set); returns its client_state. When newer checkpoints
         were skipped (missing, or failing their manifest) the console says which and why."""
         if (storage := self._remote()) is not None:
-            _get_all([self.ranks[0].fetch_checkpoints.remote(storage, str(path))])
-        results = _get_all([r.load_checkpoint.remote(str(path)) for r in self.ranks])
+            self._all([self.ranks[0].fetch_checkpoints.remote(storage, str(path))], "fetch")
+        results = self._all([r.load_checkpoint.remote(str(path)) for r in self.ranks], "load")
         client, choice = results[0]
         note = choice.note(path) if choice is not None else None
         if note:
@@ -270,9 +284,9 @@ class LearnerGroup:
     def save_hf(self, path: str | Path) -> None:
         """Write the current student as a plain HF folder (with the source's tokenizer), then
         copy it to `run.storage` when it is set."""
-        _get_all([r.save_hf.remote(str(path)) for r in self.ranks])
+        self._all([r.save_hf.remote(str(path)) for r in self.ranks], "save_hf")
         if (storage := self._remote()) is not None:
-            _get_all([self.ranks[0].upload_student.remote(storage, str(path))])
+            self._all([self.ranks[0].upload_student.remote(storage, str(path))], "upload_student")
 
     def shutdown(self) -> None:
         """Kill the rank actors (their processes, and so the process group, end)."""
@@ -281,7 +295,7 @@ class LearnerGroup:
         self.ranks = []
 
 
-def _get_all(refs: list[ray.ObjectRef], timeout_s: float = 0.0) -> list:
+def _get_all(refs: list[ray.ObjectRef], timeout_s: float = 0.0, call: str = "a call") -> list:
     """Results of a collective call on every rank, raising the first rank's error at once.
 
     A plain ray.get waits in list order, so a failure on rank 1 would hide behind rank 0 blocking
@@ -300,7 +314,8 @@ def _get_all(refs: list[ray.ObjectRef], timeout_s: float = 0.0) -> list:
         if not done:
             late = [f"learner-rank-{refs.index(r)}" for r in pending]
             raise LearnerTimeout(
-                f"{', '.join(late)} did not answer within {timeout_s:g} s (learner.step_timeout_s)"
+                f"{', '.join(late)} did not answer {call} within {timeout_s:g} s "
+                "(learner.step_timeout_s)"
             )
         ray.get(done)
     return ray.get(refs)

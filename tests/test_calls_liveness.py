@@ -339,3 +339,33 @@ def test_a_dead_cluster_address_is_an_error_in_seconds(tmp_path):
     with pytest.raises(ScaleError, match="no Ray cluster to find the job"):
         scale(run_dir, samplers=2, scorers=None, connect_timeout_s=2)
     assert time.monotonic() - t0 < 15
+
+
+def test_every_learner_call_has_a_deadline():
+    """learner.step_timeout_s covers every call the driver makes on the learner ranks (build,
+    step, export, checkpoint save/load, HF save, uploads), not only the step: each goes
+    through ``_get_all`` with a ``timeout_s``, and nothing else in the module waits on a rank."""
+    import ast
+
+    from tests.run_helpers import REPO
+
+    path = REPO / "services/learner_group.py"
+    tree = ast.parse(path.read_text())
+    waits, bare = [], []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = ast.unparse(node.func)
+        if name == "_get_all":
+            waits.append(node.lineno)
+            if not any(k.arg == "timeout_s" for k in node.keywords):
+                bare.append(f"{path.name}:{node.lineno}: _get_all without timeout_s")
+        elif name in ("ray.get", "ray.wait"):
+            inside = next(
+                f.name
+                for f in ast.walk(tree)
+                if isinstance(f, ast.FunctionDef) and f.lineno <= node.lineno <= f.end_lineno
+            )
+            if inside != "_get_all":
+                bare.append(f"{path.name}:{node.lineno}: {name} outside _get_all")
+    assert waits and not bare, bare
