@@ -144,8 +144,7 @@ def test_full_divergence_is_d_f(div):
         assert (clamped == 0).all()
 
 
-@pytest.mark.parametrize("path", ["hidden", "logits"])
-@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("seed, path", [(0, "hidden"), (1, "logits")])
 @pytest.mark.parametrize("div", DIVS, ids=lambda d: d.name)
 def test_full_discount_is_the_true_gradient(div, seed, path):
     theta, teacher = _tables(seed)
@@ -173,12 +172,11 @@ def test_dropping_either_term_is_biased(div):
 @pytest.mark.parametrize("div", DIVS, ids=lambda d: d.name)
 def test_masked_positions_change_nothing_and_equal_student_gives_zero(div):
     theta, teacher = _tables(4)
-    for discount in (0.0, 1.0):
-        padded = expected_estimator(theta, teacher, div, discount=discount, pad=True)
-        plain = expected_estimator(theta, teacher, div, discount=discount)
-        assert rel_err(padded, plain) < 1e-12
-        same = expected_estimator(theta, theta.detach().clone(), div, discount=discount)
-        assert same.abs().max().item() < 1e-12
+    padded = expected_estimator(theta, teacher, div, discount=1.0, pad=True)
+    plain = expected_estimator(theta, teacher, div, discount=1.0)
+    assert rel_err(padded, plain) < 1e-12
+    same = expected_estimator(theta, theta.detach().clone(), div, discount=0.5)
+    assert same.abs().max().item() < 1e-12
 
 
 @pytest.mark.parametrize("clip", [None, 1.5])
@@ -311,8 +309,10 @@ def _reference(student64, batch, hidden64, w64, div, aggregation, normaliser):
     return loss, stats, d_f
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean"])
-@pytest.mark.parametrize("div", ["js", "forward_kl", "reverse_kl"])
+@pytest.mark.parametrize(
+    "div, aggregation",
+    [("js", "token_mean"), ("forward_kl", "seq_mean"), ("reverse_kl", "token_mean")],
+)
 def test_chunked_pass_equals_the_unchunked_float64_reference(real_batch, div, aggregation):
     teacher, student, batch, hidden, head = real_batch
     mask = batch.response_mask_BT
