@@ -25,6 +25,7 @@ import torch
 from deepspeed import comm as ds_comm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from learner import lora as lora_adapters
 from learner import manifest
 from learner.batch import TrainBatch
 from learner.microbatch import padding_cells, plan_micro_batches
@@ -116,6 +117,8 @@ class LearnerEngine:
         torch.manual_seed(optim.seed)
 
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        # LoRA: adapters injected into `model`, the base frozen; only trainable params below.
+        self.peft_model = lora_adapters.attach(model, optim.lora) if optim.lora else None
         # The log-softmax runs over the tokenizer's ids only: further rows of the output layer
         # are padding, sliced off as the samplers do (rollout/engine.py, docs/math.md).
         self.vocab_size = (
@@ -123,8 +126,9 @@ class LearnerEngine:
             if (Path(model_path) / "tokenizer.json").is_file()
             else None
         )
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
+        trained = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in trained if p.ndim >= 2]
+        no_decay = [p for p in trained if p.ndim < 2]
         optimizer = torch.optim.AdamW(
             [
                 {"params": decay, "weight_decay": optim.weight_decay},
@@ -241,30 +245,47 @@ class LearnerEngine:
 
         Names are those of the HF model's `named_parameters()`, i.e. its checkpoint names (a
         tied lm_head appears once, as the embedding), which vLLM's `reload_weights` accepts.
+        A LoRA student exports the base model's parameters with the adapters merged in
+        (`learner.lora.merged_weights`): same names and shapes as without LoRA.
         Under ZeRO-3 the shards are gathered first: a collective, so every rank must call this.
         """
+        return self._gathered(self._export)
+
+    def _export(self, module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+        if self.peft_model is not None:
+            return lora_adapters.merged_weights(module)
+        return [
+            (name, p.detach().to("cpu", torch.float32, copy=True).contiguous())
+            for name, p in module.named_parameters()
+        ]
+
+    def _gathered(self, read):
+        """read(the HF module) with every parameter whole (gathered under ZeRO-3: collective)."""
         module = self.engine.module
-        params = list(module.named_parameters())
         gather = deepspeed.zero.GatheredParameters(
-            [p for _, p in params], modifier_rank=None, enabled=self.zero_stage == 3
+            list(module.parameters()), modifier_rank=None, enabled=self.zero_stage == 3
         )
         with gather, torch.no_grad():
-            return [
-                (name, p.detach().to("cpu", torch.float32, copy=True).contiguous())
-                for name, p in params
-            ]
+            return read(module)
 
     def save_hf(self, path: str | Path) -> None:
         """Write a plain HF folder (config, safetensors, tokenizer if the source had one).
 
-        Collective under ZeRO-3 (the weights are gathered); only rank 0 writes.
+        A LoRA student writes the merged model there and its peft adapter folder in
+        `path/adapter` (`learner.lora.save_adapter`). Collective under ZeRO-3 (the weights are
+        gathered); only rank 0 writes.
         """
         weights = dict(self.export_weights())
+        adapters = self._gathered(lora_adapters.adapter_weights) if self.peft_model else None
         if self.rank != 0:
             return
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.engine.module.save_pretrained(path, state_dict=weights)
+        if adapters is not None:
+            lora_adapters.save_adapter(
+                self.peft_model, path / lora_adapters.ADAPTER_FOLDER, adapters
+            )
         source = Path(self.model_path)
         if (source / "tokenizer_config.json").is_file() or (source / "tokenizer.json").is_file():
             AutoTokenizer.from_pretrained(source).save_pretrained(path)
@@ -307,7 +328,12 @@ class LearnerEngine:
                     shutil.rmtree(stale)
         ds_comm.barrier()
         self.engine.save_checkpoint(
-            str(root), tag=partial.name, client_state={"client": client_state}, save_latest=False
+            str(root),
+            tag=partial.name,
+            client_state={"client": client_state},
+            save_latest=False,
+            # LoRA: the adapters (and their optimizer state); the frozen base is the student.
+            exclude_frozen_parameters=self.peft_model is not None,
         )
         ds_comm.barrier()
         if self.rank == 0:
@@ -340,7 +366,9 @@ class LearnerEngine:
                 f"learner ranks chose different checkpoints in {root} (rank {self.rank}: "
                 f"{choice.tag}); is {root} the same folder on every node?"
             )
-        load_path, state = self.engine.load_checkpoint(str(root), tag=choice.tag)
+        load_path, state = self.engine.load_checkpoint(
+            str(root), tag=choice.tag, load_module_strict=self.peft_model is None
+        )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / choice.tag}")
         self.last_load = choice

@@ -20,7 +20,8 @@ class OptimSettings:
     `total_steps` (`learner.schedule`). grad_clip: global gradient-norm clip (0 = off).
     precision: "auto" | "bf16" | "fp32". seed: torch seed before the model loads.
     micro_batch_tokens: token budget per micro-batch (`learner.microbatch`); 0 = a rank's
-    whole shard in one forward pass.
+    whole shard in one forward pass. lora: train LoRA adapters only (`learner.lora`); None =
+    full fine-tuning.
     """
 
     zero_stage: int
@@ -34,6 +35,19 @@ class OptimSettings:
     precision: str
     seed: int
     micro_batch_tokens: int
+    lora: LoraSettings | None
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA adapters (`learner.lora`): W + (alpha / rank)·B·A on each module named in
+    `target_modules` (full module names, resolved against the student by
+    `learner.lora.resolve_targets`). dropout: on the adapters' input while training."""
+
+    rank: int
+    alpha: float
+    dropout: float
+    target_modules: tuple[str, ...]
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,26 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    rank: int = _f(
+        0,
+        "LoRA rank r > 0: train only low-rank adapters W + (alpha / r)·B·A of the student "
+        "(peft); the samplers receive the merged weights; 0 = full fine-tuning",
+    )
+    alpha: float = _f(16.0, "LoRA scale numerator: the adapters' product is scaled by alpha / rank")
+    dropout: float = _f(
+        0.0,
+        "dropout on the adapters' input while training (> 0: the learner's log-probs are no "
+        "longer the samplers')",
+    )
+    target_modules: list[str] = _f(
+        [],
+        'student modules that get adapters, by name or name suffix, e.g. ["q_proj", "v_proj"]; '
+        "empty = every linear layer but the output layer",
+    )
+
+
+@dataclass(frozen=True)
 class LearnerConfig:
     num_ranks: int = _f(1, "data-parallel learner ranks (Ray actors, one DeepSpeed rank each)")
     cpus_per_rank: float = _f(1.0, "CPUs reserved per learner rank")
@@ -229,6 +249,7 @@ class LearnerConfig:
         "positions per output-layer chunk of the learner's log-probs (memory ∝ chunk × vocab); "
         "0 = the full [B, T, V] logits",
     )
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass(frozen=True)
@@ -509,6 +530,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(lr.threads >= 0, "learner.threads", "must be >= 0 (0 = cpus_per_rank)")
     need(lr.micro_batch_tokens >= 0, "learner.micro_batch_tokens", "must be >= 0 (0 = off)")
     need(lr.logprob_chunk >= 0, "learner.logprob_chunk", "must be >= 0 (0 = full logits)")
+    _validate_lora(lr.lora, need)
     if r.sync_backend in ("nccl", "gloo"):
         need(
             not r.in_process,
@@ -603,6 +625,9 @@ RANGES: dict[str, str] = {
     "learner.sync_every": ">= 1",
     "learner.micro_batch_tokens": ">= 0",
     "learner.logprob_chunk": ">= 0",
+    "learner.lora.rank": ">= 0",
+    "learner.lora.alpha": "> 0",
+    "learner.lora.dropout": "[0, 1)",
     "eval.every": ">= 0",
     "eval.samples": ">= 1",
     "eval.max_tokens": ">= 1",
@@ -629,8 +654,9 @@ def in_range(value: float, spec: str) -> bool:
 
 def _check_ranges(cfg: Config, need) -> None:
     for key, spec in RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name, None)
+        value = cfg
+        for name in key.split("."):  # learner.lora.rank: a table inside a section
+            value = getattr(value, name, None)
         if value is None:  # a key another change removed: tests/test_config.py names it
             continue
         if spec == "finite":
@@ -707,6 +733,18 @@ def _validate_source(task: TaskConfig, need) -> None:
     unknown = sorted(set(task.fields) - set(FIELDS))
     need(
         not unknown, "task.fields", f"unknown keys {unknown}; expected some of {', '.join(FIELDS)}"
+    )
+
+
+def _validate_lora(lora: LoraConfig, need) -> None:
+    """Names must be non-empty strings, and set only with a rank (whether the student has
+    them is checked against its modules before the learner starts: learner.lora)."""
+    bad = [t for t in lora.target_modules if not isinstance(t, str) or not t.strip()]
+    need(not bad, "learner.lora.target_modules", f"expected module names, got {bad!r}")
+    need(
+        lora.rank > 0 or not lora.target_modules,
+        "learner.lora.target_modules",
+        "set learner.lora.rank > 0 to train adapters (rank 0 = full fine-tuning)",
     )
 
 

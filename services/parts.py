@@ -214,8 +214,10 @@ def ray_options(cpus: float, gpus: float, custom: dict) -> dict:
     return opts
 
 
-def learner_settings(cfg: Config):
-    """The learner's (OptimSettings, LossSettings): the one place they are built from config."""
+def learner_settings(cfg: Config, student_dir: Path | None = None):
+    """The learner's (OptimSettings, LossSettings): the one place they are built from config.
+    student_dir: with learner.lora, its modules resolve the targets (LoraTargetError, before
+    any engine starts); None keeps the names as configured."""
     from learner.settings import LossSettings, OptimSettings
 
     lr, d = cfg.learner, cfg.distill
@@ -231,6 +233,7 @@ def learner_settings(cfg: Config):
         precision=lr.precision,
         seed=cfg.run.seed,
         micro_batch_tokens=lr.micro_batch_tokens,
+        lora=_lora_settings(lr.lora, student_dir),
     )
     loss = LossSettings(
         divergence=d.divergence,
@@ -247,11 +250,27 @@ def learner_settings(cfg: Config):
     return optim, loss
 
 
+def _lora_settings(lora, student_dir: Path | None):
+    """learner.lora as `LoraSettings` (None at rank 0), targets resolved to full module names."""
+    if lora.rank == 0:
+        return None
+    from learner.lora import student_targets
+    from learner.settings import LoraSettings
+
+    targets = lora.target_modules
+    return LoraSettings(
+        rank=lora.rank,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=tuple(student_targets(student_dir, targets) if student_dir else targets),
+    )
+
+
 def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
     from services.learner_group import LearnerGroup
 
     lr = cfg.learner
-    optim, loss = learner_settings(cfg)
+    optim, loss = learner_settings(cfg, student_dir)
     return LearnerGroup(
         str(student_dir),
         pad_id=pad_id,

@@ -89,6 +89,10 @@ TRAINED_KEYS: frozenset[str] = frozenset(
         "learner.grad_clip",
         "learner.precision",
         "learner.sync_every",
+        "learner.lora.rank",  # what trains, and the checkpoint's layout (adapters only)
+        "learner.lora.alpha",
+        "learner.lora.dropout",
+        "learner.lora.target_modules",
     }
 )
 

@@ -19,6 +19,7 @@ OPTIM = OptimSettings(
     precision="auto",
     seed=0,
     micro_batch_tokens=0,
+    lora=None,
 )
 LOSS = LossSettings(
     divergence="reverse_kl",

@@ -314,20 +314,29 @@ def test_every_numeric_key_has_a_range():
 def test_an_out_of_range_value_is_refused_naming_the_key(key):
     from services.config import RANGES, validate
 
-    section, name = key.split(".")
+    *path, name = key.split(".")
     is_int = typing.get_type_hints(_section_class(key))[name] is int
     cfg = Config()
     validate(cfg)  # the defaults are in range
     for bad in _outside(RANGES[key], is_int):
-        planted = dataclasses.replace(
-            cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: bad})}
-        )
+        planted = _replaced(cfg, [*path, name], bad)
         with pytest.raises(ConfigError, match=rf": {key}: must be"):
             validate(planted)
 
 
 def _section_class(key: str) -> type:
-    return typing.get_type_hints(Config)[key.split(".")[0]]
+    """The dataclass holding ``key``'s last part (a section, or a table such as learner.lora)."""
+    cls = Config
+    for part in key.split(".")[:-1]:
+        cls = typing.get_type_hints(cls)[part]
+    return cls
+
+
+def _replaced(node, path: list[str], value):
+    """``node`` with the key at ``path`` (nested dataclasses) set to ``value``."""
+    head, *rest = path
+    inner = _replaced(getattr(node, head), rest, value) if rest else value
+    return dataclasses.replace(node, **{head: inner})
 
 
 def test_the_range_check_can_fail():
