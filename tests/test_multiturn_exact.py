@@ -25,7 +25,11 @@ import pytest
 import torch
 from divergence_cases import registry_divergences
 
-from learner.advantages import discounted_future_sum, token_advantages
+from learner.advantages import (
+    discounted_future_sum,
+    token_advantages,
+    token_advantages_with_stats,
+)
 from learner.dense import dense_surrogate_loss
 from learner.divergences import Divergence
 from learner.loss import surrogate_loss
@@ -357,3 +361,22 @@ def test_dense_discount_skips_environment_tokens():
         (grad_alone,) = torch.autograd.grad(alone, row)
         torch.testing.assert_close(grad_BT[b][k], grad_alone[0], rtol=1e-12, atol=1e-15)
         assert (grad_BT[b][~k] == 0).all()
+
+
+def test_statistics_count_student_tokens_only():
+    """The logged divergence and ell are means over the student's tokens, and the loss's
+    token_mean divides by their number: environment tokens with any values change nothing."""
+    logp_s_BT, mask_BT, student_BT = _interleaved(3)
+    logp_t_BT = logp_s_BT - 0.5
+    noisy_s_BT = torch.where(student_BT == 1, logp_s_BT, 50.0)  # wild values at env tokens
+    kw = dict(divergence="reverse_kl", discount=0.5, ratio_clip=None)
+    adv_BT, stats = token_advantages_with_stats(
+        noisy_s_BT, logp_t_BT, mask_BT, student_mask_BT=student_BT, **kw
+    )
+    assert stats.mean_ell == pytest.approx(0.5) and stats.divergence_estimate == pytest.approx(0.5)
+    loss, _ = surrogate_loss(
+        noisy_s_BT, adv_BT, noisy_s_BT, mask_BT, student_mask_BT=student_BT, is_cap=None
+    )
+    kept = student_BT == 1
+    expected = (-adv_BT[kept] * noisy_s_BT[kept]).sum() / kept.sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=0)
