@@ -229,6 +229,9 @@ class LearnerEngine:
         metrics["learner/step_time_s"] = time.perf_counter() - start
         return metrics
 
+    def _adapter_names(self) -> list[str]:
+        return [n for n, p in self.engine.module.named_parameters() if p.requires_grad]
+
     def _max_over_ranks(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.long, device=self.device)
         ds_comm.all_reduce(t, op=ds_comm.ReduceOp.MAX)
@@ -327,10 +330,11 @@ class LearnerEngine:
                 if stale.is_dir():
                     shutil.rmtree(stale)
         ds_comm.barrier()
+        lora = {"lora_adapters": self._adapter_names()} if self.peft_model is not None else {}
         self.engine.save_checkpoint(
             str(root),
             tag=partial.name,
-            client_state={"client": client_state},
+            client_state={"client": client_state, **lora},
             save_latest=False,
             # LoRA: the adapters (and their optimizer state); the frozen base is the student.
             exclude_frozen_parameters=self.peft_model is not None,
@@ -371,5 +375,11 @@ class LearnerEngine:
         )
         if load_path is None:
             raise FileNotFoundError(f"DeepSpeed could not load checkpoint {root / choice.tag}")
+        # Loaded non-strictly (the frozen base is not in it): the adapters must all be there.
+        if self.peft_model is not None and state.get("lora_adapters") != self._adapter_names():
+            raise manifest.CheckpointIntegrityError(
+                f"{root / choice.tag} does not hold this LoRA student's adapters (a checkpoint "
+                f"of another learner.lora, or of full fine-tuning)"
+            )
         self.last_load = choice
         return state["client"]
