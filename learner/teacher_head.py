@@ -45,6 +45,11 @@ from learner.logprobs import (
 )
 from services.errors import UserError
 
+# The full-vocabulary divergence holds several [chunk, V] float32 buffers per chunk (both
+# log-softmaxes, ell, p, the cost's temporaries) where the sampled / top-K head holds two or
+# three; it runs on chunk_size // FULL_CHUNK_DIVISOR positions at a time so that its step peaks
+# near the top-K step's at the same learner.logprob_chunk (bench/learner.py --signal).
+FULL_CHUNK_DIVISOR = 4
 _HEAD_SUFFIX = "lm_head.weight"
 _EMBED_SUFFIX = "embed_tokens.weight"
 
@@ -297,7 +302,8 @@ def full_vocab_logprobs(
     must be 0), zero elsewhere; logp_BT and d_BT carry the gradient into the model.
     The student's softmax runs over the first head.vocab_size rows of its output layer (the
     tokenizer's length; every target id must be below it). chunk_size: positions per chunk of
-    both output layers (memory ∝ chunk_size · V); 0 is taken as the default.
+    the sampled log-probs (memory ∝ chunk_size · V), of the divergence chunk_size //
+    FULL_CHUNK_DIVISOR (at least 1); 0 is taken as the default.
     """
     if positions_BT.shape != input_ids_BT.shape or bool((positions_BT[:, 0] != 0).any()):
         raise ValueError("positions_BT must be [B, T] like the ids, with column 0 unset")
@@ -332,7 +338,7 @@ def full_vocab_logprobs(
             temperature=temperature,
             teacher_temperature=teacher_temperature,
             ratio_clip=ratio_clip,
-            chunk=chunk,
+            chunk=max(1, chunk // FULL_CHUNK_DIVISOR),
         )
         return logp_N, d_N, clamped_N
 
