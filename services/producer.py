@@ -4,7 +4,8 @@ Each turn (``run``) reads as its sync points: the driver's messages, the resize 
 admitted steps, dispatch, retire drained workers, deliver to the channel, answer push waiters,
 wait for the first call to finish. Who gets what is decided by ``services.scheduler`` (pure);
 worker states change only in ``services.pool``; versions in ``services.versions``. A dead
-worker is replaced by its pool and its work handed out again; only the channel is shared.
+worker is replaced by its pool and its work handed out again (``services.recovery``); only the
+channel is shared.
 """
 
 from __future__ import annotations
@@ -17,20 +18,11 @@ from typing import TYPE_CHECKING
 from rollout.records import Rollout
 from rollout.sampler import SampleRequest, WorkItem
 from services import messages as m
-from services.calls import (
-    Call,
-    CallTimeout,
-    Deadlines,
-    Death,
-    Load,
-    Ping,
-    Poll,
-    Sample,
-    Score,
-    overdue,
-)
+from services.calls import Deadlines, Death, Load, Ping, Poll, Sample, Score
 from services.channel import Channel, Command, Provenance, RolloutError
 from services.pool import DRAINING, READY, STARTING, SYNCING, Pool, Worker
+from services.push_waits import PushWaits
+from services.recovery import Recovery
 from services.scheduler import Group, Scheduler, chunk_seed, may_open
 from services.versions import Versions
 
@@ -81,19 +73,25 @@ class Producer:
         self.tasks: dict = {}
         self.out: deque[tuple[int, list]] = deque()
         self.job: _Job | None = None
-        self.waiters: list = []  # (version, Future) of WaitPush messages
+        self.waits = PushWaits(plan.start_timeout_s)  # the driver's WaitPush messages
         self.inflight = 0  # samples of opened steps not yet in the channel
         self.wait_since: float | None = None
-        self.deaths: list[Death] = []
         self.control_gen = 0
         self.next_poll = 0.0
         self.clock = clock  # the clock of the call records (services.calls)
-        # In-process calls finish before the loop looks again: nothing can be overdue there.
-        self.limits = Deadlines(
+        limits = Deadlines(
             call_s=plan.call_timeout_s,
             start_s=plan.start_timeout_s,
             load_s=plan.sync_timeout_s,
         )
+        self.recovery = Recovery(
+            samplers, scorers, self.scheduler, calls, self.tasks, limits, self._ping, clock
+        )
+
+    @property
+    def deaths(self) -> list[Death]:
+        """The worker deaths recovered from so far (services/recovery.py)."""
+        return self.recovery.deaths
 
     # ------------------------------------------------------------------ the loop
 
@@ -106,21 +104,17 @@ class Producer:
                 self._poll_control()
                 self._open_steps()
                 self._dispatch()
-                self._sweep_drained()
+                self.recovery.sweep_drained()
                 self._deliver()
-                self._check_deadlines()
-                self._check_pushes()
+                self.recovery.check_deadlines()
+                self.waits.check(self.samplers, self.versions, self.clock())
                 self.channel.set_stats(self.stats())
                 self._wait()
         except BaseException as exc:
-            for _, fut, _ in self.waiters:
-                if not fut.done():
-                    fut.set_exception(exc)
+            self.waits.fail(exc)
             self.channel.fail(exc)
         finally:
-            for _, fut, _ in self.waiters:
-                if not fut.done():
-                    fut.set_exception(RolloutError("rollout service is stopped"))
+            self.waits.fail(RolloutError("rollout service is stopped"))
             for w in self.samplers.workers + self.scorers.workers:
                 self.calls.kill(w.handle)
 
@@ -138,7 +132,7 @@ class Producer:
             except Exception as exc:
                 del self.tasks[ref]
                 if not isinstance(task, Poll):  # the control actor is optional: read again
-                    self._failed(task, exc)
+                    self.recovery.failed(task, exc)
             else:
                 if stream:
                     self._sampled(task, *value)
@@ -154,7 +148,7 @@ class Producer:
         and an unknown message fail only their reply."""
         msg, reply = cmd.message, cmd.reply
         if isinstance(msg, m.WaitPush):
-            self.waiters.append((self.versions.version, reply, self.clock()))
+            self.waits.add(self.versions.version, reply, self.clock())
         elif isinstance(msg, m.Generate):
             try:
                 w = min(self.samplers.live(), key=lambda w: w.slot)
@@ -199,7 +193,7 @@ class Producer:
                 self.samplers.synced(w)
         elif isinstance(msg, m.CollectiveLost):
             for w in [w for w in self.samplers.workers if any(w.handle == h for h in msg.handles)]:
-                self._lost(w, RuntimeError(msg.why))
+                self.recovery.lost(w, RuntimeError(msg.why))
         elif isinstance(msg, m.WorkerHandle):
             workers = self.samplers.workers + self.scorers.workers
             return next((w.handle for w in workers if w.name == msg.name), None)
@@ -312,7 +306,7 @@ class Producer:
         seconds = self.clock() - task.t0
         self.channel.add_times(sample=seconds)
         w.observe_rate(len(chunk.items) / max(seconds, 1e-6))
-        self._retire_if_drained(self.samplers, w)
+        self.recovery.retire_if_drained(self.samplers, w)
 
     def _finished(self, task, value) -> None:
         if isinstance(task, Poll):
@@ -337,7 +331,7 @@ class Producer:
             w.outstanding -= len(task.groups)
             w.samples += len(scored)
             self.channel.add_times(score=seconds, samples=len(scored))
-            self._retire_if_drained(self.scorers, w)
+            self.recovery.retire_if_drained(self.scorers, w)
         elif isinstance(task, Ping):
             if w.state != STARTING:
                 return
@@ -351,80 +345,7 @@ class Producer:
             if w.state == SYNCING and not self._load(w):
                 self.samplers.synced(w)
 
-    def _check_deadlines(self) -> None:
-        """A call past its deadline (services.calls.overdue) means a hung worker: it is
-        treated as dead (killed, replaced, its groups handed out again), as if it had crashed.
-        A hung control actor's read is dropped (the next poll asks again)."""
-        if self.calls.local:
-            return
-        now = self.clock()
-        for ref, task in list(self.tasks.items()):
-            if ref not in self.tasks:  # dropped with an earlier call of the same worker
-                continue
-            why = overdue(task, now, self.limits)
-            if why is None:
-                continue
-            del self.tasks[ref]
-            if not isinstance(task, Poll):
-                self._failed(task, CallTimeout(why))
-
-    def _check_pushes(self) -> None:
-        live, keep, now = self.samplers.live(), [], self.clock()
-        # After a collective push, one starting or waiting gets weights only from the driver's
-        # next push (services/weight_publisher.py), which this wait would hold up.
-        settling = not self.versions.external and any(
-            w.state in (STARTING, SYNCING) for w in self.samplers.workers
-        )
-        for version, fut, since in self.waiters:
-            # A replacement still starting is waited for (it joins with the pushed weights),
-            # but no longer than a start may take: one left pending does not block every push.
-            grace = not self.limits.start_s or now - since <= self.limits.start_s
-            patient = settling and (not live or grace)
-            if all(w.version >= version for w in live) and not patient:
-                fut.set_result(None)
-            else:
-                keep.append((version, fut, since))
-        self.waiters = keep
-
-    # ------------------------------------------------------------------ faults
-
-    def _failed(self, task: Call, exc: BaseException) -> None:
-        w = task.worker
-        if task.gen != w.restarts:
-            return  # a call to a worker that has already been replaced
-        if not self.calls.is_death(exc):
-            raise exc
-        self._lost(w, exc, task)
-
-    def _lost(self, w: Worker, exc: BaseException, task: Call | None = None) -> None:
-        """``w`` is dead (``task``: the call that told us, if any): replace it, re-dispatch."""
-        pool = self.samplers if self.samplers.holds(w) else self.scorers
-        groups = self._reclaim(w, task)
-        self.deaths.append(Death(time.perf_counter(), w.name, groups, str(exc)[-300:]))
-        if w.state == DRAINING:
-            pool.retire(w)
-            return
-        pool.restart(w, exc)  # raises WorkerFailed once the budget is spent
-        self._ping(pool, w)
-
-    def _reclaim(self, w: Worker, failed: Call | None) -> int:
-        """Hand back every group ``w`` holds (``failed``, the call that told us, included:
-        it has already left ``tasks``); returns how many."""
-        held = ([failed] if failed is not None else []) + self._drop_calls(w)
-        groups = 0
-        for task in held:
-            if isinstance(task, Sample):
-                groups += self.scheduler.requeue_chunk(task.chunk, task.received)
-            elif isinstance(task, Score):
-                groups += self.scheduler.requeue_groups(task.groups)
-        w.redispatched += groups
-        w.outstanding = 0
-        return groups
-
-    def _drop_calls(self, w: Worker) -> list[Call]:
-        dropped = [t for t in self.tasks.values() if getattr(t, "worker", None) is w]
-        self.tasks = {r: t for r, t in self.tasks.items() if getattr(t, "worker", None) is not w}
-        return dropped
+    # ------------------------------------------------------------------ workers
 
     def _ping(self, pool: Pool, w: Worker) -> None:
         self.tasks[pool.ping(w)] = Ping(w, w.restarts, t0=self.clock())
@@ -437,17 +358,6 @@ class Producer:
             return False
         self.tasks[ref] = Load(w, w.restarts, t0=self.clock(), version=self.versions.version)
         return True
-
-    def _sweep_drained(self) -> None:
-        busy = {id(t.worker) for t in self.tasks.values() if isinstance(t, (Sample, Score))}
-        for pool in (self.samplers, self.scorers):
-            for w in [w for w in pool.workers if w.state == DRAINING and id(w) not in busy]:
-                self._retire_if_drained(pool, w)
-
-    def _retire_if_drained(self, pool: Pool, w: Worker) -> None:
-        if w.state == DRAINING and w.outstanding <= 0:
-            self._drop_calls(w)
-            pool.retire(w)
 
     def stats(self) -> dict:
         everyone = [w for p in (self.samplers, self.scorers) for w in p.workers + p.removed]
