@@ -3,8 +3,9 @@ over NCCL (GPUs) or gloo (CPU) — one path, the communicator chosen by name.
 
 The data plane is vLLM's weight-transfer engine pair for the backend
 (``rollout.weight_transfer.WeightSender`` / ``WeightReceiver``); this module is the control
-plane. It makes one Ray call per side, each under a deadline, so a push that cannot finish
-raises ``WeightSyncError`` naming the side that did not finish, instead of hanging the driver.
+plane. It makes one Ray call per side, each under a deadline (services/deadline_calls.py), so
+a push that cannot finish raises ``WeightSyncError`` naming the side that did not finish,
+instead of hanging the driver.
 
 Group layout: rank 0 = learner rank 0 (sender); rank 1 + i = sampler i (one vLLM worker per
 engine). A push is two steps submitted together: every learner rank exports its weights (a
@@ -37,16 +38,12 @@ the one the old members already serve).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
-
-import ray
-from ray.exceptions import RayError
 
 from services.config import SYNC_BACKENDS, nccl_fits
+from services.deadline_calls import DeadlineCalls, check_timeout
 from services.versions import WeightSyncError
 
 SENDER = "learner rank 0 (sender)"
@@ -98,98 +95,12 @@ class PushReport:
     wall_s: float
 
 
-def _check_timeout(timeout_s: float) -> None:
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-
-
-class _Calls:
-    """Ray calls of one step, labelled by side; fails fast on the first error, or at the deadline."""
-
-    def __init__(
-        self,
-        what: str,
-        calls: dict[str, ray.ObjectRef],
-        timeout_s: float,
-        started: float | None = None,
-        *,
-        hint: str,
-    ) -> None:
-        self.what = what
-        self.hint = hint
-        self.labels = {ref: label for label, ref in calls.items()}
-        self.order = list(calls.values())
-        self.timeout_s = timeout_s
-        # A step that continues an earlier one (setup's join after the address) shares its clock.
-        self.started = time.monotonic() if started is None else started
-        self.deadline = self.started + timeout_s
-        self.results: dict[str, Any] = {}
-        self.failed: dict[str, BaseException] = {}  # label -> the error it raised
-
-    def poll(self, block: bool) -> bool:
-        """Collect finished calls; True once all are done. Raises WeightSyncError on failure."""
-        while True:
-            pending = [ref for ref in self.order if self.labels[ref] not in self.results]
-            if pending:
-                ready, _ = ray.wait(pending, num_returns=len(pending), timeout=0)
-                # In submission order: an export error is reported under the export's label
-                # rather than under the receivers whose arguments it also failed.
-                done = set(ready)
-                for ref in pending:
-                    if ref in done:
-                        self._collect(ref)
-                pending = [ref for ref in pending if ref not in done]
-            if not pending:
-                return True
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise WeightSyncError(self._timeout_message(pending))
-            if not block:
-                return False
-            ray.wait(pending, num_returns=1, timeout=remaining)
-
-    def _collect(self, ref: ray.ObjectRef) -> None:
-        label = self.labels[ref]
-        try:
-            self.results[label] = ray.get(ref)
-        except RayError as exc:
-            self.failed[label] = exc
-            raise WeightSyncError(f"{self.what}: {label} failed: {exc}; {self.hint}") from exc
-
-    def settle(self, until: float) -> None:
-        """Wait until ``until`` (monotonic) at most for the pending calls, recording each answer
-        or error without raising (after a failure: who finished, who failed, who is stuck)."""
-        refs = [ref for ref in self.order if self.labels[ref] in self.pending()]
-        if refs:
-            ray.wait(refs, num_returns=len(refs), timeout=max(0.0, until - time.monotonic()))
-        for ref in refs:
-            if ray.wait([ref], timeout=0)[0]:
-                with contextlib.suppress(WeightSyncError):  # recorded in self.failed
-                    self._collect(ref)
-
-    def pending(self) -> list[str]:
-        """Labels of the calls that have neither answered nor failed yet."""
-        return [
-            label
-            for label in self.labels.values()
-            if label not in self.results and label not in self.failed
-        ]
-
-    def _timeout_message(self, pending: list[ray.ObjectRef]) -> str:
-        waiting = [self.labels[ref] for ref in pending]
-        done = [label for label in self.labels.values() if label in self.results]
-        return (
-            f"{self.what} did not finish within {self.timeout_s:g} s: still waiting on "
-            f"{', '.join(waiting)}"
-            + (f" (finished: {', '.join(done)})" if done else "")
-            + f"; {self.hint}"
-        )
-
-
 class Push:
     """One push in flight. ``poll()`` returns None while it runs; both raise WeightSyncError."""
 
-    def __init__(self, sync: WeightSync, version: int, calls: _Calls, num_samplers: int) -> None:
+    def __init__(
+        self, sync: WeightSync, version: int, calls: DeadlineCalls, num_samplers: int
+    ) -> None:
         self._sync = sync
         self.version = version
         self._calls = calls
@@ -197,7 +108,7 @@ class Push:
         self._report: PushReport | None = None
 
     @property
-    def calls(self) -> _Calls:
+    def calls(self) -> DeadlineCalls:
         """The push's calls by side (which answered, failed or are still pending)."""
         return self._calls
 
@@ -283,14 +194,14 @@ class WeightSync:
         wire_dtype: dtype on the wire (the samplers' engine dtype). learner_peers: the other
         learner ranks, which must take part in every export (ZeRO-3 gathers are collective).
         """
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         if self._learner is not None:
             raise WeightSyncError(f"{self.label} weight sync is already set up")
         self._check_usable()
         samplers = list(sampler_actors)
         if not samplers:
             raise ValueError(f"{self.label} weight sync needs at least one sampler actor")
-        address = _Calls(
+        address = DeadlineCalls(
             f"{self.label} setup (sender address)",
             {"learner rank 0 (address)": learner_rank0.collective_sender_address.remote()},
             timeout_s,
@@ -312,7 +223,7 @@ class WeightSync:
             calls[f"sampler {i}"] = sampler.collective_init_receiver.remote(
                 host, port, 1 + i, world_size
             )
-        join = _Calls(
+        join = DeadlineCalls(
             f"{self.label} setup ({world_size} ranks at {host}:{port})",
             calls,
             timeout_s,
@@ -336,7 +247,7 @@ class WeightSync:
         last one pushed (a group re-formed around a new member gets the current weights again;
         members that serve them already receive the same weights).
         """
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         self._check_usable()
         if self._learner is None:
             raise WeightSyncError(f"{self.label} weight sync is not set up: call setup() first")
@@ -355,7 +266,7 @@ class WeightSync:
         for i, sampler in enumerate(self._samplers):
             calls[f"sampler {i}"] = sampler.collective_receive_weights.remote(*args)
         what = f"weight push of version {version} over {self.label}"
-        pending = _Calls(what, calls, timeout_s, hint=self.hint)
+        pending = DeadlineCalls(what, calls, timeout_s, hint=self.hint)
         self._pending = Push(self, version, pending, len(self._samplers))
         return self._pending
 
@@ -369,7 +280,7 @@ class WeightSync:
         samplers: the members to call (default: all); a member that died or was stopped is left
         out, its end of the group went with its process.
         """
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         if self._learner is None or self._failure is not None:
             self._learner = None
             return
@@ -381,12 +292,12 @@ class WeightSync:
             if any(sampler == k for k in keep):
                 calls[f"sampler {i}"] = sampler.collective_close_receiver.remote()
         self._learner = None
-        _Calls(f"{self.label} teardown", calls, timeout_s, hint=self.hint).poll(block=True)
+        DeadlineCalls(f"{self.label} teardown", calls, timeout_s, hint=self.hint).poll(block=True)
 
     def abandon(self, samplers: Sequence, timeout_s: float) -> None:
         """After a failed push that left learner rank 0 free: close the sender and the
         receivers of ``samplers`` (members that finished the push; the others are gone)."""
-        _check_timeout(timeout_s)
+        check_timeout(timeout_s)
         if self._learner is None:
             return
         calls = {SENDER: self._learner.collective_close_sender.remote()}
@@ -394,9 +305,9 @@ class WeightSync:
             if any(sampler == k for k in samplers):
                 calls[f"sampler {i}"] = sampler.collective_close_receiver.remote()
         self._learner = None
-        _Calls(f"{self.label} teardown after a failed push", calls, timeout_s, hint=self.hint).poll(
-            block=True
-        )
+        DeadlineCalls(
+            f"{self.label} teardown after a failed push", calls, timeout_s, hint=self.hint
+        ).poll(block=True)
 
     # ------------------------------------------------------------------ state
 
