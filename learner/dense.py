@@ -449,22 +449,37 @@ def _student_log_softmax(student_CX: Tensor, weight_VH: Tensor | None, temperatu
 
 
 class _ChunkedFullDivergence(torch.autograd.Function):
-    """d_N = D_f(softmax(z_s/τ) ‖ softmax(W_T h_T/τ_T)) per position, chunk by chunk.
+    """d_N = D_f(softmax(z_s/τ) ‖ softmax(W_T h_T/τ_T)) per position, chunk by chunk, and
+    logp_N = log softmax(z_s/τ)[y_n] of the sampled tokens (when targets are given).
 
     z_s = student hidden · W_sᵀ (or the student's logits when W_s is None). Nothing [N, V] is
     kept: backward recomputes each chunk. With p = π_θ, ell = log p − log q and a_v = ∂D/∂log p_v
     = p_v · f'(r_v) (= p_v · g(ell_v) where ell_v is clamped: no gradient through the clamped
-    ell), the log-softmax gives ∂D/∂z_v = (a_v − p_v · Σ_u a_u) / τ. ∂/∂W_s is accumulated in at
-    least float32. The teacher's hidden states and weight get no gradient.
+    ell), the log-softmax gives ∂D/∂z_v = (a_v − p_v · Σ_u a_u) / τ, and ∂logp_y/∂z_v =
+    (1[v = y] − p_v) / τ. One function for both, so ∂/∂W_s is accumulated once, in at least
+    float32. The teacher's hidden states and weight get no gradient.
     """
 
     @staticmethod
-    def forward(ctx, student_NX, weight_VH, t_hidden_NH, t_weight_VH, div, tau, tau_t, clip, chunk):
+    def forward(
+        ctx,
+        student_NX,
+        weight_VH,
+        t_hidden_NH,
+        t_weight_VH,
+        targets_N,
+        div,
+        tau,
+        tau_t,
+        clip,
+        chunk,
+    ):
         N = student_NX.shape[0]
         dtype = torch.promote_types(
             student_NX.dtype if weight_VH is None else weight_VH.dtype, torch.float32
         )
         d_N = student_NX.new_zeros(N, dtype=dtype)
+        logp_N = student_NX.new_zeros(N, dtype=dtype)
         clamped_N = student_NX.new_zeros(N, dtype=dtype)
         with torch.no_grad():
             for lo in range(0, N, chunk):
@@ -475,15 +490,17 @@ class _ChunkedFullDivergence(torch.autograd.Function):
                     logp_s_CV, logp_t_CV.to(dtype), divergence=div, ratio_clip=clip
                 )
                 d_N[lo:hi], clamped_N[lo:hi] = d_C, clamped_CV.sum(-1)
+                if targets_N is not None:
+                    logp_N[lo:hi] = logp_s_CV.gather(1, targets_N[lo:hi, None])[:, 0]
                 del logp_s_CV, logp_t_CV, clamped_CV
-        ctx.save_for_backward(student_NX, weight_VH, t_hidden_NH, t_weight_VH)
+        ctx.save_for_backward(student_NX, weight_VH, t_hidden_NH, t_weight_VH, targets_N)
         ctx.settings = (div, tau, tau_t, clip, chunk)
         ctx.mark_non_differentiable(clamped_N)
-        return d_N, clamped_N
+        return d_N, logp_N, clamped_N
 
     @staticmethod
-    def backward(ctx, g_N, _g_clamped):
-        student_NX, weight_VH, t_hidden_NH, t_weight_VH = ctx.saved_tensors
+    def backward(ctx, g_N, g_logp_N, _g_clamped):
+        student_NX, weight_VH, t_hidden_NH, t_weight_VH, targets_N = ctx.saved_tensors
         div, tau, tau_t, clip, chunk = ctx.settings
         need_x, need_w = ctx.needs_input_grad[:2]
         N = student_NX.shape[0]
@@ -509,10 +526,16 @@ class _ChunkedFullDivergence(torch.autograd.Function):
                     ell_CV.abs() > clip, div.cost(ell_CV.clamp(-clip, clip)), div.grad_cost(ell_CV)
                 )
             del ell_CV
-            a_CV.mul_(p_CV)
-            # ∂D/∂z = a − p·Σa, times the upstream gradient and 1/τ.
-            dz_CV = a_CV.sub_(p_CV * a_CV.sum(-1, keepdim=True))
-            dz_CV.mul_((g_N[lo:hi].to(dz_CV.dtype) / tau)[:, None])
+            # g·∂D/∂z + g'·∂logp_y/∂z = g·a − p·(g·Σa + g') + g'·1[v = y], then / τ.
+            a_CV.mul_(p_CV).mul_(g_N[lo:hi].to(a_CV.dtype)[:, None])
+            total_C = a_CV.sum(-1)
+            if targets_N is not None:
+                g_logp_C = g_logp_N[lo:hi].to(a_CV.dtype)
+                total_C = total_C + g_logp_C
+            dz_CV = a_CV.sub_(p_CV * total_C[:, None])
+            if targets_N is not None:
+                dz_CV.scatter_add_(1, targets_N[lo:hi, None], g_logp_C[:, None])
+            dz_CV.div_(tau)
             del p_CV
             if weight_VH is None:
                 grad_x[lo:hi] = dz_CV.to(grad_x.dtype)
@@ -525,7 +548,7 @@ class _ChunkedFullDivergence(torch.autograd.Function):
             del dz_CV
         if grad_w is not None:
             grad_w = grad_w.to(weight_VH.dtype)
-        return grad_x, grad_w, None, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None, None, None
 
 
 def full_vocab_divergence(
@@ -553,6 +576,37 @@ def full_vocab_divergence(
     Returns d_N (float32, or float64 for float64 inputs), with gradient to student_NX and
     student_weight_VH, and clamped_N: how many of the V entries were clamped at each position.
     """
+    d_N, _, clamped_N = full_vocab_terms(
+        student_NX,
+        teacher_hidden_NH,
+        teacher_weight_VH,
+        divergence=divergence,
+        student_weight_VH=student_weight_VH,
+        temperature=temperature,
+        teacher_temperature=teacher_temperature,
+        ratio_clip=ratio_clip,
+        chunk=chunk,
+    )
+    return d_N, clamped_N
+
+
+def full_vocab_terms(
+    student_NX: Tensor,
+    teacher_hidden_NH: Tensor,
+    teacher_weight_VH: Tensor,
+    *,
+    divergence: Divergence | str,
+    targets_N: Tensor | None = None,
+    student_weight_VH: Tensor | None = None,
+    temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+    ratio_clip: float | None = 10.0,
+    chunk: int = 256,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(d_N, logp_N, clamped_N): `full_vocab_divergence` and, in the same chunks, the student's
+    log-prob of targets_N ([N] ids < V; logp_N is 0 when None), both differentiable; the
+    student's output layer is read once per chunk and its gradient accumulated once.
+    """
     if chunk < 1:
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if ratio_clip is not None and not ratio_clip > 0:
@@ -569,11 +623,16 @@ def full_vocab_divergence(
             f"{student_NX.shape[0]} student positions and {teacher_hidden_NH.shape[0]} teacher "
             "hidden states"
         )
+    if targets_N is not None:
+        targets_N = targets_N.long()
+        if targets_N.numel() and not 0 <= int(targets_N.min()) <= int(targets_N.max()) < V:
+            raise ValueError(f"target ids outside the vocabulary of {V}")
     return _ChunkedFullDivergence.apply(
         student_NX,
         student_weight_VH,
         teacher_hidden_NH.detach(),
         teacher_weight_VH.detach(),
+        targets_N,
         get_divergence(divergence),
         float(temperature),
         float(teacher_temperature),

@@ -31,21 +31,20 @@ from torch import Tensor
 from learner.dense import (
     DenseStats,
     full_dense_surrogate_loss,
-    full_vocab_divergence,
+    full_vocab_terms,
     head_log_softmax,
 )
 from learner.divergences import Divergence
 from learner.logprobs import (
     DEFAULT_CHUNK_SIZE,
     _call_as_forward,
-    _ChunkedHeadLogprobs,
     _output_layer,
     _real_rows,
     final_hidden_states,
 )
 from services.errors import UserError
 
-# The full-vocabulary divergence holds several [chunk, V] float32 buffers per chunk (both
+# The full-vocabulary pass holds several [chunk, V] float32 buffers per chunk (both
 # log-softmaxes, ell, p, the cost's temporaries) where the sampled / top-K head holds two or
 # three; it runs on chunk_size // FULL_CHUNK_DIVISOR positions at a time so that its step peaks
 # near the top-K step's at the same learner.logprob_chunk (bench/learner.py --signal).
@@ -301,13 +300,14 @@ def full_vocab_logprobs(
     of ell clamped at ±ratio_clip. All three at the columns where positions_BT ≠ 0 (column 0
     must be 0), zero elsewhere; logp_BT and d_BT carry the gradient into the model.
     The student's softmax runs over the first head.vocab_size rows of its output layer (the
-    tokenizer's length; every target id must be below it). chunk_size: positions per chunk of
-    the sampled log-probs (memory ∝ chunk_size · V), of the divergence chunk_size //
-    FULL_CHUNK_DIVISOR (at least 1); 0 is taken as the default.
+    tokenizer's length; every target id must be below it). The sampled log-probs and the
+    divergence come from one chunked function (`learner.dense.full_vocab_terms`) on
+    chunk_size // FULL_CHUNK_DIVISOR positions at a time (at least 1; chunk_size 0 is taken as
+    the default).
     """
     if positions_BT.shape != input_ids_BT.shape or bool((positions_BT[:, 0] != 0).any()):
         raise ValueError("positions_BT must be [B, T] like the ids, with column 0 unset")
-    chunk = chunk_size if chunk_size > 0 else DEFAULT_CHUNK_SIZE
+    chunk = max(1, (chunk_size if chunk_size > 0 else DEFAULT_CHUNK_SIZE) // FULL_CHUNK_DIVISOR)
     V = head.vocab_size
     student_head = _output_layer(model)
     if student_head.out_features < V:
@@ -327,23 +327,21 @@ def full_vocab_logprobs(
     t_weight_VH = head.weight_VH.to(hidden_NH.device)
 
     def both(h_NH: Tensor):
-        w_VH = _real_rows(student_head, V)
-        logp_N, _ = _ChunkedHeadLogprobs.apply(h_NH, w_VH, targets_N, None, temperature, chunk)
-        d_N, clamped_N = full_vocab_divergence(
+        return full_vocab_terms(
             h_NH,
             t_hidden_NH,
             t_weight_VH,
             divergence=divergence,
-            student_weight_VH=w_VH,
+            targets_N=targets_N,
+            student_weight_VH=_real_rows(student_head, V),
             temperature=temperature,
             teacher_temperature=teacher_temperature,
             ratio_clip=ratio_clip,
-            chunk=max(1, chunk // FULL_CHUNK_DIVISOR),
+            chunk=chunk,
         )
-        return logp_N, d_N, clamped_N
 
     # One call as the head's forward, so that ZeRO-3 gathers the student's weight around it.
-    logp_N, d_N, clamped_N = _call_as_forward(student_head, both, hidden_NH)
+    d_N, logp_N, clamped_N = _call_as_forward(student_head, both, hidden_NH)
     B, T = input_ids_BT.shape
 
     def place(values_N: Tensor) -> Tensor:

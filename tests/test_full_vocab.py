@@ -31,6 +31,7 @@ from learner.dense import (
     full_dense_surrogate_loss,
     full_divergence,
     full_vocab_divergence,
+    full_vocab_terms,
     head_log_softmax,
 )
 from learner.divergences import get_divergence
@@ -183,7 +184,8 @@ def test_masked_positions_change_nothing_and_equal_student_gives_zero(div):
 @pytest.mark.parametrize("div", DIVS, ids=lambda d: d.name)
 def test_chunked_gradient_equals_autograd_of_the_reference(div, clip):
     """The written-out backward (a − p·Σa)/τ, into hidden states and the output layer, equals
-    autograd through `full_divergence` on the unchunked log-softmax, clamped or not, τ ≠ 1."""
+    autograd through `full_divergence` on the unchunked log-softmax, clamped or not, τ ≠ 1;
+    so does it with the sampled tokens' log-probs taken from the same chunks."""
     g = torch.Generator().manual_seed(11)
     N, H, Vb = 7, 5, 13
     h = torch.randn(N, H, generator=g, dtype=torch.float64).requires_grad_()
@@ -191,13 +193,15 @@ def test_chunked_gradient_equals_autograd_of_the_reference(div, clip):
     h_t = torch.randn(N, 6, generator=g, dtype=torch.float64)
     w_t = 2 * torch.randn(Vb, 6, generator=g, dtype=torch.float64)
     up = torch.randn(N, generator=g, dtype=torch.float64)
+    up_logp = torch.randn(N, generator=g, dtype=torch.float64)
+    targets = torch.randint(0, Vb, (N,), generator=g)
+    logp_s = (h @ w.t() / 0.7).log_softmax(-1)
     ref, clamped_ref = full_divergence(
-        (h @ w.t() / 0.7).log_softmax(-1),
-        (h_t @ w_t.t() / 1.3).log_softmax(-1),
-        divergence=div,
-        ratio_clip=clip,
+        logp_s, (h_t @ w_t.t() / 1.3).log_softmax(-1), divergence=div, ratio_clip=clip
     )
-    ref_grads = torch.autograd.grad((ref * up).sum(), [h, w])
+    ref_logp = logp_s.gather(1, targets[:, None])[:, 0]
+    ref_grads = torch.autograd.grad((ref * up).sum(), [h, w], retain_graph=True)
+    ref_both = torch.autograd.grad((ref * up + ref_logp * up_logp).sum(), [h, w])
     if clip is not None:
         assert clamped_ref.any() and not clamped_ref.all()
     for chunk in (1, 3, 7, 50):
@@ -216,6 +220,23 @@ def test_chunked_gradient_equals_autograd_of_the_reference(div, clip):
         assert clamped.tolist() == clamped_ref.sum(-1).tolist()
         grads = torch.autograd.grad((d * up).sum(), [h, w])
         for got, want in zip(grads, ref_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+        # With the sampled tokens' log-probs from the same chunks (one ∂W accumulation).
+        d2, logp, _ = full_vocab_terms(
+            h,
+            h_t,
+            w_t,
+            divergence=div,
+            targets_N=targets,
+            student_weight_VH=w,
+            temperature=0.7,
+            teacher_temperature=1.3,
+            ratio_clip=clip,
+            chunk=chunk,
+        )
+        torch.testing.assert_close(logp, ref_logp, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad((d2 * up + logp * up_logp).sum(), [h, w])
+        for got, want in zip(grads, ref_both, strict=True):
             torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
 
 
@@ -327,8 +348,7 @@ def test_chunked_pass_equals_the_unchunked_float64_reference(real_batch, div, ag
         (student64, TeacherHead(w64, head.folder, head.key, head.rows), hidden.double(), 1e-10),
         (student, head, hidden, 2e-5),
     ):
-        # N = 30 positions; the sampled log-probs run in chunks of 1, 12, 28, 200 and the
-        # divergence in chunks of a quarter (FULL_CHUNK_DIVISOR): 1, 3, 7, 50.
+        # N = 30 positions, run in chunks of a quarter (FULL_CHUNK_DIVISOR): 1, 3, 7, 50.
         for chunk in (1, 12, 28, 200):
             loss, logp_BT, stats = full_batch_loss(
                 model,
