@@ -7,6 +7,15 @@
                        the k samples of one problem are not independent of each other.
     pass@k           = (1/N) Σ_i 1[any of the k samples is correct]              (no CI)
 
+Prompt-only held-out rows (no answers: the teacher is the reference), ``evaluate_prompt_only``:
+
+    reverse KL       = (1/N) Σ_i d_i,  d_i = Σ_j Σ_t [log π_S(y_ijt) − log π_T(y_ijt)] / Σ_j R_ij
+                       over the k samples y_ij ~ π_S (τ = 1) of prompt i, R_ij tokens each: the
+                       per-token Monte-Carlo estimate of KL(π_S ‖ π_T) (can come out below 0).
+                       CI: mean ± 1.96 · sd(d_i) / √N over prompts (unclipped).
+    greedy agreement = (1/N) Σ_i 1[student's greedy text == teacher's greedy text]
+                       (decoded, special tokens dropped); CI: Wilson.
+
 "Correct" means a score of 1 from ``rollout.sources.score`` (the built-in verifier, or the
 reasoning-gym task's own scorer); ``mean_reward`` also reports partial credit.
 """
@@ -20,7 +29,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rollout.prompting import encode_prompt
+from rollout.prompting import encode_prompt, render_text
+from rollout.records import Rollout
 from rollout.sources import Problem, score
 
 Z95 = 1.959963984540054
@@ -40,13 +50,17 @@ def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, floa
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def mean_interval(values: Sequence[float], z: float = Z95) -> tuple[float, float]:
-    """Normal-approximation CI of the mean of ``values`` (one per problem), clipped to [0, 1]."""
+def mean_interval(
+    values: Sequence[float], z: float = Z95, *, bounds: tuple[float, float] = (0.0, 1.0)
+) -> tuple[float, float]:
+    """Normal-approximation CI of the mean of ``values`` (one per problem), clipped to
+    ``bounds`` (a proportion's [0, 1] by default); ``bounds`` itself for fewer than 2 values."""
+    lo, hi = bounds
     if len(values) < 2:
-        return 0.0, 1.0
+        return lo, hi
     mean = statistics.fmean(values)
     half = z * statistics.stdev(values) / math.sqrt(len(values))
-    return max(0.0, mean - half), min(1.0, mean + half)
+    return max(lo, mean - half), min(hi, mean + half)
 
 
 def evaluate(
@@ -145,3 +159,132 @@ def evaluate(
     report["examples"] = examples
     report["seconds"] = seconds
     return report
+
+
+def prompt_only_summary(
+    student_texts: Sequence[str],
+    teacher_texts: Sequence[str],
+    sample_logps: Sequence[Sequence[tuple[Sequence[float], Sequence[float]]]],
+) -> dict[str, Any]:
+    """The prompt-only figures (module docstring) from their inputs, per prompt i: the
+    student's and the teacher's greedy texts, and ``sample_logps[i]``: one
+    ``(log π_S, log π_T)`` pair of per-token lists per sample of prompt i (empty when k = 0).
+    A prompt whose samples hold no token counts for agreement only."""
+    n = len(student_texts)
+    if n == 0 or len(teacher_texts) != n:
+        raise ValueError(f"need one teacher text per student text, got {len(teacher_texts)}/{n}")
+    agree = sum(s == t for s, t in zip(student_texts, teacher_texts, strict=True))
+    out: dict[str, Any] = {
+        "greedy_agreement": {
+            "agreement": agree / n,
+            "ci95": list(wilson_interval(agree, n)),
+            "n_agree": agree,
+        }
+    }
+    per_prompt, tokens = [], 0
+    for samples in sample_logps:
+        diffs = []
+        for student, teacher in samples:
+            if len(student) != len(teacher):
+                raise ValueError(f"{len(student)} student but {len(teacher)} teacher log-probs")
+            diffs.extend(s - t for s, t in zip(student, teacher, strict=True))
+        if diffs:
+            per_prompt.append(math.fsum(diffs) / len(diffs))
+            tokens += len(diffs)
+    if per_prompt:
+        out["reverse_kl"] = {
+            "estimate": statistics.fmean(per_prompt),
+            "ci95": list(mean_interval(per_prompt, bounds=(-math.inf, math.inf))),
+            "n_prompts": len(per_prompt),
+            "tokens": tokens,
+        }
+    return out
+
+
+def evaluate_prompt_only(
+    model_dir: str | Path,
+    problems: Sequence[Problem],
+    *,
+    engine,
+    k: int = 4,
+    max_tokens: int = 48,
+    seed: int = 0,
+    policy_version: int = 0,
+) -> dict[str, Any]:
+    """Prompt-only evaluation (module docstring) of the student ``engine`` serves;
+    JSON-serialisable like ``evaluate``'s report.
+
+    ``engine``: a ``services.rollout_service.RolloutService``: ``generate`` samples the student
+    as served (its log-probs are the student's, at τ = 1), ``score`` has a teacher scorer score
+    those samples, ``teacher_greedy`` gives the teacher's greedy answers (kept for the run).
+    ``policy_version``: the version ``engine`` serves (recorded on the scored samples).
+    """
+    from transformers import AutoTokenizer
+
+    if not problems:
+        raise ValueError("evaluate_prompt_only needs at least one prompt")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    tokenizer = AutoTokenizer.from_pretrained(Path(model_dir))
+    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    start = time.perf_counter()
+    greedy = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=0.0, n=1, seed=seed)
+    teacher = engine.teacher_greedy(prompt_ids, max_tokens=max_tokens)
+    sampled = (
+        engine.generate(prompt_ids, max_tokens=max_tokens, temperature=1.0, n=k, seed=seed)
+        if k
+        else [[] for _ in problems]
+    )
+    rollouts = [
+        Rollout(
+            sample_id=f"{p.id}/eval{j}",
+            problem_id=p.id,
+            answer="",
+            prompt_ids=tuple(ids),
+            response_ids=tuple(g.token_ids),
+            logp_sampler=tuple(g.logprobs),
+            policy_version=policy_version,
+            finish_reason=g.finish_reason,
+        )
+        for p, ids, gens in zip(problems, prompt_ids, sampled, strict=True)
+        for j, g in enumerate(gens)
+        if g.token_ids
+    ]
+    scored = iter(engine.score(rollouts) if rollouts else [])
+    sample_logps = [
+        [(g.logprobs, next(scored).logp_teacher) for g in gens if g.token_ids] for gens in sampled
+    ]
+    seconds = time.perf_counter() - start
+
+    def text(ids) -> str:
+        return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    student_texts = [text(g[0].token_ids) for g in greedy]
+    teacher_texts = [text(ids) for ids in teacher]
+    greedy_flat = [g[0] for g in greedy]
+    return {
+        "model": str(model_dir),
+        "n_prompts": len(problems),
+        "k": k,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        **prompt_only_summary(student_texts, teacher_texts, sample_logps),
+        "greedy": {
+            "temperature": 0.0,
+            "truncated_fraction": sum(g.finish_reason == "length" for g in greedy_flat)
+            / len(greedy_flat),
+            "mean_tokens": statistics.fmean(len(g.token_ids) for g in greedy_flat),
+        },
+        "examples": [
+            {
+                "prompt": render_text(tokenizer, p.prompt),
+                "student": s,
+                "teacher": t,
+                "agree": s == t,
+            }
+            for p, s, t in list(zip(problems, student_texts, teacher_texts, strict=True))[
+                :N_EXAMPLES
+            ]
+        ],
+        "seconds": seconds,
+    }

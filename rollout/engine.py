@@ -336,6 +336,11 @@ class TeacherEngine(_Engine):
                 "opdplus_scale_logits", args=(1.0 / settings.teacher_temperature,)
             )
 
+    # The teacher's own completions (prompt-only evaluation: its greedy answers,
+    # rollout/accuracy.py), as the student's; scaling the logits by 1/τ_T keeps the argmax.
+    generate = StudentEngine.generate
+    generate_stream = StudentEngine.generate_stream
+
     def score(
         self, prompt_ids: list[list[int]], response_ids: list[list[int]]
     ) -> list[TeacherScore]:

@@ -33,5 +33,9 @@ class Scorer:
         scored = [res.scored(r) for r, res in zip(rollouts, results, strict=True)]
         return scored, seconds
 
+    def generate(self, prompt_ids: list[list[int]], **kwargs):
+        """The teacher's own completions (``TeacherEngine.generate``; evaluation)."""
+        return self.engine.generate(prompt_ids, **kwargs)
+
     def close(self) -> None:
         self.engine.close()

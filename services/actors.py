@@ -97,6 +97,10 @@ class TeacherScorer:
         """Teacher outputs for each rollout; also returns the seconds spent scoring."""
         return self.scorer.score(rollouts)
 
+    def generate(self, prompt_ids: list[list[int]], **kwargs):
+        """The teacher's own completions (evaluation: its greedy answers)."""
+        return self.scorer.generate(prompt_ids, **kwargs)
+
     def ready(self) -> bool:
         """Answers once the engine is up, so start-up errors surface at construction."""
         return True

@@ -99,6 +99,7 @@ def _train(
     from rollout.sources import skipped_metrics
     from services.cluster import Stops, ray_session, run_namespace
     from services.console import adopt_run_dir, say
+    from services.eval_command import held_out_prompts
     from services.ledger import ledger_row
     from services.parts import (
         build_learner,
@@ -165,7 +166,8 @@ def _train(
             open_metrics(cfg, run_dir, resume_from_step=first_step - 1 if resume else None),
             "close",
         )
-        eval_set = source.eval_set()[: cfg.task.eval_size]
+        # No held-out answers (a prompt-only chat dataset): the student against the teacher.
+        eval_set = (source.eval_set() or held_out_prompts(source))[: cfg.task.eval_size]
         eval_before = (
             state["eval_before"]
             if state
@@ -347,6 +349,8 @@ def eval_metrics(result: dict) -> dict:
 
 
 def finish_run(run_dir: Path, cfg: Config, before: dict, after: dict, wall_s: float) -> RunSummary:
+    from services.console import say
+    from services.eval_command import prompt_only_lines
     from services.metrics import read_metrics, write_plots
 
     rows = read_metrics(run_dir / "metrics.jsonl")
@@ -364,4 +368,6 @@ def finish_run(run_dir: Path, cfg: Config, before: dict, after: dict, wall_s: fl
         plots=plots,
     )
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    for line in prompt_only_lines(before, after):
+        say(line)
     return summary

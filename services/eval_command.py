@@ -22,6 +22,8 @@ def resolve_model_arg(model: str) -> Path:
 
 def flatten_eval(report: dict) -> dict:
     """rollout.accuracy's report → the flat summary the driver logs and the demo prints."""
+    if "greedy_agreement" in report:  # evaluate_prompt_only's
+        return flatten_prompt_only(report)
     out = {
         "n_problems": report["n_problems"],
         "k": report["k"],
@@ -35,6 +37,65 @@ def flatten_eval(report: dict) -> dict:
         out["pass_at_k"] = report["pass_at_k"]
     out["examples"] = report.get("examples", [])[:3]
     return out
+
+
+def flatten_prompt_only(report: dict) -> dict:
+    """rollout.accuracy.evaluate_prompt_only's report → flat keys (``eval/<key>`` in
+    metrics.jsonl): greedy_agreement (+ _ci), sampled_reverse_kl (+ _ci; absent when
+    eval.samples = 0), n_prompts; n_problems stays 0 (no verifier accuracy)."""
+    agreement = report["greedy_agreement"]
+    out = {
+        "n_problems": 0,
+        "n_prompts": report["n_prompts"],
+        "k": report["k"],
+        "greedy_agreement": agreement["agreement"],
+        "greedy_agreement_ci": agreement["ci95"],
+        "greedy_truncated_frac": report["greedy"]["truncated_fraction"],
+    }
+    if "reverse_kl" in report:
+        out["sampled_reverse_kl"] = report["reverse_kl"]["estimate"]
+        out["sampled_reverse_kl_ci"] = report["reverse_kl"]["ci95"]
+        out["sampled_tokens"] = report["reverse_kl"]["tokens"]
+    out["examples"] = report.get("examples", [])[:3]
+    return out
+
+
+def held_out_prompts(source) -> list:
+    """The held-out prompts of a source whose evaluation set has no answers (a prompt-only
+    chat dataset): its ``eval_prompts()``, less those over the run's token limit when
+    ``source`` is the run's ``rollout.sources.TokenLimitedSource``; [] for a source without
+    ``eval_prompts``."""
+    from rollout.sources import TokenLimitedSource
+
+    limited = source if isinstance(source, TokenLimitedSource) else None
+    prompts = getattr(limited.source if limited else source, "eval_prompts", None)
+    if prompts is None:
+        return []
+    if limited is None:
+        return prompts()
+    return [p for p in prompts() if len(limited.encode(p.prompt)) <= limited.max_eval_tokens]
+
+
+def prompt_only_lines(before: dict | None, after: dict | None) -> list[str]:
+    """The console's closing lines for a prompt-only evaluation, before → after with their
+    95 % intervals; [] when neither is one."""
+    if not any(r and "greedy_agreement" in r for r in (before, after)):
+        return []
+
+    def figure(result: dict | None, key: str, fmt: str) -> str:
+        if not result or key not in result:
+            return "n/a"
+        lo, hi = result[f"{key}_ci"]
+        return f"{result[key]:{fmt}} [95% CI {lo:{fmt}}–{hi:{fmt}}]"
+
+    n = (after or before)["n_prompts"]
+    return [
+        f"[opdplus] held-out prompts without answers ({n}): the student against the teacher",
+        "  greedy agreement with the teacher  "
+        + " → ".join(figure(r, "greedy_agreement", ".3f") for r in (before, after)),
+        "  reverse KL of its samples, per token  "
+        + " → ".join(figure(r, "sampled_reverse_kl", ".4f") for r in (before, after)),
+    ]
 
 
 def evaluate_model_dir(

@@ -72,6 +72,18 @@ class Generate:
 
 
 @dataclass(frozen=True)
+class ScorerCall:
+    """Evaluation on the teacher (``RolloutService.score`` / ``teacher_greedy``): start
+    ``method(*args, **kwargs)`` on the lowest-slot ready scorer; answer: ``(handle, call)``,
+    for the driver to wait on with its deadline, or None when no scorer is ready. In-process
+    the call has then already run, on the producer thread (engines are not thread-safe)."""
+
+    method: str
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True)
 class Scale:
     """Aim for ``samplers`` / ``scorers`` workers (None: unchanged) (answer: None)."""
 
@@ -113,6 +125,7 @@ Message = (
     | SamplerHandles
     | WorkerHandle
     | Generate
+    | ScorerCall
     | Scale
     | CollectiveMembers
     | CollectiveServed

@@ -287,14 +287,28 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
 def evaluate_student(
     rollout, problems, model_dir: Path, cfg: Config, *, sync: bool = False
 ) -> dict:
-    """Greedy accuracy and sampled avg@k of the student as the samplers now serve it."""
-    from rollout.accuracy import evaluate
+    """Greedy accuracy and sampled avg@k of the student as the samplers now serve it; on
+    held-out prompts without answers (a prompt-only chat dataset) its greedy agreement with
+    the teacher and the reverse KL of its samples, scored by a teacher scorer instead."""
+    from rollout.accuracy import evaluate, evaluate_prompt_only
     from services.eval_command import flatten_eval
 
-    if not problems:  # prompt-only held-out rows (a chat dataset without answers)
+    if not problems:
         return {"n_problems": 0, "policy_version": rollout.served_version}
     if sync:
         rollout.wait_for_push()
+    if all(p.answer == "" for p in problems):
+        version = rollout.served_version
+        report = evaluate_prompt_only(
+            model_dir,
+            problems,
+            engine=rollout,  # generate: the student as served; score / teacher_greedy: a scorer
+            k=cfg.eval.samples,
+            max_tokens=cfg.eval.max_tokens,
+            seed=cfg.run.seed,
+            policy_version=version,
+        )
+        return flatten_eval(report) | {"policy_version": version}
     report = evaluate(
         model_dir,
         problems,

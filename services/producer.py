@@ -155,6 +155,16 @@ class Producer:
                 reply.set_result(w.handle.generate(msg.prompt_ids, **msg.kwargs))
             except Exception as exc:
                 reply.set_exception(exc)
+        elif isinstance(msg, m.ScorerCall):  # started here, waited for by the driver
+            try:
+                w = min(self.scorers.ready(), key=lambda w: w.slot, default=None)
+                if w is None:
+                    reply.set_result(None)
+                else:
+                    call = self.calls.call(w.handle, msg.method, *msg.args, **msg.kwargs)
+                    reply.set_result((w.handle, call))
+            except Exception as exc:
+                reply.set_exception(exc)
         elif type(msg) not in _ANSWERED:
             reply.set_exception(TypeError(f"the producer has no handler for {msg!r}"))
         else:
