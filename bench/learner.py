@@ -18,7 +18,16 @@ the measured steps.
 
     python bench/learner.py [--sizes 8x256,16x512] [--steps 2] [--chunk 512] [--threads 1]
 
-Writes bench/results/learner-<timestamp>.json and learner-latest.json.
+LoRA vs full fine-tuning (`--lora RANK`): the chunked step once training every weight and once
+training rank-RANK adapters on every linear layer but the output layer (`learner.lora.attach`,
+as a `learner.lora` run does). Its figure is the training memory above the weights: the peak RSS
+over whole steps (forward, backward and the AdamW step, so gradients and AdamW's state count)
+minus the RSS once the model is loaded.
+
+    python bench/learner.py --lora 16 [--model .cache/models/toy/student] [--sizes 8x64]
+
+Writes bench/results/learner-<timestamp>.json and learner-latest.json (learner-lora-* with
+--lora).
 """
 
 from __future__ import annotations
@@ -215,11 +224,17 @@ def main() -> None:
     )
     parser.add_argument("--model", help="student HF folder (default: the SmolLM2 student)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--lora", type=int, default=0, help="RANK > 0: LoRA vs full memory")
+    parser.add_argument("--lora-worker", choices=LORA_PATHS, help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     prepare_process()
 
+    if args.lora_worker:
+        ((rows, response),) = sizes
+        print(json.dumps(lora_worker(args, args.lora_worker, rows, response)))
+        return
     if args.worker:
         ((rows, response),) = sizes
         if args.threads:
@@ -231,6 +246,9 @@ def main() -> None:
 
     if args.model is None:
         args.model = str(default_student())
+    if args.lora:
+        lora_main(args, sizes)
+        return
     report = {
         "meta": {
             "model": args.model, "chunk": args.chunk, "steps": args.steps,
@@ -259,6 +277,107 @@ def main() -> None:
     for figure, value, target in table:
         print(f"{figure:<{width}}  {value:<28}  {target}")
     print(f"\nsaved {save(report, args.out, 'learner')}")
+
+
+# --------------------------------------------------------------------------- --lora
+
+LORA_PATHS = ("full", "lora")  # every weight trains / rank-r adapters only (learner.lora)
+
+
+def lora_worker(args, path: str, rows: int, response: int) -> dict:
+    """One chunked learner step, full or LoRA: peak RSS over whole steps minus the loaded RSS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from learner.lora import attach
+    from learner.settings import LoraSettings, LossSettings
+    from learner.step import compute_loss, global_normaliser
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if path == "lora":
+        r = args.lora
+        attach(model, LoraSettings(rank=r, alpha=2.0 * r, dropout=0.0, target_modules=()))
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(trained, lr=1e-6)
+    batch = synthetic_batch(rows, response, model.config.vocab_size)
+    n = global_normaliser(batch, "token_mean")
+    settings = LossSettings(
+        divergence="js", divergence_params=(), estimator="opd_plus", discount=0.0,
+        ratio_clip=10.0, is_cap=2.0, aggregation="token_mean", center_cost=True,
+        temperature=0.7, logprob_chunk=args.chunk,
+    )  # fmt: skip
+    loaded_kib = _rss_kib("VmRSS")
+    _reset_peak_rss()
+    times = []
+    for _ in range(1 + args.steps):  # the first step creates AdamW's state: counted, not timed
+        t0 = time.perf_counter()
+        loss, _ = compute_loss(model, batch, settings=settings, normaliser=n)
+        loss.backward()
+        del loss
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {
+        "path": path,
+        "rank": args.lora if path == "lora" else None,
+        "rows": rows,
+        "response_tokens": response,
+        "trained_params": sum(p.numel() for p in trained),
+        "threads": torch.get_num_threads(),
+        "step_s_median": statistics.median(times[1:]),
+        "loaded_rss_mib": loaded_kib / 1024,
+        "train_peak_mib": (_rss_kib("VmHWM") - loaded_kib) / 1024,
+    }
+
+
+def lora_main(args, sizes: list[tuple[int, int]]) -> None:
+    """--lora: the learner step's training memory, full fine-tuning vs LoRA adapters."""
+    report = {
+        "meta": {
+            "model": args.model, "rank": args.lora, "alpha": 2.0 * args.lora,
+            "targets": "every linear layer but the output layer", "chunk": args.chunk,
+            "steps": args.steps, "cpu_count": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "sizes": {},
+    }  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    table = []
+    for rows, response in sizes:
+        size, runs = f"{rows}x{response}", {}
+        for path in LORA_PATHS:
+            cmd = [
+                sys.executable, __file__, "--lora-worker", path, "--lora", str(args.lora),
+                "--model", str(args.model), "--sizes", size, "--steps", str(args.steps),
+                "--chunk", str(args.chunk), "--threads", str(args.threads),
+            ]  # fmt: skip
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            runs[path] = (
+                json.loads(out.stdout.strip().splitlines()[-1])
+                if out.returncode == 0
+                else {"path": path, "error": f"exit {out.returncode}: {out.stderr[-2000:]}"}
+            )
+            print(f"{size} {path}: {json.dumps(runs[path])}", flush=True)
+        report["sizes"][size] = runs
+        if any("error" in r for r in runs.values()):
+            table.append((size, "failed: see JSON", ""))
+            continue
+        full, lora = runs["full"], runs["lora"]
+        for p, r in runs.items():
+            table.append((f"{size} {p}: trained parameters", f"{r['trained_params']:,}", ""))
+            table.append((f"{size} {p}: training memory / step time",
+                          f"{r['train_peak_mib']:8.0f} MiB {r['step_s_median']:7.2f} s", ""))  # fmt: skip
+        cut = full["train_peak_mib"] / max(lora["train_peak_mib"], 1.0)
+        table.append((f"{size} training memory, full / lora", f"{cut:.2f}x", ""))
+    width = max(len(r[0]) for r in table)
+    print(f"\n{'figure':<{width}}  {'value':<28}  target")
+    for figure, value, target in table:
+        print(f"{figure:<{width}}  {value:<28}  {target}")
+    print(f"\nsaved {save(report, args.out, 'learner-lora')}")
 
 
 if __name__ == "__main__":
