@@ -44,11 +44,13 @@ from learner.logprobs import (
 )
 from services.errors import UserError
 
-# The full-vocabulary pass holds several [chunk, V] float32 buffers per chunk (both
-# log-softmaxes, ell, p, the cost's temporaries) where the sampled / top-K head holds two or
-# three; it runs on chunk_size // FULL_CHUNK_DIVISOR positions at a time so that its step peaks
-# near the top-K step's at the same learner.logprob_chunk (bench/learner.py --signal).
-FULL_CHUNK_DIVISOR = 4
+# The full-vocabulary pass holds about twelve [chunk, V] float32 buffers at its peak (both
+# log-softmaxes, ell, p, the cost's and f''s temporaries; measured 2.3 MiB per position at
+# V = 49,152) where the sampled / top-K head holds one or two; it runs on chunk_size //
+# FULL_CHUNK_DIVISOR positions at a time so that its step peaks below the top-8 step's at the
+# same learner.logprob_chunk (SmolLM2, 16 x 64, chunk 512: 979 vs 1,002 MiB;
+# bench/learner.py --signal).
+FULL_CHUNK_DIVISOR = 16
 _HEAD_SUFFIX = "lm_head.weight"
 _EMBED_SUFFIX = "embed_tokens.weight"
 

@@ -37,6 +37,7 @@ from learner.dense import (
 from learner.divergences import get_divergence
 from learner.logprobs import final_hidden_states
 from learner.teacher_head import (
+    FULL_CHUNK_DIVISOR,
     TeacherHead,
     full_batch_loss,
     load_teacher_head,
@@ -348,8 +349,8 @@ def test_chunked_pass_equals_the_unchunked_float64_reference(real_batch, div, ag
         (student64, TeacherHead(w64, head.folder, head.key, head.rows), hidden.double(), 1e-10),
         (student, head, hidden, 2e-5),
     ):
-        # N = 30 positions, run in chunks of a quarter (FULL_CHUNK_DIVISOR): 1, 3, 7, 50.
-        for chunk in (1, 12, 28, 200):
+        # N = 30 positions in chunks of 1, 3 (divides), 7 (does not), 50 (one chunk).
+        for chunk in (n * FULL_CHUNK_DIVISOR for n in (1, 3, 7, 50)):
             loss, logp_BT, stats = full_batch_loss(
                 model,
                 batch,
