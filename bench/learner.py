@@ -18,6 +18,22 @@ the measured steps.
 
     python bench/learner.py [--sizes 8x256,16x512] [--steps 2] [--chunk 512] [--threads 1]
 
+With --signal, the same measurement for the teacher's signal the step learns from (issue 20):
+
+    sampled: the sampled token's teacher log-prob only (distill.teacher_topk = 0)
+    top8:    the teacher's top-8 ids and log-probs (the dense path, `learner.dense`)
+    full:    the teacher's final hidden states (bf16, random here) through its own output layer
+             (`learner.teacher_head.load_teacher_head`, the SmolLM2 teacher's by default):
+             the exact full-vocabulary D_f, chunked (`learner.teacher_head.full_batch_loss`)
+
+at --sizes 16x64 by default, and the scorer → learner payload per response token in bytes:
+one float for sampled, K ids + K floats for top-K (as today's Python lists pickle, and as
+tensors), H values in the engine's dtype for the hidden states (and, for scale, the full
+distribution as float32 log-probs). The teacher's output layer is resident before the step
+(its MiB is reported apart from the step peak).
+
+    python bench/learner.py --signal [--sizes 16x64] [--teacher DIR]
+
 LoRA vs full fine-tuning (`--lora RANK`): the chunked step once training every weight and once
 training rank-RANK adapters on every linear layer but the output layer (`learner.lora.attach`,
 as a `learner.lora` run does). Its figure is the training memory above the weights: the peak RSS
@@ -26,8 +42,8 @@ minus the RSS once the model is loaded.
 
     python bench/learner.py --lora 16 [--model .cache/models/toy/student] [--sizes 8x64]
 
-Writes bench/results/learner-<timestamp>.json and learner-latest.json (learner-lora-* with
---lora).
+Writes bench/results/learner-<timestamp>.json and learner-latest.json (learner-signal-* with
+--signal, learner-lora-* with --lora).
 """
 
 from __future__ import annotations
@@ -44,7 +60,9 @@ from pathlib import Path
 from common import RESULTS, prepare_process, save
 
 PATHS = ("body", "naive", "chunked")
+SIGNALS = ("sampled", "top8", "full")
 PROMPT_TOKENS = 32
+TOPK = 8
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -67,8 +85,9 @@ def _reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def synthetic_batch(rows: int, response: int, vocab: int, seed: int = 0):
-    """`rows` sequences of PROMPT_TOKENS + `response` random ids, with random log-probs."""
+def synthetic_batch(rows: int, response: int, vocab: int, seed: int = 0, topk: int = 0):
+    """`rows` sequences of PROMPT_TOKENS + `response` random ids, with random log-probs (and a
+    random teacher top-`topk` at the response columns when topk > 0)."""
     import torch
 
     from learner.batch import TrainBatch
@@ -78,6 +97,14 @@ def synthetic_batch(rows: int, response: int, vocab: int, seed: int = 0):
     resp_BT = torch.zeros(rows, T)
     resp_BT[:, PROMPT_TOKENS:] = 1.0
     logp = lambda: (-2.0 + 0.5 * torch.randn(rows, T, generator=g)).clamp(max=0) * resp_BT  # noqa: E731
+    top = {}
+    if topk:
+        ids = torch.rand(rows, T, vocab, generator=g).topk(topk, -1).indices
+        values = (-torch.rand(rows, T, topk, generator=g) * 4).sort(-1, descending=True).values
+        top = {
+            "teacher_topk_ids_BTK": ids * resp_BT.long()[..., None],
+            "teacher_topk_logp_BTK": values * resp_BT[..., None],
+        }
     return TrainBatch(
         input_ids_BT=torch.randint(0, vocab, (rows, T), generator=g),
         attention_mask_BT=torch.ones(rows, T, dtype=torch.long),
@@ -86,27 +113,75 @@ def synthetic_batch(rows: int, response: int, vocab: int, seed: int = 0):
         logp_sampler_BT=logp(),
         versions_B=torch.zeros(rows, dtype=torch.long),
         sample_ids=tuple(f"s{i}" for i in range(rows)),
+        **top,
     )
 
 
-def worker(model_dir: str, path: str, rows: int, response: int, steps: int, chunk: int) -> dict:
+def payload_bytes(hidden: int, vocab: int, *, k: int = TOPK, tokens: int = 64) -> dict:
+    """Scorer → learner bytes per response token for each teacher signal.
+
+    *_list: as today's `ScoredRollout` fields pickle (tuples of Python floats / ints, measured
+    on `tokens` positions with ids spread over the vocabulary); *_tensor: as tensors (float32
+    log-probs, int32 ids); hidden_bf16: H values in the engine's bf16; full_logp_float32: the
+    whole distribution as float32 log-probs, for scale.
+    """
+    import pickle
+    import random
+
+    rng = random.Random(0)
+    floats = tuple(-rng.random() * 5 for _ in range(tokens))
+    ids = tuple(tuple(rng.randrange(vocab) for _ in range(k)) for _ in range(tokens))
+    logps = tuple(tuple(-rng.random() * 5 for _ in range(k)) for _ in range(tokens))
+    return {
+        "sampled_list": len(pickle.dumps(floats, protocol=5)) / tokens,
+        "sampled_tensor": 4.0,
+        f"top{k}_list": (len(pickle.dumps(ids, protocol=5)) + len(pickle.dumps(logps, protocol=5)))
+        / tokens,
+        f"top{k}_tensor": k * (4 + 4.0),
+        "hidden_bf16": 2.0 * hidden,
+        "full_logp_float32": 4.0 * vocab,
+    }
+
+
+def worker(
+    model_dir: str,
+    path: str,
+    rows: int,
+    response: int,
+    steps: int,
+    chunk: int,
+    teacher_dir: str | None = None,
+) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     from learner.logprobs import final_hidden_states
     from learner.settings import LossSettings
     from learner.step import compute_loss, global_normaliser
+    from learner.teacher_head import full_batch_loss, load_teacher_head
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.train()
     optim = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    batch = synthetic_batch(rows, response, model.config.vocab_size)
+    V = model.config.vocab_size
+    batch = synthetic_batch(rows, response, V, topk=TOPK if path == "top8" else 0)
     n = global_normaliser(batch, "token_mean")
+    head, teacher_hidden_BTH, head_mib = None, None, 0.0
+    if path == "full":
+        head = load_teacher_head(teacher_dir or model_dir, vocab_size=V)
+        head_mib = head.weight_VH.numel() * head.weight_VH.element_size() / 2**20
+        g = torch.Generator().manual_seed(1)
+        shape = (*batch.input_ids_BT.shape, head.hidden_size)
+        teacher_hidden_BTH = torch.randn(shape, generator=g).to(torch.bfloat16)
     settings = LossSettings(
         divergence="js", divergence_params=(), estimator="opd_plus", discount=0.0,
         ratio_clip=10.0, is_cap=2.0, aggregation="token_mean", center_cost=True,
         temperature=0.7, logprob_chunk=0 if path == "naive" else chunk,
+    )  # fmt: skip
+    full_kw = dict(
+        divergence="js", discount=0.0, ratio_clip=10.0, is_cap=2.0, aggregation="token_mean",
+        normaliser=n, temperature=0.7, chunk_size=chunk,
     )  # fmt: skip
 
     def step() -> tuple[float, float, int]:
@@ -116,6 +191,8 @@ def worker(model_dir: str, path: str, rows: int, response: int, steps: int, chun
         if path == "body":
             hidden_BTH = final_hidden_states(model, batch.input_ids_BT, batch.attention_mask_BT)
             loss = hidden_BTH.square().mean()
+        elif path == "full":
+            loss, _, _ = full_batch_loss(model, batch, teacher_hidden_BTH, head, **full_kw)
         else:
             loss, _ = compute_loss(model, batch, settings=settings, normaliser=n)
         loss.backward()
@@ -137,7 +214,8 @@ def worker(model_dir: str, path: str, rows: int, response: int, steps: int, chun
         "response_tokens": response,
         "prompt_tokens": PROMPT_TOKENS,
         "vocab": model.config.vocab_size,
-        "chunk": chunk if path == "chunked" else None,
+        "chunk": chunk if path in ("chunked", *SIGNALS) else None,
+        "teacher_head_mib": head_mib,
         "threads": torch.get_num_threads(),
         "warmup_s": warmup_s,
         "step_s": times,
@@ -160,12 +238,22 @@ def default_student() -> Path:
     raise SystemExit(f"no SmolLM2 student under {root}: run `opdplus smollm2` or pass --model")
 
 
+def default_teacher() -> Path | None:
+    """The cached SmolLM2 teacher (its output layer is what the full path loads), or None."""
+    from models.common import cache_dir
+
+    folder = cache_dir() / "models" / "smollm2" / "teacher"
+    return folder if (folder / "config.json").is_file() else None
+
+
 def run_in_subprocess(model_dir: Path, path: str, rows: int, response: int, args) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", path, "--model", str(model_dir),
         "--sizes", f"{rows}x{response}", "--steps", str(args.steps), "--chunk", str(args.chunk),
         "--threads", str(args.threads),
     ]  # fmt: skip
+    if args.teacher:
+        cmd += ["--teacher", str(args.teacher)]
     # Fixed malloc thresholds: large buffers are mmapped and returned to the OS when freed, so
     # RSS tracks live memory instead of glibc's cached heap.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
@@ -201,6 +289,30 @@ def figures(report: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def signal_figures(report: dict) -> list[tuple[str, str, str]]:
+    """(figure, value, target) rows of the --signal table."""
+    rows = [(f"payload per token: {name}", f"{value:10.1f} B", "")
+            for name, value in report["payload_bytes"].items()]  # fmt: skip
+    for size, runs in report["sizes"].items():
+        for p in SIGNALS:
+            r = runs[p]
+            if "error" in r:
+                rows.append((f"{size} {p}", "failed: see JSON", ""))
+                continue
+            rows.append(
+                (f"{size} {p}: step peak / time",
+                 f"{r['step_peak_mib']:8.0f} MiB {r['step_s_median']:7.2f} s", "")
+            )  # fmt: skip
+        if all("error" not in runs[p] for p in SIGNALS):
+            full, top8 = runs["full"], runs["top8"]
+            rows.append((f"{size} full: teacher output layer resident",
+                         f"{full['teacher_head_mib']:8.0f} MiB", ""))  # fmt: skip
+            rows.append((f"{size} step peak, full / top8",
+                         f"{full['step_peak_mib'] / max(top8['step_peak_mib'], 1.0):.2f}x",
+                         "full fits where top8 fits"))  # fmt: skip
+    return rows
+
+
 def ratios(runs: dict) -> dict:
     body, naive, chunked = (runs[p] for p in PATHS)
     logits_naive = naive["step_peak_mib"] - body["step_peak_mib"]
@@ -224,10 +336,14 @@ def main() -> None:
     )
     parser.add_argument("--model", help="student HF folder (default: the SmolLM2 student)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--signal", action="store_true", help="sampled / top-8 / full (issue 20)")
     parser.add_argument("--lora", type=int, default=0, help="RANK > 0: LoRA vs full memory")
     parser.add_argument("--lora-worker", choices=LORA_PATHS, help=argparse.SUPPRESS)
-    parser.add_argument("--worker", choices=PATHS, help=argparse.SUPPRESS)
+    parser.add_argument("--teacher", help="teacher HF folder for --signal (default: SmolLM2's)")
+    parser.add_argument("--worker", choices=PATHS + SIGNALS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.signal and args.sizes == parser.get_default("sizes"):
+        args.sizes = "16x64"
     sizes = [parse_size(s) for s in args.sizes.split(",")]
     prepare_process()
 
@@ -241,11 +357,15 @@ def main() -> None:
             import torch
 
             torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args.model, args.worker, rows, response, args.steps, args.chunk)))
+        out = worker(args.model, args.worker, rows, response, args.steps, args.chunk, args.teacher)
+        print(json.dumps(out))
         return
 
     if args.model is None:
         args.model = str(default_student())
+    if args.signal:
+        signal_main(args, [parse_size(s) for s in args.sizes.split(",")])
+        return
     if args.lora:
         lora_main(args, sizes)
         return
@@ -277,6 +397,35 @@ def main() -> None:
     for figure, value, target in table:
         print(f"{figure:<{width}}  {value:<28}  {target}")
     print(f"\nsaved {save(report, args.out, 'learner')}")
+
+
+def signal_main(args, sizes: list[tuple[int, int]]) -> None:
+    """--signal: the step's peak memory for each teacher signal, and the payload per token."""
+    if args.teacher is None:
+        args.teacher = default_teacher()
+    config = json.loads(Path(args.teacher or args.model, "config.json").read_text())
+    report = {
+        "meta": {
+            "model": args.model, "teacher": str(args.teacher or args.model), "chunk": args.chunk,
+            "steps": args.steps, "cpu_count": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        },
+        "payload_bytes": payload_bytes(config["hidden_size"], config["vocab_size"]),
+        "sizes": {},
+    }  # fmt: skip
+    for rows, response in sizes:
+        size = f"{rows}x{response}"
+        runs = {}
+        for path in SIGNALS:
+            runs[path] = run_in_subprocess(Path(args.model), path, rows, response, args)
+            print(f"{size} {path}: {json.dumps(runs[path])}", flush=True)
+        report["sizes"][size] = runs
+    table = signal_figures(report)
+    width = max(len(r[0]) for r in table)
+    print(f"\n{'figure':<{width}}  {'value':<28}  target")
+    for figure, value, target in table:
+        print(f"{figure:<{width}}  {value:<28}  {target}")
+    print(f"\nsaved {save(report, args.out, 'learner-signal')}")
 
 
 # --------------------------------------------------------------------------- --lora
