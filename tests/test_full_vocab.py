@@ -377,6 +377,29 @@ def test_chunked_pass_equals_the_unchunked_float64_reference(real_batch, div, ag
     print(f"\n{div} {aggregation} (|Δloss|, max |Δgrad|/max |grad|):", deviations)
 
 
+def test_padding_rows_of_the_student_take_no_part(real_batch):
+    """A student whose output layer has 12 large random padding rows beyond the tokenizer's 20
+    ids: the same loss and gradients as without them (docs/math.md §6), padding rows get none."""
+    teacher, student, batch, hidden, head = real_batch
+    padded = _student(1, teacher.config)
+    padded.resize_token_embeddings(32, mean_resizing=False)
+    with torch.no_grad():
+        for weight in {padded.lm_head.weight, padded.get_input_embeddings().weight}:
+            weight[20:] = 10 * weight[:20].std() * torch.randn(12, weight.shape[1])
+    kw = dict(divergence="js", aggregation="token_mean", normaliser=30.0, chunk_size=64, **KW)
+    losses, grads = [], []
+    for model in (student, padded):
+        loss, _, _ = full_batch_loss(model, batch, hidden, head, **kw)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, list(model.parameters())))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-7)
+    for g_pad, g in zip(grads[1], grads[0], strict=True):
+        if g_pad.shape != g.shape:  # the output layer / embedding: padding rows get nothing
+            assert (g_pad[20:] == 0).all()
+            g_pad = g_pad[:20]
+        torch.testing.assert_close(g_pad, g, rtol=1e-5, atol=1e-7)
+
+
 def test_teacher_fields_from_hidden_states(real_batch):
     """The sampled log-prob and the top-K (K = V: no cap) from the hidden states equal the
     teacher model's own log-softmax at the response columns, zero elsewhere."""
