@@ -229,21 +229,18 @@ def dense_surrogate_loss(
     )
     d_BT = torch.where(keep_BT, d_BT, 0.0)
 
-    # State-distribution term: OPD+'s future cost with g(r_k) replaced by D~_k (detached).
-    future_BT = discounted_future_sum(d_BT.detach(), discount, steps_BT=steps_BT)
-    adv_BT = torch.where(keep_BT, -future_BT, 0.0)
-    state_loss, loss_stats = surrogate_loss(
+    loss, adv_BT, loss_stats = _two_terms(
+        d_BT,
+        keep_BT,
         logp_learner_BT,
-        adv_BT,
         logp_sampler_BT,
         mask_BT,
+        steps_BT=steps_BT,
+        discount=discount,
         is_cap=is_cap,
         aggregation=aggregation,
         normaliser=normaliser,
     )
-    # Direct term: no importance weight (it depends on s_t only; see the module docstring).
-    direct_loss = _aggregate(d_BT, keep_BT, aggregation, normaliser)
-    loss = direct_loss + state_loss
 
     with torch.no_grad():
         n = keep_BT.sum().clamp(min=1).to(dtype)
@@ -310,6 +307,38 @@ def dense_batch_loss(
         normaliser=normaliser,
         logp_teacher_BT=batch.logp_teacher_BT,
     )
+
+
+def _two_terms(
+    d_BT: Tensor,
+    keep_BT: Tensor,
+    logp_learner_BT: Tensor,
+    logp_sampler_BT: Tensor,
+    mask_BT: Tensor,
+    *,
+    steps_BT: Tensor | None = None,
+    discount: float,
+    is_cap: float | None,
+    aggregation: str,
+    normaliser: float | Tensor | None,
+) -> tuple[Tensor, Tensor, dict]:
+    """The dense OPD+ loss from a per-position divergence ``d_BT`` (zero off ``keep_BT``):
+    the direct term D_t plus the state-distribution term, whose future cost is OPD+'s with
+    g(r_k) replaced by sg(D_k). One home for the top-K (D~) and full-vocabulary (D) paths.
+    Returns (loss, adv_BT, surrogate_loss's stats)."""
+    future_BT = discounted_future_sum(d_BT.detach(), discount, steps_BT=steps_BT)
+    adv_BT = torch.where(keep_BT, -future_BT, 0.0)
+    state_loss, loss_stats = surrogate_loss(
+        logp_learner_BT,
+        adv_BT,
+        logp_sampler_BT,
+        mask_BT,
+        is_cap=is_cap,
+        aggregation=aggregation,
+        normaliser=normaliser,
+    )
+    # Direct term: no importance weight (it depends on s_t only; see the module docstring).
+    return _aggregate(d_BT, keep_BT, aggregation, normaliser) + state_loss, adv_BT, loss_stats
 
 
 def _aggregate(
@@ -676,17 +705,17 @@ def full_dense_surrogate_loss(
     dtype = compute_dtype(d_BT, logp_learner_BT)
     keep_BT = mask_BT != 0
     d_BT = torch.where(keep_BT, d_BT.to(dtype), 0.0)
-    adv_BT = torch.where(keep_BT, -discounted_future_sum(d_BT.detach(), discount), 0.0)
-    state_loss, loss_stats = surrogate_loss(
+    loss, adv_BT, loss_stats = _two_terms(
+        d_BT,
+        keep_BT,
         logp_learner_BT,
-        adv_BT,
         logp_sampler_BT,
         mask_BT,
+        discount=discount,
         is_cap=is_cap,
         aggregation=aggregation,
         normaliser=normaliser,
     )
-    loss = _aggregate(d_BT, keep_BT, aggregation, normaliser) + state_loss  # direct + state
 
     with torch.no_grad():
         n = keep_BT.sum().clamp(min=1).to(dtype)

@@ -90,17 +90,9 @@ def sampled_logprobs(
         lo, hi = int(extra_ids_BTK.min()), int(extra_ids_BTK.max())
         if not 0 <= lo <= hi < V:
             raise ValueError(f"extra_ids_BTK span [{lo}, {hi}], outside the vocabulary of {V}")
-    hidden_BTH = final_hidden_states(model, input_ids_BT, attention_mask_BT)
-
-    # Column i's log-prob comes from hidden state i−1 (rollout.alignment's off-by-one).
-    sel_BT1 = positions_BT[:, 1:] != 0
-    hidden_NH = hidden_BTH[:, :-1][sel_BT1]
-    targets_N = input_ids_BT[:, 1:][sel_BT1]
-    if targets_N.numel() and int(targets_N.max()) >= V:
-        raise ValueError(
-            f"a selected token id is {int(targets_N.max())}, outside the vocabulary of {V} "
-            f"(the output layer has {rows} rows; rows from {V} on are padding)"
-        )
+    hidden_NH, targets_N, sel_BT1 = selected_hidden(
+        model, input_ids_BT, attention_mask_BT, positions_BT, V, rows=rows
+    )
     extra_NK = None if extra_ids_BTK is None else extra_ids_BTK[:, 1:][sel_BT1]
     logp_N, logp_extra_NK = _call_as_forward(
         head,
@@ -110,14 +102,47 @@ def sampled_logprobs(
         hidden_NH,
     )
     B, T = input_ids_BT.shape
-    zeros_B1 = logp_N.new_zeros(B, 1)
-    logp_BT = torch.cat([zeros_B1, logp_N.new_zeros(B, T - 1).masked_scatter(sel_BT1, logp_N)], 1)
+    logp_BT = place_selected(logp_N, sel_BT1)
     if extra_ids_BTK is None:
         return logp_BT
     K = extra_ids_BTK.shape[-1]
     sel_BTK = sel_BT1.unsqueeze(-1).expand(B, T - 1, K)
     logp_extra = logp_extra_NK.new_zeros(B, T - 1, K).masked_scatter(sel_BTK, logp_extra_NK)
     return logp_BT, torch.cat([logp_extra.new_zeros(B, 1, K), logp_extra], 1)
+
+
+def selected_hidden(
+    model: torch.nn.Module,
+    input_ids_BT: Tensor,
+    attention_mask_BT: Tensor,
+    positions_BT: Tensor,
+    V: int,
+    *,
+    rows: int | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(hidden_NH, targets_N, sel_BT1): the body's output at the N positions that predict the
+    columns where positions_BT ≠ 0, the tokens there, and the [B, T-1] selection. Column i's
+    log-prob comes from hidden state i−1 (rollout.alignment's off-by-one); every selected
+    token must be < V (rows: the output layer's, for the message)."""
+    hidden_BTH = final_hidden_states(model, input_ids_BT, attention_mask_BT)
+    sel_BT1 = positions_BT[:, 1:] != 0
+    hidden_NH = hidden_BTH[:, :-1][sel_BT1]
+    targets_N = input_ids_BT[:, 1:][sel_BT1]
+    if targets_N.numel() and int(targets_N.max()) >= V:
+        padding = f" (the output layer has {rows} rows; rows from {V} on are padding)"
+        raise ValueError(
+            f"a selected token id is {int(targets_N.max())}, outside the vocabulary of {V}"
+            + (padding if rows is not None and rows != V else "")
+        )
+    return hidden_NH, targets_N, sel_BT1
+
+
+def place_selected(values_N: Tensor, sel_BT1: Tensor) -> Tensor:
+    """[B, T]: ``values_N`` back at the selected columns (``selected_hidden``), zero elsewhere
+    and in column 0."""
+    B = sel_BT1.shape[0]
+    inner = values_N.new_zeros(B, sel_BT1.shape[1]).masked_scatter(sel_BT1, values_N)
+    return torch.cat([values_N.new_zeros(B, 1), inner], 1)
 
 
 def final_hidden_states(

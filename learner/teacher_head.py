@@ -40,7 +40,8 @@ from learner.logprobs import (
     _call_as_forward,
     _output_layer,
     _real_rows,
-    final_hidden_states,
+    place_selected,
+    selected_hidden,
 )
 from services.errors import UserError
 
@@ -317,14 +318,9 @@ def full_vocab_logprobs(
             f"the student's output layer has {student_head.out_features} rows, fewer than the "
             f"teacher's {V}"
         )
-    hidden_BTH = final_hidden_states(model, input_ids_BT, attention_mask_BT)
-    sel_BT1 = positions_BT[:, 1:] != 0
-    hidden_NH = hidden_BTH[:, :-1][sel_BT1]
-    targets_N = input_ids_BT[:, 1:][sel_BT1]
-    if targets_N.numel() and int(targets_N.max()) >= V:
-        raise ValueError(
-            f"a selected token id is {int(targets_N.max())}, outside the vocabulary of {V}"
-        )
+    hidden_NH, targets_N, sel_BT1 = selected_hidden(
+        model, input_ids_BT, attention_mask_BT, positions_BT, V
+    )
     t_hidden_NH = teacher_hidden_BTH[:, 1:][sel_BT1].to(hidden_NH.device)
     t_weight_VH = head.weight_VH.to(hidden_NH.device)
 
@@ -344,13 +340,7 @@ def full_vocab_logprobs(
 
     # One call as the head's forward, so that ZeRO-3 gathers the student's weight around it.
     d_N, logp_N, clamped_N = _call_as_forward(student_head, both, hidden_NH)
-    B, T = input_ids_BT.shape
-
-    def place(values_N: Tensor) -> Tensor:
-        inner = values_N.new_zeros(B, T - 1).masked_scatter(sel_BT1, values_N)
-        return torch.cat([values_N.new_zeros(B, 1), inner], 1)
-
-    return place(logp_N), place(d_N), place(clamped_N)
+    return tuple(place_selected(v_N, sel_BT1) for v_N in (logp_N, d_N, clamped_N))
 
 
 def full_batch_loss(
