@@ -57,7 +57,8 @@ class EngineSettings:
     weight-transfer engine is built into the worker; GPU only) or "gloo" (the same engine over
     a gloo group, on CPU); see ``rollout.weight_transfer.WeightReceiver``.
     teacher_topk: TeacherEngine only: K > 0 also returns the teacher's top-K token ids and
-    log-probs at every response position (dense OPD+, learner/dense.py); 0 = sampled token only.
+    log-probs at every response position (dense OPD+, learner/dense.py); 0 = sampled token only;
+    "full": ``teacher_engine()`` builds a ``TeacherHiddenEngine`` (hidden states, no log-probs).
     teacher_temperature: TeacherEngine only: τ_T > 0; scores log softmax(logits / τ_T).
     """
 
@@ -70,7 +71,7 @@ class EngineSettings:
     enforce_eager: bool = True
     max_num_seqs: int = 256
     weight_transfer: str = "none"
-    teacher_topk: int = 0
+    teacher_topk: int | str = 0
     teacher_temperature: float = 1.0
 
     # The sampler and scorer build their engine through these, so a spec that wraps them
@@ -78,7 +79,9 @@ class EngineSettings:
     def student_engine(self) -> StudentEngine:
         return StudentEngine(self)
 
-    def teacher_engine(self) -> TeacherEngine:
+    def teacher_engine(self) -> TeacherEngine | TeacherHiddenEngine:
+        if self.teacher_topk == "full":
+            return TeacherHiddenEngine(self)
         return TeacherEngine(self)
 
 
@@ -163,33 +166,42 @@ def _memory_kwargs(s: EngineSettings) -> dict:
     return {"kv_cache_memory_bytes": s.kv_cache_mb * 2**20, "enable_chunked_prefill": False}
 
 
+def _start_llm(settings: EngineSettings, **kwargs):
+    """vLLM's LLM on ``settings`` (model, dtype, seed, memory, lengths) plus ``kwargs``; an
+    EngineError naming the model when it cannot start."""
+    try:
+        return LLM(
+            model=settings.model_path,
+            tokenizer=settings.model_path,
+            dtype=settings.dtype,
+            seed=settings.seed,
+            **_memory_kwargs(settings),
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=settings.enforce_eager,
+            # Stale KV blocks after a weight push would silently mix policies; a scorer has
+            # nothing to reuse across distinct samples.
+            enable_prefix_caching=False,
+            **kwargs,
+        )
+    except Exception as exc:  # vLLM raises many types; report which model and why
+        raise EngineError(f"vLLM could not start on {settings.model_path}: {exc}") from exc
+
+
 class _Engine:
     def __init__(self, settings: EngineSettings) -> None:
         _check_settings(settings)
         self.settings = settings
-        transfer_kwargs = _weight_transfer_kwargs(settings.weight_transfer)
-        try:
-            self.llm = LLM(
-                model=settings.model_path,
-                tokenizer=settings.model_path,
-                dtype=settings.dtype,
-                seed=settings.seed,
-                **_memory_kwargs(settings),
-                max_model_len=settings.max_model_len,
-                max_num_seqs=settings.max_num_seqs,
-                enforce_eager=settings.enforce_eager,
-                # vLLM refuses prompt_logprobs above max_logprobs (default 20).
-                max_logprobs=max(20, settings.teacher_topk),
-                # Stale KV blocks after a weight push would silently mix policies.
-                enable_prefix_caching=False,
-                worker_extension_cls="rollout.engine.WeightLoaderExtension",
-                # A sampled token's log-prob under the distribution it was drawn from
-                # (softmax(logits / temperature)), not the raw temperature-1 one.
-                logprobs_mode="processed_logprobs",
-                **transfer_kwargs,
-            )
-        except Exception as exc:  # vLLM raises many types; report which model and why
-            raise EngineError(f"vLLM could not start on {settings.model_path}: {exc}") from exc
+        self.llm = _start_llm(
+            settings,
+            # vLLM refuses prompt_logprobs above max_logprobs (default 20).
+            max_logprobs=max(20, settings.teacher_topk),
+            worker_extension_cls="rollout.engine.WeightLoaderExtension",
+            # A sampled token's log-prob under the distribution it was drawn from
+            # (softmax(logits / temperature)), not the raw temperature-1 one.
+            logprobs_mode="processed_logprobs",
+            **_weight_transfer_kwargs(settings.weight_transfer),
+        )
         try:
             self.vocab_size = self._keep_real_tokens()
         except Exception:
@@ -424,26 +436,15 @@ class TeacherHiddenEngine(_Engine):
                 f"got {settings.weight_transfer!r}"
             )
         self.settings = settings
-        try:
-            self.llm = LLM(
-                model=settings.model_path,
-                tokenizer=settings.model_path,
-                dtype=settings.dtype,
-                seed=settings.seed,
-                **_memory_kwargs(settings),
-                max_model_len=settings.max_model_len,
-                max_num_seqs=settings.max_num_seqs,
-                enforce_eager=settings.enforce_eager,
-                enable_prefix_caching=False,
-                runner="pooling",
-                convert="embed",
-                pooler_config={"task": "token_embed", "tok_pooling_type": "ALL"},
-                # Pooling models cast their head's input to float32 by default
-                # (vllm/config/model.py _get_head_dtype); "model" keeps the engine's dtype.
-                hf_overrides={"head_dtype": "model"},
-            )
-        except Exception as exc:  # vLLM raises many types; report which model and why
-            raise EngineError(f"vLLM could not start on {settings.model_path}: {exc}") from exc
+        self.llm = _start_llm(
+            settings,
+            runner="pooling",
+            convert="embed",
+            pooler_config={"task": "token_embed", "tok_pooling_type": "ALL"},
+            # Pooling models cast their head's input to float32 by default
+            # (vllm/config/model.py _get_head_dtype); "model" keeps the engine's dtype.
+            hf_overrides={"head_dtype": "model"},
+        )
         try:
             self.hidden_size, self.dtype = self._check_plain_head()
         except Exception:
