@@ -278,3 +278,30 @@ def verifies(folder: Path) -> bool:
     except CheckpointIntegrityError:
         return False
     return True
+
+
+PROBE_BYTES = 1 << 20  # what a failed checkpoint write must still be able to write
+
+
+def write_failure(root: str | Path, exc: BaseException) -> BaseException:
+    """What to raise for an error from DeepSpeed's checkpoint writer under ``root``.
+
+    torch's writer reports a full disk as an opaque RuntimeError ("[enforce fail at
+    inline_container.cc] unexpected pos …", errno lost). After such a failure, a probe write of
+    1 MiB (written, fsynced, removed) in ``root`` tells a full or unwritable disk apart: its
+    OSError (ENOSPC, EDQUOT, EROFS, EACCES, with the path) is returned, chained to ``exc``;
+    otherwise ``exc`` itself. The checkpoint being written stays a ``.partial`` folder,
+    pruned by the next save; ``latest`` still names the last complete one."""
+    probe = Path(root) / ".opdplus-write-probe"
+    try:
+        with open(probe, "wb") as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        err.filename = err.filename or str(root)
+        err.__cause__ = exc
+        return err
+    finally:
+        probe.unlink(missing_ok=True)
+    return exc

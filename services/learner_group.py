@@ -57,7 +57,12 @@ class LearnerRank:
         return weights if keep_result else []
 
     def save_checkpoint(self, path: str, client_state: dict, keep: int | None) -> str:
-        return str(self.engine.save_checkpoint(path, client_state, keep=keep))
+        from learner import manifest
+
+        try:
+            return str(self.engine.save_checkpoint(path, client_state, keep=keep))
+        except RuntimeError as exc:  # torch's writer hides a full disk's errno
+            raise manifest.write_failure(path, exc) from exc
 
     def load_checkpoint(self, path: str) -> tuple[dict, object]:
         client = self.engine.load_checkpoint(path)
@@ -260,7 +265,12 @@ class LearnerGroup:
         """Crash-safe, durable DeepSpeed checkpoint under `path` (absolute; see
         `LearnerEngine.save_checkpoint`), then copied to `run.storage` when it is set."""
         refs = [r.save_checkpoint.remote(str(path), client_state, keep) for r in self.ranks]
-        final = Path(self._all(refs, "save_checkpoint")[0])
+        try:
+            final = Path(self._all(refs, "save_checkpoint")[0])
+        except OSError as exc:  # Ray's wrapper of a rank's OSError is one too
+            if (err := rank_disk_error(exc, path)) is exc:
+                raise
+            raise err from None
         if (storage := self._remote()) is not None:
             upload = self.ranks[0].upload_checkpoint.remote(storage, str(path), final.name, keep)
             self._all([upload], "upload_checkpoint")
@@ -293,6 +303,17 @@ class LearnerGroup:
         for r in self.ranks:
             ray.kill(r)
         self.ranks = []
+
+
+def rank_disk_error(exc: OSError, path: str | Path) -> OSError:
+    """A rank's full or unwritable disk (its OSError, inside Ray's wrapper) as a DiskError
+    naming ``path`` and what to do (services.metrics.disk_error); any other error unchanged."""
+    from services.metrics import disk_error
+
+    cause = getattr(exc, "cause", None)
+    cause = cause if isinstance(cause, OSError) else exc
+    err = disk_error(cause, path)
+    return exc if err is cause else err
 
 
 def _get_all(refs: list[ray.ObjectRef], timeout_s: float = 0.0, call: str = "a call") -> list:

@@ -9,14 +9,19 @@ on the tiny model in a spawned worker, as the other checkpoint tests:
 - a ``latest`` that is not a plain tag (``../x``) or links out of the folder is refused;
 - ``run.storage`` (services/storage.py) through pyarrow's real LocalFileSystem (``file://``):
   the checkpoint is uploaded, the local copy lost, the newest remote one corrupted, and the
-  resume downloads and falls back the same way.
+  resume downloads and falls back the same way;
+- a disk that fills up inside DeepSpeed's own writer (a real 2 MiB tmpfs): an error naming the
+  path and "no space left", not torch's opaque RuntimeError; ``latest`` keeps the last complete
+  checkpoint.
 """
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
 import os
 import shutil
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -176,3 +181,68 @@ def test_checkpoints_are_durable_verified_and_fall_back(tmp_path):
     assert "not a checkpoint tag" in out["errors"]["../x"]
     assert f"{root}/latest" in out["errors"]["../x"]
     assert "link out of" in out["errors"]["symlink"]
+
+
+def _fill_disk(model_dir: str, root: str) -> dict:
+    from tests.test_learner_engine import _engine, _step, make_batch
+
+    a = _engine(model_dir, 1, lr=1e-2)
+    _step(a, make_batch(3, seed=1))
+    a.save_checkpoint(root, {"step": 1}, keep=2)  # 1.4 MB: fits the 2 MiB disk once
+    _step(a, make_batch(3, seed=2))
+    try:
+        a.save_checkpoint(root, {"step": 2}, keep=2)
+    except RuntimeError as exc:  # what torch's writer raises on a full disk
+        err = manifest.write_failure(root, exc)
+        return {
+            "raw": str(exc)[:200],
+            "type": type(err).__name__,
+            "errno": getattr(err, "errno", None),
+            "filename": getattr(err, "filename", None),
+            "latest": manifest.read_latest(root),
+            "probe_left": (Path(root) / ".opdplus-write-probe").exists(),
+        }
+    return {"raw": "the second save did not fail"}
+
+
+def test_a_disk_full_inside_deepspeeds_writer_is_named(tmp_path):
+    """The learner rank turns torch's opaque writer error into the disk's OSError (a probe
+    write), and the driver's side (`services.learner_group.rank_disk_error`) turns that, inside
+    Ray's wrapper, into a DiskError naming the folder and what to do."""
+    from ray.exceptions import RayTaskError
+
+    from services.learner_group import rank_disk_error
+    from services.metrics import DiskError
+    from tests.test_learner_engine import save_tiny_student
+
+    student = save_tiny_student(tmp_path / "student")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {out.stderr.strip()}")
+    try:
+        root = str(disk / "ckpt")
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            got = pool.submit(_fill_disk, student, root).result()
+        assert manifest.verifies(Path(root) / "step_00000001")  # nothing written is lost
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert got.get("type") == "OSError", got
+    assert got["errno"] == errno.ENOSPC and got["filename"] == root, got
+    assert got["latest"] == "step_00000001" and not got["probe_left"], got
+
+    # The rank's error reaches the driver inside Ray's wrapper (an OSError subclass).
+    rank_err = OSError(errno.ENOSPC, "No space left on device", root)
+    wrapped = RayTaskError("save_checkpoint", "traceback", rank_err).as_instanceof_cause()
+    assert isinstance(wrapped, OSError)
+    err = rank_disk_error(wrapped, root)
+    assert isinstance(err, DiskError)
+    assert f"cannot write {root}: no space left on the device" in str(err)
+    assert "--resume" in str(err)
+    other = RayTaskError("x", "tb", OSError(errno.EIO, "I/O error")).as_instanceof_cause()
+    assert rank_disk_error(other, root) is other
