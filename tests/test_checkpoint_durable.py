@@ -205,6 +205,7 @@ def _fill_disk(model_dir: str, root: str) -> dict:
     return {"raw": "the second save did not fail"}
 
 
+@pytest.mark.slow
 def test_a_disk_full_inside_deepspeeds_writer_is_named(tmp_path):
     """The learner rank turns torch's opaque writer error into the disk's OSError (a probe
     write), and the driver's side (`services.learner_group.rank_disk_error`) turns that, inside
