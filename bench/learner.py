@@ -177,7 +177,7 @@ def worker(
     settings = LossSettings(
         divergence="js", divergence_params=(), estimator="opd_plus", discount=0.0,
         ratio_clip=10.0, is_cap=2.0, aggregation="token_mean", center_cost=True,
-        temperature=0.7, logprob_chunk=0 if path == "naive" else chunk,
+        temperature=0.7, logprob_chunk=0 if path == "naive" else chunk, teacher_head=None,
     )  # fmt: skip
     full_kw = dict(
         divergence="js", discount=0.0, ratio_clip=10.0, is_cap=2.0, aggregation="token_mean",
@@ -457,7 +457,7 @@ def lora_worker(args, path: str, rows: int, response: int) -> dict:
     settings = LossSettings(
         divergence="js", divergence_params=(), estimator="opd_plus", discount=0.0,
         ratio_clip=10.0, is_cap=2.0, aggregation="token_mean", center_cost=True,
-        temperature=0.7, logprob_chunk=args.chunk,
+        temperature=0.7, logprob_chunk=args.chunk, teacher_head=None,
     )  # fmt: skip
     loaded_kib = _rss_kib("VmRSS")
     _reset_peak_rss()

@@ -32,6 +32,10 @@ class TrainBatch:
     teacher_topk_ids_BTK:  optional [B, T, K] int64, the teacher's top-K ids for column i's
                            next-token distribution π(· | x_<i) at response columns, else 0.
     teacher_topk_logp_BTK: optional [B, T, K] float32, their teacher log-probs, else 0.
+    teacher_hidden_BTH:    optional [B, T, H] (the teacher engine's dtype), column i = the
+                           teacher's final hidden state at position i − 1 (the one whose
+                           logits give π_T(· | x_<i)) at response columns, else 0
+                           (distill.teacher_topk = "full", `learner.teacher_head`).
     """
 
     input_ids_BT: Tensor
@@ -43,6 +47,7 @@ class TrainBatch:
     sample_ids: tuple[str, ...]
     teacher_topk_ids_BTK: Tensor | None = None
     teacher_topk_logp_BTK: Tensor | None = None
+    teacher_hidden_BTH: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids_BT.shape)
@@ -68,6 +73,14 @@ class TrainBatch:
                 f"teacher top-K shapes {tuple(ids.shape)} / {tuple(logp.shape)}, "
                 f"expected [B, T, K] with [B, T] = {shape}"
             )
+        hidden = self.teacher_hidden_BTH
+        if hidden is not None and not (hidden.dim() == 3 and tuple(hidden.shape[:2]) == shape):
+            raise ValueError(
+                f"teacher_hidden_BTH has shape {tuple(hidden.shape)}, expected [B, T, H] with "
+                f"[B, T] = {shape}"
+            )
+        if hidden is not None and ids is not None:
+            raise ValueError("a batch carries the teacher's top-K or its hidden states, not both")
 
     @property
     def topk(self) -> int:
@@ -105,6 +118,7 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     topk = _common_topk(scored)
     topk_ids_BTK = torch.zeros((B, T, topk), dtype=torch.int64) if topk else None
     topk_logp_BTK = torch.zeros((B, T, topk), dtype=torch.float32) if topk else None
+    hidden_BTH = _hidden_buffer(scored, B, T)
     for b, s in enumerate(scored):
         r = s.rollout
         P, R = len(r.prompt_ids), len(r.response_ids)
@@ -117,6 +131,10 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         if topk and R:
             topk_ids_BTK[b, span] = torch.tensor(s.teacher_topk_ids, dtype=torch.int64)
             topk_logp_BTK[b, span] = torch.tensor(s.teacher_topk_logp, dtype=torch.float32)
+        if hidden_BTH is not None:
+            # Row t of the scorer's [R, H] predicts response token t (column P + t): column i
+            # holds the state at position i − 1, as the top-K fields (rollout.alignment).
+            hidden_BTH[b, span] = s.teacher_hidden
     versions_B = torch.tensor([s.policy_version for s in scored], dtype=torch.int64)
     return TrainBatch(
         input_ids_BT=input_ids_BT,
@@ -128,7 +146,23 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         sample_ids=tuple(s.sample_id for s in scored),
         teacher_topk_ids_BTK=topk_ids_BTK,
         teacher_topk_logp_BTK=topk_logp_BTK,
+        teacher_hidden_BTH=hidden_BTH,
     )
+
+
+def _hidden_buffer(scored: list[ScoredRollout], B: int, T: int) -> Tensor | None:
+    """A zero [B, T, H] buffer when the rollouts carry teacher hidden states (all or none, one
+    H and dtype), else None."""
+    carries = {s.teacher_hidden is not None for s in scored}
+    if len(carries) > 1:
+        raise ValueError("some rollouts carry the teacher's hidden states and some do not")
+    if carries != {True}:
+        return None
+    kinds = {(s.teacher_hidden.shape[1], s.teacher_hidden.dtype) for s in scored}
+    if len(kinds) > 1:
+        raise ValueError(f"rollouts carry teacher hidden states of different sizes {kinds}")
+    ((H, dtype),) = kinds
+    return torch.zeros((B, T, H), dtype=dtype)
 
 
 def _common_topk(scored: list[ScoredRollout]) -> int:

@@ -32,6 +32,7 @@ from learner.microbatch import padding_cells, plan_micro_batches
 from learner.schedule import lr_factor
 from learner.settings import LossSettings, OptimSettings
 from learner.step import NonFiniteError, compute_loss, merge_metrics
+from learner.teacher_head import load_teacher_head
 from models.checks import tokenizer_length
 
 # DeepSpeed 0.19 calls torch.distributed APIs that torch 2.13 deprecates, once per step; the
@@ -126,6 +127,15 @@ class LearnerEngine:
             if (Path(model_path) / "tokenizer.json").is_file()
             else None
         )
+        # distill.teacher_topk = "full": the teacher's output layer, once per rank (float32,
+        # the tokenizer's rows), applied to the batch's teacher hidden states in every step.
+        self.teacher_head = (
+            load_teacher_head(
+                loss.teacher_head.teacher_path, vocab_size=self.vocab_size, dtype=torch.float32
+            )
+            if loss.teacher_head is not None
+            else None
+        )
         trained = [p for p in model.parameters() if p.requires_grad]
         decay = [p for p in trained if p.ndim >= 2]
         no_decay = [p for p in trained if p.ndim < 2]
@@ -162,6 +172,8 @@ class LearnerEngine:
             model=model, optimizer=optimizer, lr_scheduler=schedule, config=ds_config
         )
         self.device = self.engine.device
+        if self.teacher_head is not None:
+            self.teacher_head = self.teacher_head.to(self.device)
         self.last_load: manifest.Choice | None = None  # set by load_checkpoint
         self._norm_from_grads = zero_stage == 0 and self.precision == "fp32"
 
@@ -203,6 +215,7 @@ class LearnerEngine:
                 settings=self.loss_settings,
                 normaliser=normaliser,
                 vocab_size=self.vocab_size,
+                teacher_head=self.teacher_head,
             )
             real = i < len(micro)
             # The all-reduce averages over ranks; the shards' loss shares must add, hence × world.

@@ -60,6 +60,9 @@ class LossSettings:
     "seq_mean". center_cost: OPD+ immediate cost minus f'(1) (`learner.advantages`).
     temperature: the sampling τ; the student policy is softmax(logits / τ).
     logprob_chunk: positions per output-layer chunk (`learner.logprobs`); 0 = full logits.
+    teacher_head: distill.teacher_topk = "full" (OPD+ over the full vocabulary from the
+    teacher's hidden states, `learner.teacher_head.full_batch_loss`); None = the batch's
+    teacher log-probs (sampled token or top-K).
     """
 
     divergence: str
@@ -72,9 +75,20 @@ class LossSettings:
     center_cost: bool
     temperature: float
     logprob_chunk: int
+    teacher_head: TeacherHeadSettings | None
 
     def get_divergence(self):
         """The `learner.divergences.Divergence` these settings name."""
         from learner.divergences import get_divergence
 
         return get_divergence(self.divergence, **dict(self.divergence_params))
+
+
+@dataclass(frozen=True)
+class TeacherHeadSettings:
+    """The teacher's output layer in the learner (`learner.teacher_head.load_teacher_head`,
+    loaded once per rank). teacher_path: the teacher's HF folder. teacher_temperature: τ_T,
+    applied here (the scorers hand on hidden states unscaled): π_T = softmax(W_T h / τ_T)."""
+
+    teacher_path: str
+    teacher_temperature: float

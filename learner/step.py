@@ -191,6 +191,7 @@ def compute_loss(
     settings: LossSettings,
     normaliser: float,
     vocab_size: int | None = None,
+    teacher_head=None,
 ) -> tuple[Tensor, StepStats]:
     """The OPD/OPD+ surrogate loss of `batch` under `model` (module docstring) and its stats.
 
@@ -201,11 +202,17 @@ def compute_loss(
         cost centring, the sampling temperature, the log-prob chunk size).
     normaliser: `global_normaliser` of the whole step batch, not of this shard.
     vocab_size: the student tokenizer's length (`learner_logprobs`); None: every output row.
+    teacher_head: the teacher's output layer (`learner.teacher_head.TeacherHead`), needed when
+        `settings.teacher_head` is set (distill.teacher_topk = "full"): the batch's
+        teacher_hidden_BTH through it gives the exact per-position D_f
+        (`learner.teacher_head.full_batch_loss`).
     Returns the scalar loss (with gradient) and `StepStats`.
     """
     s = settings
     divergence = s.get_divergence()
     ratio_clip = s.ratio_clip or None
+    if s.teacher_head is not None:  # OPD+ over the full vocabulary: learner/teacher_head.py
+        return _full_vocab_loss(model, batch, s, teacher_head, normaliser=normaliser)
     logp_learner_BT, logp_topk_BTK = learner_logprobs(
         model, batch, temperature=s.temperature, chunk_size=s.logprob_chunk, vocab_size=vocab_size
     )
@@ -258,6 +265,43 @@ def compute_loss(
         is_truncated_frac=loss_stats.is_truncated_frac,
         is_weight_mean=loss_stats.is_weight_mean,
         mismatch=loss_stats.mismatch,
+        num_tokens=batch.num_response_tokens,
+        num_sequences=batch.num_sequences,
+    )
+    _check_loss(stats.loss, batch, logp_learner_BT)
+    return loss, stats
+
+
+def _full_vocab_loss(
+    model: torch.nn.Module, batch: TrainBatch, s: LossSettings, head, *, normaliser: float
+) -> tuple[Tensor, StepStats]:
+    """`compute_loss` for distill.teacher_topk = "full" (`learner.teacher_head.full_batch_loss`);
+    its `DenseStats` as the top-K path's."""
+    from learner.teacher_head import full_batch_loss
+
+    if head is None or batch.teacher_hidden_BTH is None:
+        raise ValueError(
+            'distill.teacher_topk = "full" needs the teacher\'s output layer and a batch with '
+            "teacher_hidden_BTH (scored by a hidden-state teacher scorer)"
+        )
+    loss, logp_learner_BT, dense = full_batch_loss(
+        model,
+        batch,
+        batch.teacher_hidden_BTH,
+        head,
+        divergence=s.get_divergence(),
+        discount=s.discount,
+        ratio_clip=s.ratio_clip or None,
+        is_cap=s.is_cap,
+        aggregation=s.aggregation,
+        normaliser=normaliser,
+        temperature=s.temperature,
+        teacher_temperature=s.teacher_head.teacher_temperature,
+        chunk_size=s.logprob_chunk,
+    )
+    stats = StepStats(
+        loss=loss.item(),
+        **dense.step_fields(),
         num_tokens=batch.num_response_tokens,
         num_sequences=batch.num_sequences,
     )

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from services.errors import UserError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -74,12 +78,17 @@ class ScoredRollout:
     teacher_topk_ids / teacher_topk_logp: optional [R][K], the teacher's top-K token ids and
     log-probs at each response position, in rank order (dense OPD+, learner/dense.py). Both
     or neither; every position has the same K.
+    teacher_hidden: optional [R, H] tensor (distill.teacher_topk = "full"): row t is the
+    teacher's final-norm hidden state at the position that predicts response token t
+    (``rollout.engine.TeacherHiddenEngine.hidden_states``); the learner applies the teacher's
+    output layer to it. Not together with top-K.
     """
 
     rollout: Rollout
     logp_teacher: tuple[float, ...]
     teacher_topk_ids: tuple[tuple[int, ...], ...] | None = None
     teacher_topk_logp: tuple[tuple[float, ...], ...] | None = None
+    teacher_hidden: Tensor | None = None
 
     def __post_init__(self) -> None:
         r = self.rollout
@@ -90,6 +99,24 @@ class ScoredRollout:
             )
         _check_logps("logp_teacher", self.logp_teacher, r.sample_id)
         self._check_topk()
+        self._check_hidden()
+
+    def _check_hidden(self) -> None:
+        h, sid = self.teacher_hidden, self.rollout.sample_id
+        if h is None:
+            return
+        from torch import Tensor  # only records with hidden states need torch
+
+        if self.teacher_topk_ids is not None:
+            raise RecordError(f"{sid}: teacher_hidden and the teacher's top-K do not come together")
+        R = len(self.rollout.response_ids)
+        if not isinstance(h, Tensor) or h.dim() != 2 or h.shape[0] != R or h.shape[1] < 1:
+            got = tuple(h.shape) if isinstance(h, Tensor) else type(h).__name__
+            raise RecordError(f"{sid}: teacher_hidden is {got}, expected [{R}, H] (R response ids)")
+        if h.is_floating_point() and not bool(h.isfinite().all()):
+            raise RecordError(f"{sid}: teacher_hidden holds a non-finite value")
+        if not h.is_floating_point():
+            raise RecordError(f"{sid}: teacher_hidden has dtype {h.dtype}, expected floating")
 
     def _check_topk(self) -> None:
         ids, logps, sid = self.teacher_topk_ids, self.teacher_topk_logp, self.rollout.sample_id
@@ -131,11 +158,13 @@ class ScoredRollout:
 @dataclass(frozen=True, slots=True)
 class TeacherScore:
     """What the teacher engine returns for one sequence: log π_T of each response token [R]
-    and, when top-K scoring is on, its top-K token ids and log-probs [R][K] (rank order)."""
+    and, when top-K scoring is on, its top-K token ids and log-probs [R][K] (rank order); with
+    hidden-state scoring (distill.teacher_topk = "full"), its hidden states [R, H]."""
 
     logp_teacher: tuple[float, ...]
     topk_ids: tuple[tuple[int, ...], ...] | None = None
     topk_logp: tuple[tuple[float, ...], ...] | None = None
+    hidden: Tensor | None = None
 
     def scored(self, rollout: Rollout) -> ScoredRollout:
         """The ScoredRollout of ``rollout`` with these scores (lengths checked there)."""
@@ -144,4 +173,5 @@ class TeacherScore:
             logp_teacher=self.logp_teacher,
             teacher_topk_ids=self.topk_ids,
             teacher_topk_logp=self.topk_logp,
+            teacher_hidden=self.hidden,
         )

@@ -185,10 +185,12 @@ class DistillConfig:
     teacher_temperature: float = _f(
         1.0, "temperature τ_T the teacher is scored at: log softmax(teacher logits / τ_T)"
     )
-    teacher_topk: int = _f(
+    teacher_topk: int | Literal["full"] = _f(
         0,
         "K > 0: dense OPD+ over the teacher's top-K tokens at every position (learner/dense.py); "
-        "0 = sampled-token OPD+",
+        '"full": dense OPD+ over the full vocabulary, the exact per-position divergence (the '
+        "scorers return the teacher's hidden states, the learner applies its output layer; "
+        "learner/teacher_head.py); 0 = sampled-token OPD+",
     )
 
 
@@ -303,6 +305,14 @@ def _suggest(key: str, options: list[str]) -> str:
 
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     origin = typing.get_origin(annotation)
+    if origin is typing.Union:  # int | Literal["full"]: the first arm that takes the value
+        arms = typing.get_args(annotation)
+        for arm in arms:
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {' or '.join(map(_expected, arms))}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(annotation)
         if value not in choices:
@@ -346,6 +356,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return list(value)
     raise ConfigError(f"{where}: unsupported type {annotation}")  # a bug in this module
+
+
+def _expected(annotation: Any) -> str:
+    if typing.get_origin(annotation) is Literal:
+        return " or ".join(map(repr, typing.get_args(annotation)))
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(
+        annotation, str(annotation)
+    )
 
 
 def schema_hints(cls: type | None = None, prefix: str = "") -> dict[str, Any]:
@@ -457,11 +475,16 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(0.0 <= d.discount <= 1.0, "distill.discount", f"must be in [0, 1], got {d.discount}")
     need(d.ratio_clip >= 0, "distill.ratio_clip", "must be >= 0 (0 disables clamping)")
     need(d.is_cap >= 1.0, "distill.is_cap", f"must be >= 1, got {d.is_cap}")
-    need(d.teacher_topk >= 0, "distill.teacher_topk", f"must be >= 0, got {d.teacher_topk}")
+    need(
+        d.teacher_topk == "full" or d.teacher_topk >= 0,
+        "distill.teacher_topk",
+        f'must be >= 0 or "full", got {d.teacher_topk}',
+    )
     need(
         d.teacher_topk == 0 or d.estimator == "opd_plus",
         "distill.teacher_topk",
-        "the top-K estimator is OPD+ (its direct term is exact); set distill.estimator = 'opd_plus'",
+        f"the top-K and full-vocabulary estimators are OPD+ (their direct term is exact); "
+        f"distill.teacher_topk = {d.teacher_topk!r} needs distill.estimator = 'opd_plus'",
     )
     if d.divergence == "alpha":
         need(
@@ -611,7 +634,7 @@ RANGES: dict[str, str] = {
     "distill.ratio_clip": ">= 0",
     "distill.is_cap": ">= 1",
     "distill.teacher_temperature": "> 0",
-    "distill.teacher_topk": ">= 0",
+    "distill.teacher_topk": ">= 0",  # or "full" (a string: no range to check)
     "learner.num_ranks": ">= 1",
     "learner.cpus_per_rank": ">= 0",
     "learner.threads": ">= 0",
@@ -657,7 +680,7 @@ def _check_ranges(cfg: Config, need) -> None:
         value = cfg
         for name in key.split("."):  # learner.lora.rank: a table inside a section
             value = getattr(value, name, None)
-        if value is None:  # a key another change removed: tests/test_config.py names it
+        if value is None or isinstance(value, str):  # removed key; or a named choice ("full")
             continue
         if spec == "finite":
             need(in_range(value, spec), key, f"must be a finite number, got {value}")

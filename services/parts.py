@@ -142,7 +142,7 @@ def engine_settings(
     *,
     seed: int,
     weight_transfer: str = "none",
-    teacher_topk: int = 0,
+    teacher_topk: int | str = 0,
     teacher_temperature: float = 1.0,
 ):
     from rollout.engine import EngineSettings
@@ -246,8 +246,22 @@ def learner_settings(cfg: Config, student_dir: Path | None = None):
         center_cost=d.center_cost,
         temperature=cfg.rollout.temperature,
         logprob_chunk=lr.logprob_chunk,
+        teacher_head=_teacher_head_settings(cfg),
     )
     return optim, loss
+
+
+def _teacher_head_settings(cfg: Config):
+    """distill.teacher_topk = "full": where the ranks load the teacher's output layer from."""
+    if cfg.distill.teacher_topk != "full":
+        return None
+    from learner.settings import TeacherHeadSettings
+    from models.pairs import resolve_pair
+
+    teacher = resolve_pair(cfg.models.teacher, cfg.models.student, progress=False).teacher
+    return TeacherHeadSettings(
+        teacher_path=str(teacher), teacher_temperature=cfg.distill.teacher_temperature
+    )
 
 
 def _lora_settings(lora, student_dir: Path | None):

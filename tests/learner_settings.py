@@ -32,6 +32,7 @@ LOSS = LossSettings(
     center_cost=False,
     temperature=1.0,
     logprob_chunk=512,
+    teacher_head=None,
 )
 
 
