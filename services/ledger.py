@@ -8,8 +8,9 @@ skipped so far for being too long in tokens (rollout.sources.TokenLimitedSource)
 
 ``check_ledger(run_dir)`` proves what a run trained on: every step 1..N appears once, holds
 exactly the batch the prompt source deals for that step (replayed from the run's config.toml:
-``prompts_per_step`` prompts × ``samples_per_prompt`` ids each), no sample id appears twice in
-the run (more often than the source dealt it), and every sample respects ``rollout.max_staleness``. ``opdplus ledger RUN_DIR`` runs it.
+``prompts_per_step`` prompts × ``samples_per_prompt`` ids each, as a multiset: a random source
+may deal one problem twice), no sample id appears more often in the run than the source dealt
+it, and every sample respects ``rollout.max_staleness``. ``opdplus ledger RUN_DIR`` runs it.
 """
 
 from __future__ import annotations
@@ -104,9 +105,11 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
             if col in row and len(row[col]) != len(ids):
                 bad(f"step {step}: column {col} has {len(row[col])} entries for {len(ids)} samples")
         dealt_here = expected.get(step) if expected is not None else None
-        if dealt_here is not None and set(ids) != dealt_here:
-            missing = sorted(dealt_here - set(ids))[:3]
-            extra = sorted(set(ids) - dealt_here)[:3]
+        # Multisets: a random source may deal one problem twice in a step (128 arithmetic
+        # prompts a step often do), each time with its own samples under the same ids.
+        if dealt_here is not None and Counter(ids) != dealt_here:
+            missing = sorted((dealt_here - Counter(ids)).elements())[:3]
+            extra = sorted((Counter(ids) - dealt_here).elements())[:3]
             bad(f"step {step}: not its batch (missing {missing}, unexpected {extra})")
         seen.update(ids)
         for v in row.get("versions", []):
@@ -123,7 +126,7 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
         report.samples += len(ids)
     # A random prompt source may deal the same problem again in a later step (its id is the
     # problem); a sample id may appear as often as the source dealt it, never more.
-    dealt = Counter(i for ids in (expected or {}).values() for i in ids)
+    dealt = sum((expected or {}).values(), Counter())
     twice = [sid for sid, n in seen.items() if n > max(1, dealt[sid])]
     if twice:
         bad(f"{len(twice)} sample ids appear more often than dealt, e.g. {twice[:3]}")
@@ -131,7 +134,7 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     return report
 
 
-def _replay(cfg, steps: int, *, tokens: bool) -> dict[int, set[str]]:
+def _replay(cfg, steps: int, *, tokens: bool) -> dict[int, Counter]:
     """The sample ids the prompt source deals for each step 1..steps of this config; with
     ``tokens`` (the run skipped prompts too long in tokens) through the same token-length
     filter, which needs the student's tokenizer (without it the deal is the same)."""
@@ -147,6 +150,6 @@ def _replay(cfg, steps: int, *, tokens: bool) -> dict[int, set[str]]:
         source = run_source(cfg, source, load_tokenizer(student))
     n, k = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
     return {
-        step: {f"{p.id}/{i}" for p in source.next_batch(k) for i in range(n)}
+        step: Counter(f"{p.id}/{i}" for p in source.next_batch(k) for i in range(n))
         for step in range(1, steps + 1)
     }

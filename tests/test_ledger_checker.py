@@ -146,3 +146,36 @@ def test_ledger_cli_exit_code_and_json(tmp_path, cfg, rows, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["ok"] is False
     assert any("column samplers" in p for p in out["problems"])
+
+
+def test_a_problem_the_source_dealt_twice_in_one_step_is_clean(tmp_path):
+    """128 arithmetic prompts a step (the demo's layout) often hold one problem twice: both
+    deals train, under the same sample ids. The checker compares multisets, so the clean run
+    passes — and one more copy than dealt still fails."""
+    cfg = ledger_config()
+    from services.config import load_config
+
+    wide = load_config(None, [*_sets(cfg), "rollout.prompts_per_step=128", "run.steps=10"])
+    rows = clean_rows(wide, steps=10)
+    row = next(r for r in rows if len(set(r["sample_ids"])) < len(r["sample_ids"]))
+    counts = Counter(row["sample_ids"])
+    twice = [sid for sid, n in counts.items() if n > 1]
+    assert check_ledger(write_run_dir(tmp_path / "ok", wide, rows)).ok
+
+    broken = copy.deepcopy(rows)
+    bad_row = broken[rows.index(row)]
+    once = next(sid for sid, n in counts.items() if n == 1)
+    bad_row["sample_ids"][bad_row["sample_ids"].index(once)] = twice[0]  # one copy too many
+    report = check_ledger(write_run_dir(tmp_path / "bad", wide, broken))
+    assert any("appear more often than dealt" in p and twice[0] in p for p in report.problems)
+
+
+def _sets(cfg) -> list[str]:
+    r = cfg.rollout
+    return [
+        f'run.name="{cfg.run.name}"',
+        f'run.out_dir="{cfg.run.out_dir}"',
+        'task.source="arithmetic"',
+        f"rollout.samples_per_prompt={r.samples_per_prompt}",
+        f"rollout.max_staleness={r.max_staleness}",
+    ]
