@@ -106,6 +106,7 @@ def _train(
         build_rollout,
         build_source,
         build_weight_publisher,
+        check_evaluation,
         check_rendering,
         checkpoint_dir,
         evaluate_student,
@@ -139,6 +140,8 @@ def _train(
         preflight(cfg)  # a resource no node offers: an error now, before anything starts
         source = run_source(cfg, build_source(cfg), tokenizer)  # + the token-length filter
         check_rendering(source, pair, tokenizer)  # teacher and student see the same token ids
+        eval_set = (source.eval_set() or held_out_prompts(source))[: cfg.task.eval_size]
+        check_evaluation(cfg, eval_set)  # what the evaluation needs, the scorers can give
         # The learner ranks load (a Ray thread) while the engines start here: two waits at once.
         learner_started = stops.start_beside(
             "the learner ranks",
@@ -167,7 +170,6 @@ def _train(
             "close",
         )
         # No held-out answers (a prompt-only chat dataset): the student against the teacher.
-        eval_set = (source.eval_set() or held_out_prompts(source))[: cfg.task.eval_size]
         eval_before = (
             state["eval_before"]
             if state

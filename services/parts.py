@@ -298,6 +298,25 @@ def build_learner(cfg: Config, student_dir: Path, *, pad_id: int):
     )
 
 
+def prompt_only(problems) -> bool:
+    """Held-out problems without answers (a prompt-only chat dataset): evaluated against the
+    teacher (greedy agreement, reverse KL) instead of a verifier."""
+    return bool(problems) and all(p.answer == "" for p in problems)
+
+
+def check_evaluation(cfg: Config, eval_set) -> None:
+    """Before any engine starts: a prompt-only held-out set needs the teacher's greedy answers,
+    which a hidden-state scorer (distill.teacher_topk = "full") cannot generate."""
+    from services.config import ConfigError
+
+    if cfg.distill.teacher_topk == "full" and prompt_only(eval_set):
+        raise ConfigError(
+            "distill.teacher_topk: 'full' scores with the teacher's hidden states, which cannot "
+            "generate the teacher's greedy answers that evaluating prompt-only held-out data "
+            "needs; set distill.teacher_topk to an integer (0 or a top-K) for this dataset"
+        )
+
+
 def evaluate_student(
     rollout, problems, model_dir: Path, cfg: Config, *, sync: bool = False
 ) -> dict:
@@ -311,7 +330,7 @@ def evaluate_student(
         return {"n_problems": 0, "policy_version": rollout.served_version}
     if sync:
         rollout.wait_for_push()
-    if all(p.answer == "" for p in problems):
+    if prompt_only(problems):
         version = rollout.served_version
         report = evaluate_prompt_only(
             model_dir,

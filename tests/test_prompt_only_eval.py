@@ -157,3 +157,20 @@ def test_in_process_run_on_prompt_only_chats(ray_local, toy_pair, tmp_path, caps
     closing = capsys.readouterr()
     text = closing.out + closing.err
     assert "held-out prompts without answers (4)" in text and "95% CI" in text
+
+
+def test_full_vocabulary_scoring_refuses_prompt_only_evaluation_before_engines_start():
+    """A hidden-state scorer (distill.teacher_topk = "full") cannot generate the teacher's
+    greedy answers: a prompt-only held-out set is a ConfigError naming the key and the way
+    out, at start — not a failure at the first evaluation."""
+    from rollout.sources import Problem
+    from services.config import ConfigError, load_config
+    from services.parts import check_evaluation
+
+    prompts = [Problem(f"p{i}", f"say {i}", "", "chat:x", "chat") for i in range(3)]
+    answered = [Problem("a", "1+1", "2", "arithmetic", "arithmetic")]
+    full = load_config(None, ['distill.teacher_topk="full"'])
+    with pytest.raises(ConfigError, match=r"distill.teacher_topk: 'full' .* to an integer"):
+        check_evaluation(full, prompts)
+    check_evaluation(full, answered)  # a verifier needs no teacher answers
+    check_evaluation(load_config(None, ["distill.teacher_topk=8"]), prompts)
