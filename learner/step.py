@@ -228,14 +228,7 @@ def compute_loss(
             aggregation=s.aggregation,
             normaliser=normaliser,
         )
-        stats = StepStats(
-            loss=loss.item(),
-            **dense.step_fields(),
-            num_tokens=batch.num_response_tokens,
-            num_sequences=batch.num_sequences,
-        )
-        _check_loss(stats.loss, batch, logp_learner_BT)
-        return loss, stats
+        return _dense_result(loss, dense, batch, logp_learner_BT)
     mask_BT = batch.response_mask_BT
     adv_BT, adv_stats = token_advantages_with_stats(
         logp_learner_BT.detach(),
@@ -299,6 +292,11 @@ def _full_vocab_loss(
         teacher_temperature=s.teacher_head.teacher_temperature,
         chunk_size=s.logprob_chunk,
     )
+    return _dense_result(loss, dense, batch, logp_learner_BT)
+
+
+def _dense_result(loss: Tensor, dense, batch: TrainBatch, logp_learner_BT: Tensor):
+    """(loss, StepStats) of a dense path (top-K or full vocabulary), its loss checked finite."""
     stats = StepStats(
         loss=loss.item(),
         **dense.step_fields(),
