@@ -145,8 +145,9 @@ class CollectivePublisher:
                     dead, f"found dead before a push over {self.label} (the group is re-formed)"
                 )
                 continue
-            if self.sync is None or not self.sync.ready or not _same(members, self.sync.samplers):
-                self._reform(members)
+            stale = self.sync is None or not self.sync.ready
+            if (stale or not _same(members, self.sync.samplers)) and self._reform(members):
+                continue  # a member died as the old group closed: read the members again
             if self.sync is None:  # no sampler is up: those that start wait for the next push
                 self.version = max(self.version, version)
                 self.rollout.mark_served(version, [])
@@ -181,13 +182,27 @@ class CollectivePublisher:
         )
         self.sync = sync
 
-    def _reform(self, members: list) -> None:
+    def _reform(self, members: list) -> list:
         """Close the group on learner rank 0 and on the members that stay, form one with
-        ``members`` (samplers that left have died or drain, their end went or goes with them)."""
+        ``members`` (samplers that left have died or drain, their end went or goes with them).
+
+        A member that dies while the old group closes (its death not seen before: a kill lands
+        between the liveness check and the close) is reported lost and returned, and nothing is
+        formed: the caller reads the members again. Any other close failure is raised."""
         t0 = time.monotonic()
         old, self.sync = self.sync, None
         if old is not None:
-            old.close(self.timeout_s, samplers=[h for h in old.samplers if h in members])
+            staying = [h for h in old.samplers if h in members]
+            try:
+                old.close(self.timeout_s, samplers=staying)
+            except WeightSyncError:
+                dead = self._dead(staying)
+                if not dead:
+                    raise
+                self.rollout.collective_lost(
+                    dead, f"found dead as the {self.label} group closed to re-form (re-formed)"
+                )
+                return dead
         self._form(members)
         self.reforms.append(time.monotonic() - t0)
         from services.console import say
@@ -196,6 +211,7 @@ class CollectivePublisher:
             f"[opdplus] {self.label} weight group re-formed with {len(members)} sampler(s) "
             f"in {self.reforms[-1]:.2f} s"
         )
+        return []
 
     def _dead(self, handles: list) -> list:
         """The members whose actor is dead (``LIVENESS_S``)."""

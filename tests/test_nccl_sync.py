@@ -603,10 +603,11 @@ def _fake_sampler():
             receive_error=None,
             report_version=None,
             receive_exits=False,
+            close_exits=False,
         ) -> None:
             self.init_s, self.receive_s = init_s, receive_s
             self.receive_error, self.report_version = receive_error, report_version
-            self.receive_exits = receive_exits
+            self.receive_exits, self.close_exits = receive_exits, close_exits
             self.log = []
 
         def version(self):
@@ -630,6 +631,10 @@ def _fake_sampler():
             return (self.report_version or version), 0.25
 
         def collective_close_receiver(self):
+            if self.close_exits:
+                import os
+
+                os._exit(1)  # the actor dies as its group closes
             self.log.append(("close",))
 
         def calls(self):
@@ -922,9 +927,44 @@ def test_publisher_leaves_out_a_dead_member_before_the_group_forms(ray_local, ki
     publisher = _publisher(learner, rollout)
     publisher.publish(1)
     ray_local.kill(s1)
+    _wait_dead(ray_local, s1)  # ray.kill returns before the actor is gone
     rollout.members = [s0, s1, s2]  # sampler 2 was added; sampler 1's death is not seen yet
     publisher.publish(2)
-    assert [(h, "found dead" in why) for hs, why in rollout.lost for h in hs] == [(s1, True)]
+    assert [(h, "found dead before a push" in why) for hs, why in rollout.lost for h in hs] == [
+        (s1, True)
+    ]
+    assert rollout.served[-1] == (2, [s0, s2])
+    assert ray_local.get(s2.calls.remote()) == [
+        ("init", "127.0.0.1", 29999, 2, 3),
+        ("receive", M, 2),
+    ]
+
+
+def _wait_dead(ray, actor) -> None:
+    """Until a call to ``actor`` fails as a dead actor's does (an event, not a duration)."""
+    from ray.exceptions import RayActorError
+
+    for _ in range(600):
+        try:
+            ray.get(actor.calls.remote(), timeout=30)
+        except RayActorError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{actor} still answers after ray.kill")
+
+
+@pytest.mark.slow
+def test_a_member_that_dies_as_the_old_group_closes_is_lost_not_fatal(ray_local, kill_after):
+    """A kill that lands between the liveness check and the close of the old group (the member
+    is alive when checked, dead when its end of the group is closed): it is reported lost and
+    the group re-forms without it, instead of the publish failing on the teardown."""
+    learner, (s0, s1, s2) = _make(kill_after, sampler_kwargs=[{}, {"close_exits": True}, {}])
+    rollout = _Rollout([s0, s1])
+    publisher = _publisher(learner, rollout)
+    publisher.publish(1)
+    rollout.members = [s0, s1, s2]  # sampler 2 added: the group re-forms; sampler 1 dies in it
+    publisher.publish(2)
+    assert [(hs, "as the gloo group closed" in why) for hs, why in rollout.lost] == [([s1], True)]
     assert rollout.served[-1] == (2, [s0, s2])
     assert ray_local.get(s2.calls.remote()) == [
         ("init", "127.0.0.1", 29999, 2, 3),
