@@ -17,7 +17,7 @@ import pytest
 
 from tests.ray_cluster import REPO, live_job, wait_for_actors
 
-pytestmark = [pytest.mark.slow, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.browser, pytest.mark.long]
 
 PIPELINE = {"student-sampler-0", "teacher-scorer-0", "learner-rank-0"}
 

@@ -38,6 +38,7 @@ def test_working_dir_upload_leaves_venv_cache_and_runs_behind(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.long
 def test_ray_job_submit_runs_a_short_toy_run(request, cache_root, toy_pair):
     job = live_job(request.config, cache_root, need_running=False)
     cluster = job["cluster"]

@@ -23,7 +23,7 @@ import pytest
 from tests import ray_cluster
 from tests.ray_cluster import REPO, LocalCluster, toy_entrypoint, wait_for_actors
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.long]
 
 
 @pytest.fixture

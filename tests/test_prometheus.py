@@ -86,6 +86,7 @@ def _scrape_while_running(job: dict, wanted: list[str]) -> tuple[dict, str]:
 
 @pytest.mark.slow
 @pytest.mark.cluster
+@pytest.mark.long
 def test_metrics_of_a_running_job_reach_prometheus(request, cache_root, toy_pair, tmp_path):
     wanted = [f"ray_{n}" for n in [*STEP_GAUGES, *WORKER_GAUGES]]
     job = live_job(request.config, cache_root, need_running=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]
 
 REPO = Path(__file__).resolve().parent.parent
 # docs/RESULTS.md trains 50 (at staleness 1). At staleness 0 each arm is the same run every time

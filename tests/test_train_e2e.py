@@ -149,6 +149,7 @@ def _train_cmd(cfg_sets: list[str], resume: bool = False) -> list[str]:
     return cmd + (["--resume"] if resume else [])
 
 
+@pytest.mark.long  # two CLI runs with their own Ray (~100 s): CI runs it
 def test_resume_after_kill_repeats_and_skips_nothing(toy_pair, tmp_path, ray_local):
     """A run stopped mid-way by SIGTERM takes Ctrl-C's path (the resume command; every process
     of the run, Ray's included, gone within a deadline; its Ray session recorded as stopped)
