@@ -202,6 +202,7 @@ def _train(
                 clock.mark("sync")
                 row = step_metrics(batch, stats, rollout.take_times(), clock.spans)
                 row |= rollout.worker_metrics() | skipped_metrics(batch.source_state)
+                row |= weight_publisher.metrics()  # the collective group's size, its re-forms
                 if cfg.eval.every and step % cfg.eval.every == 0 and step != cfg.run.steps:
                     row |= eval_metrics(
                         evaluate_student(rollout, eval_set, pair.student, cfg, sync=True)

@@ -57,6 +57,8 @@ class WeightPublisher(Protocol):
 
     def next_batch(self, rollout, step: int, *, trained: int): ...
 
+    def metrics(self) -> dict: ...  # numbers for the step's metrics row
+
     def close(self) -> None: ...
 
 
@@ -72,6 +74,9 @@ class ObjectStorePublisher:
     def next_batch(self, rollout, step: int, *, trained: int):
         del trained  # a replacement loads the latest weights from the object store itself
         return rollout.next_batch(step)
+
+    def metrics(self) -> dict:
+        return {}  # no group: every sampler loads from the object store
 
     def close(self) -> None:
         pass
@@ -126,6 +131,12 @@ class CollectivePublisher:
             _, waiting = self.rollout.collective_members()
             if waiting:
                 self._push(trained)
+
+    def metrics(self) -> dict:
+        """``sync/group_samplers``: the samplers in the weight group now (a resize shows here
+        once the group has re-formed); ``sync/reforms``: groups re-formed so far."""
+        members = 0 if self.sync is None else len(self.sync.samplers)
+        return {"sync/group_samplers": members, "sync/reforms": len(self.reforms)}
 
     def close(self) -> None:
         if self.sync is not None:

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 
 
 class _Operator:
-    """Scales up after step 2, down once the new sampler has delivered, stops 4 steps later."""
+    """Scales up after step 2, down once the new sampler has delivered, stops once the weight
+    group has re-formed without the drained sampler (at least 4 steps later)."""
 
     def __init__(self, run_dir) -> None:
         self.run_dir, self.log, self.down_at = run_dir, [], None
@@ -34,7 +35,10 @@ class _Operator:
             self.log.append(("down", step, scale(self.run_dir, samplers=1, scorers=None)))
             self.down_at = step
         elif (
-            phase == ["up", "down"] and row["rollout/num_samplers"] == 1 and step > self.down_at + 3
+            phase == ["up", "down"]
+            and row["rollout/num_samplers"] == 1
+            and row["sync/group_samplers"] == 1  # the group has re-formed without the drained one
+            and step > self.down_at + 3
         ):
             self.log.append(("stop", step, None))
             raise KeyboardInterrupt  # Ctrl-C, from inside the run's loop
