@@ -23,6 +23,11 @@ from typing import Any, NamedTuple
 from services.errors import UserError
 
 PLAIN_ROLES = ("system", "user", "assistant")  # what the plain fallback renders
+# A tool's answer in the plain rendering (a tokenizer without a chat template): the answer's
+# text between these two strings, right after the student's call, e.g. `<calc>37*58</calc>`
+# then `[2146]`. The toy tool pair (models/) is trained on exactly this format.
+TOOL_ANSWER_OPEN = "["
+TOOL_ANSWER_CLOSE = "]"
 CONTEXT_TOKENS = 12  # tokens shown before the first difference in a mismatch message
 
 
