@@ -5,6 +5,8 @@ alignment convention of `rollout.alignment`: column i of a per-token tensor belo
 x_i and holds log π(x_i | x_<i). For a row with prompt length P and response length R the
 response occupies columns P .. P+R−1 (`response_positions(P, R)`), which is where the
 response mask is 1 and the teacher / sampler log-probs are placed; every other column is 0.
+In an episode the response is the whole trajectory after the prompt (the student's turns and
+the environment's answers); `student_mask_BT` says which of its columns are the student's.
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ class TrainBatch:
                            teacher's final hidden state at position i − 1 (the one whose
                            logits give π_T(· | x_<i)) at response columns, else 0
                            (distill.teacher_topk = "full", `learner.teacher_head`).
+    student_mask_BT:       optional [B, T] float32, 1.0 at the student's response columns, 0 at
+                           an episode's environment tokens and off the response (docs/math.md
+                           §10); None when no row is an episode (every response token is the
+                           student's).
     """
 
     input_ids_BT: Tensor
@@ -48,6 +54,7 @@ class TrainBatch:
     teacher_topk_ids_BTK: Tensor | None = None
     teacher_topk_logp_BTK: Tensor | None = None
     teacher_hidden_BTH: Tensor | None = None
+    student_mask_BT: Tensor | None = None
 
     def __post_init__(self) -> None:
         shape = tuple(self.input_ids_BT.shape)
@@ -81,6 +88,9 @@ class TrainBatch:
             )
         if hidden is not None and ids is not None:
             raise ValueError("a batch carries the teacher's top-K or its hidden states, not both")
+        student = self.student_mask_BT
+        if student is not None and tuple(student.shape) != shape:
+            raise ValueError(f"student_mask_BT has shape {tuple(student.shape)}, expected {shape}")
 
     @property
     def topk(self) -> int:
@@ -95,6 +105,19 @@ class TrainBatch:
     @property
     def num_response_tokens(self) -> int:
         return int(self.response_mask_BT.sum().item())
+
+    @property
+    def student_response_mask_BT(self) -> Tensor:
+        """[B, T] float32, 1.0 at the response columns the student sampled: the response mask,
+        times the student mask in an episode. What the loss, its normaliser and the IS and
+        mismatch statistics count."""
+        if self.student_mask_BT is None:
+            return self.response_mask_BT
+        return self.response_mask_BT * self.student_mask_BT
+
+    @property
+    def num_student_tokens(self) -> int:
+        return int(self.student_response_mask_BT.sum().item())
 
     def to(self, device: torch.device | str) -> TrainBatch:
         """The same batch with every tensor on `device`."""
@@ -119,6 +142,8 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
     topk_ids_BTK = torch.zeros((B, T, topk), dtype=torch.int64) if topk else None
     topk_logp_BTK = torch.zeros((B, T, topk), dtype=torch.float32) if topk else None
     hidden_BTH = _hidden_buffer(scored, B, T)
+    episodes = any(s.rollout.episode is not None for s in scored)
+    student_mask_BT = torch.zeros((B, T), dtype=torch.float32) if episodes else None
     for b, s in enumerate(scored):
         r = s.rollout
         P, R = len(r.prompt_ids), len(r.response_ids)
@@ -135,6 +160,9 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
             # Row t of the scorer's [R, H] predicts response token t (column P + t): column i
             # holds the state at position i − 1, as the top-K fields (rollout.alignment).
             hidden_BTH[b, span] = s.teacher_hidden
+        if student_mask_BT is not None:
+            mask = r.student_mask or (1,) * R  # a single-turn row: all the student's
+            student_mask_BT[b, span] = torch.tensor(mask, dtype=torch.float32)
     versions_B = torch.tensor([s.policy_version for s in scored], dtype=torch.int64)
     return TrainBatch(
         input_ids_BT=input_ids_BT,
@@ -147,6 +175,7 @@ def collate(scored: list[ScoredRollout], *, pad_id: int) -> TrainBatch:
         teacher_topk_ids_BTK=topk_ids_BTK,
         teacher_topk_logp_BTK=topk_logp_BTK,
         teacher_hidden_BTH=hidden_BTH,
+        student_mask_BT=student_mask_BT,
     )
 
 

@@ -306,6 +306,7 @@ def dense_batch_loss(
         aggregation=aggregation,
         normaliser=normaliser,
         logp_teacher_BT=batch.logp_teacher_BT,
+        student_mask_BT=batch.student_mask_BT,
     )
 
 
@@ -684,6 +685,7 @@ def full_dense_surrogate_loss(
     vocab_size: int = 1,
     logp_teacher_BT: Tensor | None = None,
     ratio_clip: float | None = None,
+    student_mask_BT: Tensor | None = None,
 ) -> tuple[Tensor, DenseStats]:
     """Scalar OPD+ full-vocabulary loss and its `DenseStats` (teacher/student tails are 0).
 
@@ -695,6 +697,8 @@ def full_dense_surrogate_loss(
         mask_BT, discount, is_cap, aggregation, normaliser: as `dense_surrogate_loss`.
     clamped_BT: optional [B, T] clamped entries per position (of vocab_size), for clamped_frac.
     logp_teacher_BT: optional, the sampled token's teacher log-prob, only for `ell_mean`.
+    student_mask_BT: optional [B, T], 0 at an episode's environment tokens, as
+        `dense_surrogate_loss` (docs/math.md §10).
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation {aggregation!r}; valid: {', '.join(AGGREGATIONS)}")
@@ -703,14 +707,16 @@ def full_dense_surrogate_loss(
     if d_BT.shape != mask_BT.shape:
         raise ValueError(f"d_BT {tuple(d_BT.shape)} does not match the mask {tuple(mask_BT.shape)}")
     dtype = compute_dtype(d_BT, logp_learner_BT)
-    keep_BT = mask_BT != 0
+    keep_BT = keep_mask(mask_BT, student_mask_BT)
+    steps_BT = None if student_mask_BT is None else keep_BT
     d_BT = torch.where(keep_BT, d_BT.to(dtype), 0.0)
     loss, adv_BT, loss_stats = _two_terms(
         d_BT,
         keep_BT,
         logp_learner_BT,
         logp_sampler_BT,
-        mask_BT,
+        mask_BT if student_mask_BT is None else keep_BT,
+        steps_BT=steps_BT,
         discount=discount,
         is_cap=is_cap,
         aggregation=aggregation,

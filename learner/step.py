@@ -48,7 +48,8 @@ _ADVICE = (
 
 @dataclass(frozen=True)
 class StepStats:
-    """Diagnostics of one shard's loss; per-token means are over its response tokens.
+    """Diagnostics of one shard's loss; per-token means are over its response tokens (the
+    student's only in an episode).
 
     loss:              this shard's share of the global loss (shares sum to the batch loss).
     divergence:        mean g(r_t) = cost(ell_t); unbiased for the per-token D_f(student‖teacher).
@@ -58,7 +59,8 @@ class StepStats:
     is_truncated_frac: fraction of tokens whose importance ratio exceeded is_cap.
     is_weight_mean:    mean truncated importance weight w_t.
     mismatch:          mean |logp_learner − logp_sampler| (learner vs sampler numerics).
-    num_tokens:        response tokens in the shard; num_sequences: rows in the shard.
+    num_tokens:        response tokens in the shard (the student's in an episode: the weight of
+                       its per-token means in `merge_metrics`); num_sequences: rows in the shard.
     """
 
     loss: float
@@ -132,12 +134,14 @@ def global_normaliser(batch: TrainBatch, aggregation: str) -> float:
     """N for `surrogate_loss` over the FULL step batch (before splitting across ranks).
 
     token_mean: number of response tokens; seq_mean: number of rows with a response token.
-    At least 1, so an all-empty batch gives a zero loss rather than NaN.
+    In an episode only the student's tokens count (docs/math.md §10). At least 1, so an
+    all-empty batch gives a zero loss rather than NaN.
     """
+    mask_BT = batch.student_response_mask_BT
     if aggregation == "token_mean":
-        n = batch.response_mask_BT.sum().item()
+        n = mask_BT.sum().item()
     elif aggregation == "seq_mean":
-        n = (batch.response_mask_BT.sum(-1) > 0).sum().item()
+        n = (mask_BT.sum(-1) > 0).sum().item()
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}")
     return float(max(n, 1))
@@ -239,6 +243,7 @@ def compute_loss(
         discount=s.discount,
         ratio_clip=ratio_clip,
         center_cost=s.center_cost,
+        student_mask_BT=batch.student_mask_BT,
     )
     loss, loss_stats = surrogate_loss(
         logp_learner_BT,
@@ -248,6 +253,7 @@ def compute_loss(
         is_cap=s.is_cap,
         aggregation=s.aggregation,
         normaliser=normaliser,
+        student_mask_BT=batch.student_mask_BT,
     )
     stats = StepStats(
         loss=loss.item(),
@@ -258,7 +264,7 @@ def compute_loss(
         is_truncated_frac=loss_stats.is_truncated_frac,
         is_weight_mean=loss_stats.is_weight_mean,
         mismatch=loss_stats.mismatch,
-        num_tokens=batch.num_response_tokens,
+        num_tokens=batch.num_student_tokens,
         num_sequences=batch.num_sequences,
     )
     _check_loss(stats.loss, batch, logp_learner_BT)
@@ -300,7 +306,7 @@ def _dense_result(loss: Tensor, dense, batch: TrainBatch, logp_learner_BT: Tenso
     stats = StepStats(
         loss=loss.item(),
         **dense.step_fields(),
-        num_tokens=batch.num_response_tokens,
+        num_tokens=batch.num_student_tokens,
         num_sequences=batch.num_sequences,
     )
     _check_loss(stats.loss, batch, logp_learner_BT)
@@ -312,7 +318,7 @@ def _check_loss(loss: float, batch: TrainBatch, logp_learner_BT: Tensor) -> None
     the message says which inputs (on response tokens) are not finite."""
     if math.isfinite(loss):
         return
-    mask = batch.response_mask_BT.bool()
+    mask = batch.student_response_mask_BT.bool()
     inputs = {
         "teacher log-probs": batch.logp_teacher_BT,
         "sampler log-probs": batch.logp_sampler_BT,

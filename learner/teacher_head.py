@@ -393,5 +393,6 @@ def full_batch_loss(
         vocab_size=head.vocab_size,
         logp_teacher_BT=batch.logp_teacher_BT,
         ratio_clip=ratio_clip,
+        student_mask_BT=batch.student_mask_BT,
     )
     return loss, logp_BT, stats

@@ -31,14 +31,41 @@ def _check_logps(name: str, logps: tuple[float, ...], sample_id: str) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class Episode:
+    """How an episode's trajectory (``Rollout.response_ids``) splits into turns (docs/math.md
+    §10): the student's turns, and between them the environment's answers.
+
+    turns:       [(start, end)] response positions of each student turn, in order, disjoint,
+                 non-empty; every other response token is the environment's.
+    tool_calls:  calls the environment answered; tool_errors: those answered with an error.
+    cut:         the last student turn opened a tool call and ran out of tokens before
+                 closing it (the episode's budget or max_tokens).
+    """
+
+    turns: tuple[tuple[int, int], ...]
+    tool_calls: int = 0
+    tool_errors: int = 0
+    cut: bool = False
+
+    @property
+    def student_tokens(self) -> int:
+        return sum(end - start for start, end in self.turns)
+
+
+@dataclass(frozen=True, slots=True)
 class Rollout:
-    """One sampled response.
+    """One sampled response, or one episode's trajectory.
 
     sample_id:      unique id "<problem_id>/<k>" (k-th sample of that problem).
     prompt_ids:     [P] prompt token ids (BOS included).
-    response_ids:   [R] sampled token ids (EOS included when the sampler stopped on it).
-    logp_sampler:   [R] log π_sampler(y_t | s_t) recorded at sampling time.
+    response_ids:   [R] sampled token ids (EOS included when the sampler stopped on it); in
+                    an episode, the whole trajectory after the prompt: the student's turns and
+                    the environment's answers between them.
+    logp_sampler:   [R] log π_sampler(y_t | s_t) recorded at sampling time; 0.0 at the
+                    environment's tokens.
     policy_version: version of the weights that sampled it.
+    episode:        None for a single-turn response (every response token is the student's);
+                    else the turns (`Episode`), from which `student_mask` follows.
     """
 
     sample_id: str
@@ -49,6 +76,7 @@ class Rollout:
     logp_sampler: tuple[float, ...]
     policy_version: int
     finish_reason: str
+    episode: Episode | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
@@ -65,10 +93,42 @@ class Rollout:
                 f"{self.sample_id}: finish_reason {self.finish_reason!r} not in {FINISH_REASONS}"
             )
         _check_logps("logp_sampler", self.logp_sampler, self.sample_id)
+        if self.episode is not None:
+            self._check_episode()
+
+    def _check_episode(self) -> None:
+        ep, sid, R = self.episode, self.sample_id, len(self.response_ids)
+        end = 0
+        for start, stop in ep.turns:
+            if not end <= start < stop <= R:
+                raise RecordError(
+                    f"{sid}: episode turns {ep.turns} are not disjoint, ordered, non-empty "
+                    f"spans of the {R} response positions"
+                )
+            end = stop
+        if min(ep.tool_calls, ep.tool_errors) < 0 or ep.tool_errors > ep.tool_calls:
+            raise RecordError(
+                f"{sid}: {ep.tool_errors} tool errors of {ep.tool_calls} calls is not a count"
+            )
+        for t, (m, lp) in enumerate(zip(self.student_mask, self.logp_sampler, strict=True)):
+            # The sampler did not draw the environment's tokens: no log-prob to record.
+            if not m and lp != 0.0:
+                raise RecordError(f"{sid}: logp_sampler[{t}] = {lp!r} at an environment token")
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
+
+    @property
+    def student_mask(self) -> tuple[int, ...] | None:
+        """[R] 1 at the student's tokens, 0 at the environment's; None: a single-turn
+        response, every token the student's."""
+        if self.episode is None:
+            return None
+        mask = [0] * len(self.response_ids)
+        for start, end in self.episode.turns:
+            mask[start:end] = [1] * (end - start)
+        return tuple(mask)
 
 
 @dataclass(frozen=True, slots=True)
