@@ -1,4 +1,4 @@
-"""Resolve the config's model names ('toy', 'smollm2' or a folder) to model folders."""
+"""Resolve the config's model names ('toy', 'toy_tool', 'smollm2' or a folder) to model folders."""
 
 from __future__ import annotations
 
@@ -27,6 +27,12 @@ def resolve_pair(teacher: str, student: str, *, progress: bool = True) -> ModelP
 
                 built["toy"] = build_toy_models(cache_dir() / "models" / "toy", progress=progress)
             return Path(getattr(built["toy"], f"{role}_dir"))
+        if name == "toy_tool":  # the calculator tool pair (models/toy_tool.py)
+            if "toy_tool" not in built:
+                from models.toy_tool import build_toy_tool_models
+
+                built["toy_tool"] = build_toy_tool_models(cache_dir() / "models" / "toy_tool")
+            return Path(getattr(built["toy_tool"], f"{role}_dir"))
         if name == "smollm2":
             if "smollm2" not in built:
                 from models.smollm2 import build_smollm_pair

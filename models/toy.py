@@ -91,13 +91,14 @@ class ToyModels:
     report: dict = field(default_factory=dict, compare=False)
 
 
-def build_tokenizer():
-    """Character-level fast tokenizer: one token per character, specials ``<pad> <bos> <eos> <unk>``."""
+def build_tokenizer(chars: str = VOCAB_CHARS):
+    """Character-level fast tokenizer: one token per character of ``chars`` (ids in that order,
+    after the specials ``<pad> <bos> <eos> <unk>``)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS.values())}
-    for ch in VOCAB_CHARS:
+    for ch in chars:
         vocab.setdefault(ch, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk_token"]))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
     stalled a fresh-clone run 282 s waiting for the build."""
 
     def group(item) -> int:
-        if "toy_pair" in getattr(item, "fixturenames", ()):
+        if {"toy_pair", "toy_tool_pair"} & set(getattr(item, "fixturenames", ())):
             return 2
         return 0 if item.get_closest_marker("slow") is None else 1
 
@@ -30,17 +30,21 @@ def pytest_collection_modifyitems(config, items):
 def pytest_sessionstart(session):
     """On a fresh clone the toy pair is not built yet (~3-6 min of SFT on two cores): start its
     build in a background process now, beside the pure-logic tests (mostly one core), instead of
-    inside the first test that needs it. ``toy_pair`` then waits on the same build lock
-    (``models.common.build_lock``) and finds the folders finished; if this build failed, the
+    inside the first test that needs it (the calculator tool pair after it, ~1 min more).
+    ``toy_pair`` and ``toy_tool_pair`` then wait on the same build locks
+    (``models.common.build_lock``) and find the folders finished; if this build failed, the
     fixture builds in the foreground and shows the error. Output: ``<cache>/toy-prebuild.log``."""
     import subprocess
     import sys
 
     from models.common import cache_dir
     from models.toy import toy_models_cached
+    from models.toy_tool import toy_tool_cached
 
     out = cache_dir() / "models" / "toy"
-    if toy_models_cached(out) or os.environ.get("OPDPLUS_NO_PREBUILD"):
+    tool_out = cache_dir() / "models" / "toy_tool"  # then the tool pair (~1 min), same process
+    cached = toy_models_cached(out) and toy_tool_cached(tool_out)
+    if cached or os.environ.get("OPDPLUS_NO_PREBUILD"):
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     # One torch thread: the tests beside it hold the other core, and two threads on one free
@@ -48,11 +52,12 @@ def pytest_sessionstart(session):
     # gave the same safetensors bytes (sha256) as the two-thread build in the cache.
     code = (
         "import sys, torch; torch.set_num_threads(1); from models.toy import build_toy_models;"
-        " build_toy_models(sys.argv[1], progress=False)"
+        " from models.toy_tool import build_toy_tool_models;"
+        " build_toy_models(sys.argv[1], progress=False); build_toy_tool_models(sys.argv[2])"
     )
     log = open(cache_dir() / "toy-prebuild.log", "w")  # noqa: SIM115 — the child owns it
     session.config._toy_prebuild = subprocess.Popen(
-        [sys.executable, "-c", code, str(out)], stdout=log, stderr=subprocess.STDOUT
+        [sys.executable, "-c", code, str(out), str(tool_out)], stdout=log, stderr=subprocess.STDOUT
     )
 
 
@@ -85,6 +90,15 @@ def toy_pair(cache_root):
     from models.toy import build_toy_models
 
     return build_toy_models(cache_root / "models" / "toy", progress=False)
+
+
+@pytest.fixture(scope="session")
+def toy_tool_pair(cache_root):
+    """The calculator tool pair (models/toy_tool.py: ``ToolPair`` with the teacher and student
+    folders and the problems' JSONL files; ~1 min to build on one core, then cached)."""
+    from models.toy_tool import build_toy_tool_models
+
+    return build_toy_tool_models(cache_root / "models" / "toy_tool")
 
 
 def _ensure_ray():
