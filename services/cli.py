@@ -69,9 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     e.add_argument("--out", default=None, help="write the JSON result here too")
 
-    m = sub.add_parser("toy-models", help="build (or reuse) the toy teacher/student pair")
+    m = sub.add_parser(
+        "toy-models", help="build (or reuse) the toy teacher/student pair (--tool: the tool pair)"
+    )
     m.add_argument("--force", action="store_true", help="rebuild even if cached")
     m.add_argument("--out", default=None, help="output folder (default <cache>/models/toy)")
+    m.add_argument(
+        "--tool",
+        action="store_true",
+        help="build the calculator tool pair instead (issue 22; default <cache>/models/toy_tool)",
+    )
 
     s = sub.add_parser("smollm2", help="unpack SmolLM2-135M (teacher) and a pruned student")
     s.add_argument("--force", action="store_true")
@@ -172,13 +179,21 @@ def _cmd_eval(args) -> int:
 
 def _cmd_toy_models(args) -> int:
     from models.common import cache_dir
-    from models.toy import build_toy_models
 
-    out = Path(args.out) if args.out else cache_dir() / "models" / "toy"
-    pair = build_toy_models(out, force=args.force)
-    print(
-        json.dumps({"teacher": str(pair.teacher_dir), "student": str(pair.student_dir)}, indent=2)
+    if args.tool:
+        from models.toy_tool import build_toy_tool_models as build
+    else:
+        from models.toy import build_toy_models as build
+    out = (
+        Path(args.out)
+        if args.out
+        else cache_dir() / "models" / ("toy_tool" if args.tool else "toy")
     )
+    pair = build(out, force=args.force)
+    paths = {"teacher": pair.teacher_dir, "student": pair.student_dir}
+    if args.tool:  # the problems, for task.path / task.eval_path
+        paths |= {"train": pair.train_path, "heldout": pair.heldout_path}
+    print(json.dumps({k: str(v) for k, v in paths.items()}, indent=2))
     return 0
 
 

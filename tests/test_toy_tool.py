@@ -128,3 +128,17 @@ def test_student_rarely_calls_the_tool_and_is_mostly_wrong(toy_tool_pair):
     p_call = probs_BV[:, tok.convert_tokens_to_ids(tt.CALL_OPEN[0])].mean().item()
     p_direct = probs_BV[:, tok.convert_tokens_to_ids(tasks.ANSWER_MARKER)].mean().item()
     assert 0.02 <= p_call <= 0.3 < p_direct, (p_call, p_direct)
+
+
+def test_cli_toy_models_tool_names_the_cached_pair(toy_tool_pair, capsys):
+    import json
+
+    from services.cli import main
+
+    assert main(["toy-models", "--tool"]) == 0
+    assert json.loads(capsys.readouterr().out) == {
+        "teacher": str(toy_tool_pair.teacher_dir),
+        "student": str(toy_tool_pair.student_dir),
+        "train": str(toy_tool_pair.train_path),
+        "heldout": str(toy_tool_pair.heldout_path),
+    }
