@@ -2,7 +2,8 @@
 the student mostly tries in its head (issue 22's toy tool task).
 
 A teacher trajectory, as the samplers' episodes produce it for a tokenizer without a chat
-template (the tool's answer appended as ``[`` + value + ``]``)::
+template (the tool's answer appended as ``[`` + value + ``]``: ``rollout.prompting``'s
+TOOL_ANSWER_OPEN / TOOL_ANSWER_CLOSE)::
 
     [BOS] 37*58=  <calc>37*58</calc>  [2146]  #2146 [EOS]
           prompt  student turn 1      tool    student turn 2
@@ -14,9 +15,11 @@ tool's answer is easy for it, so:
 
 * teacher: trained on tool trajectories only (loss on its own tokens; the tool's ``[...]``
   tokens are masked), until the calculator-in-the-loop greedy accuracy on a dev set is >= 98 %.
-* student: smaller, trained mostly on direct answers (``37*58=#2146``) with a small share of
-  tool trajectories: greedily it never calls the tool and is almost always wrong, while
-  sampling it calls the tool now and then — room for OPD+ to teach it the teacher's habit.
+* student: smaller; trained on tool trajectories first (it learns the call's format and to
+  copy the tool's answer), then mostly on direct answers (``37*58=#2146``, 5 % tool
+  trajectories): it knows how to use the calculator but rarely calls it — greedily never, so
+  it is almost always wrong; sampling, it starts a call ~3 % of the time — room for OPD+ to
+  teach it the teacher's habit.
 
 The problems are every ``a*b`` with 10 <= a, b <= 99; a fixed seeded 200 are held out. The
 builder writes them as JSONL for the ``jsonl`` source (``<out>/data/train.jsonl``,
@@ -29,6 +32,7 @@ through the samplers.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -129,11 +133,12 @@ def dev_problems(train: list[Product]) -> list[Product]:
 
 
 @dataclass(frozen=True)
-class StudentMix:
-    """The student's SFT data: each example is a tool trajectory with probability
-    ``tool_share``, else the direct answer."""
+class Mix:
+    """Which gold completion an SFT example gets: the tool trajectory for every example of the
+    first ``tool_steps`` steps, then with probability ``tool_share``, else the direct answer."""
 
-    tool_share: float = 0.1
+    tool_steps: int = 0
+    tool_share: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -143,8 +148,11 @@ class ToolPairSpec:
         max_steps=600, batch=64, lr=3e-3, warmup=20, eval_every=50, stop_at_dev_acc=0.98
     )
     student: ModelSpec = ModelSpec(hidden=32, layers=2, heads=1, ffn=128)
-    student_train: TrainSpec = TrainSpec(max_steps=200, batch=64, lr=3e-3, eval_every=0)
-    student_mix: StudentMix = StudentMix()
+    student_train: TrainSpec = TrainSpec(max_steps=450, batch=64, lr=3e-3, eval_every=0)
+    # The student first learns the tool's format (copying the call and the answer takes a
+    # model this small ~300 steps), then mostly answers directly: it knows how to use the
+    # calculator but rarely calls it (p(call first) ~ 0.03, greedily never).
+    student_mix: Mix = Mix(tool_steps=300, tool_share=0.05)
 
 
 @dataclass(frozen=True)
@@ -268,10 +276,10 @@ def episode_summary(episodes: list[Episode]) -> dict:
 
 
 def train_sft(
-    model, tokenizer, spec: TrainSpec, *, tool_share: float, seed: int, train: list[Product]
+    model, tokenizer, spec: TrainSpec, *, mix: Mix, seed: int, train: list[Product]
 ) -> dict:
-    """SFT on gold trajectories (a tool trajectory with probability ``tool_share``, else the
-    direct answer), loss on the student's own tokens; early stop on the dev set's greedy
+    """SFT on gold trajectories (the tool trajectory or the direct answer, by ``mix``), loss on
+    the student's own tokens; early stop on the dev set's greedy
     episode accuracy (``spec.eval_every``, ``spec.stop_at_dev_acc``). Returns a small report."""
     rng = random.Random(f"toy_tool:{seed}")
     dev = dev_problems(train)
@@ -287,7 +295,8 @@ def train_sft(
         rows = []
         for _ in range(spec.batch):
             p = rng.choice(train)
-            tool = rng.random() < tool_share
+            draw = rng.random()
+            tool = step <= mix.tool_steps or draw < mix.tool_share
             rows.append(
                 _encode_example(tokenizer, p, p.tool_segments() if tool else p.direct_segments())
             )
@@ -311,21 +320,21 @@ def train_sft(
     }
 
 
-def _payload(name: str, model: ModelSpec, train: TrainSpec, seed: int, tool_share: float):
+def _payload(name: str, model: ModelSpec, train: TrainSpec, seed: int, mix: Mix):
     return {
         "name": name,
         "task": {"version": TASK_VERSION, "chars": VOCAB_CHARS, "low": LOW, "high": HIGH},
         "model": asdict(model),
         "train": asdict(train),
-        "tool_share": tool_share,
+        "mix": asdict(mix),
         "seed": seed,
     }
 
 
 def _parts(spec: ToolPairSpec, seed: int):
     return [
-        ("teacher", spec.teacher, spec.teacher_train, seed, 1.0),
-        ("student", spec.student, spec.student_train, seed + 1, spec.student_mix.tool_share),
+        ("teacher", spec.teacher, spec.teacher_train, seed, Mix()),
+        ("student", spec.student, spec.student_train, seed + 1, spec.student_mix),
     ]
 
 
@@ -333,8 +342,8 @@ def toy_tool_cached(out_dir: Path, *, seed: int = 0, spec: ToolPairSpec = ToolPa
     """Whether ``build_toy_tool_models(out_dir, seed=seed, spec=spec)`` would only read the cache."""
     out_dir = Path(out_dir)
     models_cached = all(
-        _cached(out_dir / name, _spec_hash(_payload(name, m, t, s, share))) is not None
-        for name, m, t, s, share in _parts(spec, seed)
+        _cached(out_dir / name, _spec_hash(_payload(name, m, t, s, mix))) is not None
+        for name, m, t, s, mix in _parts(spec, seed)
     )
     return models_cached and _data_current(out_dir / "data")
 
@@ -371,23 +380,38 @@ def _write_data(folder: Path) -> None:
             tmp.replace(path)
 
 
-def _build_one(folder: Path, name, model_spec, train_spec, seed, tool_share, *, force) -> dict:
-    payload = _payload(name, model_spec, train_spec, seed, tool_share)
+def _build_one(folder: Path, name, model_spec, train_spec, seed, mix, *, force) -> dict:
+    payload = _payload(name, model_spec, train_spec, seed, mix)
     spec_hash = _spec_hash(payload)
     with build_lock(folder):
         if not force and (info := _cached(folder, spec_hash)):
             return info
-        tokenizer = build_tokenizer(VOCAB_CHARS)
-        model = _new_model(model_spec, tokenizer, seed)
-        train, heldout = split()
-        report = train_sft(
-            model, tokenizer, train_spec, tool_share=tool_share, seed=seed, train=train
-        )
-        report["heldout_hf"] = episode_summary(greedy_episodes(model, tokenizer, heldout))
-        report["params"] = sum(p.numel() for p in model.parameters())
-        info = {"spec_hash": spec_hash, "spec": payload, "report": report}
-        save_model_folder(model, tokenizer, folder, info)
-        return info
+        with _one_torch_thread():
+            return _train_and_save(folder, model_spec, train_spec, seed, mix, payload)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """At these sizes a second torch thread only adds synchronisation: the pair built in 42 s
+    with one thread, 111 s with two (same bytes either way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_and_save(folder, model_spec, train_spec, seed, mix, payload) -> dict:
+    tokenizer = build_tokenizer(VOCAB_CHARS)
+    model = _new_model(model_spec, tokenizer, seed)
+    train, heldout = split()
+    report = train_sft(model, tokenizer, train_spec, mix=mix, seed=seed, train=train)
+    report["heldout_hf"] = episode_summary(greedy_episodes(model, tokenizer, heldout))
+    report["params"] = sum(p.numel() for p in model.parameters())
+    info = {"spec_hash": _spec_hash(payload), "spec": payload, "report": report}
+    save_model_folder(model, tokenizer, folder, info)
+    return info
 
 
 def build_toy_tool_models(
@@ -398,8 +422,8 @@ def build_toy_tool_models(
     out_dir = Path(out_dir)
     _write_data(out_dir / "data")
     infos = {
-        name: _build_one(out_dir / name, name, m, t, s, share, force=force)
-        for name, m, t, s, share in _parts(spec, seed)
+        name: _build_one(out_dir / name, name, m, t, s, mix, force=force)
+        for name, m, t, s, mix in _parts(spec, seed)
     }
     return ToolPair(
         out_dir / "teacher",
@@ -408,3 +432,32 @@ def build_toy_tool_models(
         out_dir / "data" / "heldout.jsonl",
         report={name: info["report"] for name, info in infos.items()},
     )
+
+
+def heldout_report(folder: Path) -> dict:
+    """Greedy held-out figures of the model in ``folder`` with the calculator in the loop
+    (``greedy_episodes``): accuracy with its Wilson 95 % interval, and the tool-call rate."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rollout.accuracy import wilson_interval
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    _, heldout = split()
+    episodes = greedy_episodes(model, tokenizer, heldout)
+    correct = sum(e.correct for e in episodes)
+    return {
+        "model": str(folder),
+        "n": len(episodes),
+        **episode_summary(episodes),
+        "ci95": list(wilson_interval(correct, len(episodes))),
+        "examples": [e.text for e in episodes[:3]],
+    }
+
+
+if __name__ == "__main__":  # python -m models.toy_tool FOLDER...: held-out figures as JSON
+    import sys
+
+    torch.set_num_threads(1)
+    for arg in sys.argv[1:]:
+        print(json.dumps(heldout_report(Path(arg))))
