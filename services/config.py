@@ -98,6 +98,14 @@ class TaskConfig:
         {},
         "chat source: passed to every model's chat template, e.g. {enable_thinking = false}",
     )
+    environment: str = _f(
+        "",
+        "an environment the student calls between its turns (episodes), a kind in "
+        "rollout.environments: {environments}; empty = single-turn responses",
+    )
+    environment_system: str = _f(
+        "", "task.environment set: a system message before each problem (e.g. how to call the tool)"
+    )
 
 
 @dataclass(frozen=True)
@@ -114,7 +122,11 @@ class RolloutConfig:
     scorer_resources: dict = _f({}, "Ray custom resources per scorer actor, e.g. {rollout = 1}")
     prompts_per_step: int = _f(16, "distinct prompts per learner step")
     samples_per_prompt: int = _f(4, "samples drawn per prompt")
-    max_tokens: int = _f(48, "maximum response tokens per sample")
+    max_tokens: int = _f(48, "maximum response tokens per sample (per student turn in an episode)")
+    max_turns: int = _f(4, "task.environment set: student turns per episode")
+    max_episode_tokens: int = _f(
+        128, "task.environment set: tokens after the prompt per episode, student's and tool's"
+    )
     temperature: float = _f(
         1.0, "sampling temperature τ: the student policy is softmax(logits / τ), learner included"
     )
@@ -510,6 +522,12 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
     need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     need(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
+    need(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
+    need(
+        1 <= r.max_episode_tokens < r.max_model_len,
+        "rollout.max_episode_tokens",
+        f"must be in [1, rollout.max_model_len = {r.max_model_len}), got {r.max_episode_tokens}",
+    )
     need(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     need(r.temperature > 0, "rollout.temperature", "must be > 0 (on-policy sampling)")
     need(d.teacher_temperature > 0, "distill.teacher_temperature", "must be > 0")
@@ -757,6 +775,24 @@ def _validate_source(task: TaskConfig, need) -> None:
     need(
         not unknown, "task.fields", f"unknown keys {unknown}; expected some of {', '.join(FIELDS)}"
     )
+    _validate_environment(task, need)
+
+
+def _validate_environment(task: TaskConfig, need) -> None:
+    """task.environment: empty or a registered environment (did-you-mean)."""
+    from rollout.environments import ENVIRONMENTS
+
+    need(
+        task.environment == "" or task.environment in ENVIRONMENTS,
+        "task.environment",
+        f"unknown environment {task.environment!r}"
+        + _suggest(task.environment, list(ENVIRONMENTS)).replace("valid keys", "valid names"),
+    )
+    need(
+        task.environment != "" or task.environment_system == "",
+        "task.environment_system",
+        "only an episode reads it; set task.environment too",
+    )
 
 
 def _validate_lora(lora: LoraConfig, need) -> None:
@@ -821,5 +857,11 @@ def describe(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]
                 doc = doc.format(verifiers=", ".join(VERIFIERS))
             if "{divergences}" in doc:
                 doc = doc.format(divergences=", ".join(_divergence_names()))
+            if "{environments}" in doc:
+                from rollout.environments import ENVIRONMENTS
+
+                doc = doc.format(
+                    environments="; ".join(f"{k}: {e.doc}" for k, e in ENVIRONMENTS.items())
+                )
             rows.append((f"{prefix}{f.name}", _toml_value(default), doc))
     return rows

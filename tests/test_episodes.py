@@ -200,3 +200,21 @@ def test_full_vocabulary_loss_ignores_the_environment_positions():
     torch.testing.assert_close(da, db)
     torch.testing.assert_close(pa, pb)
     assert not da[env_BT].any() and not pa[env_BT].any()
+
+
+# ---------------------------------------------------------------- config
+
+
+def test_environment_keys_are_checked_with_did_you_mean():
+    from services.config import ConfigError, describe, load_config
+
+    cfg = load_config(None, ['task.environment="calculator"', "rollout.max_turns=3"])
+    assert (cfg.task.environment, cfg.rollout.max_turns) == ("calculator", 3)
+    with pytest.raises(ConfigError, match="task.environment: .*did you mean 'calculator'"):
+        load_config(None, ['task.environment="calcualtor"'])
+    with pytest.raises(ConfigError, match="task.environment_system: .*set task.environment"):
+        load_config(None, ['task.environment_system="use <calc>"'])
+    with pytest.raises(ConfigError, match="rollout.max_episode_tokens"):
+        load_config(None, ['task.environment="python"', "rollout.max_episode_tokens=0"])
+    docs = {key: doc for key, _, doc in describe(type(cfg))}
+    assert "calculator: <calc>EXPR</calc>" in docs["task.environment"]
