@@ -522,11 +522,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     need(r.prompts_per_step >= 1, "rollout.prompts_per_step", "must be >= 1")
     need(r.samples_per_prompt >= 1, "rollout.samples_per_prompt", "must be >= 1")
     need(r.max_tokens >= 1, "rollout.max_tokens", "must be >= 1")
-    need(r.max_turns >= 1, "rollout.max_turns", "must be >= 1")
     need(
-        1 <= r.max_episode_tokens < r.max_model_len,
+        not cfg.task.environment or r.max_episode_tokens < r.max_model_len,
         "rollout.max_episode_tokens",
-        f"must be in [1, rollout.max_model_len = {r.max_model_len}), got {r.max_episode_tokens}",
+        f"must be < rollout.max_model_len ({r.max_model_len}), got {r.max_episode_tokens}",
     )
     need(r.max_staleness >= 0, "rollout.max_staleness", "must be >= 0")
     need(r.temperature > 0, "rollout.temperature", "must be > 0 (on-policy sampling)")
@@ -636,6 +635,8 @@ RANGES: dict[str, str] = {
     "rollout.prompts_per_step": ">= 1",
     "rollout.samples_per_prompt": ">= 1",
     "rollout.max_tokens": ">= 1",
+    "rollout.max_turns": ">= 1",
+    "rollout.max_episode_tokens": ">= 1",
     "rollout.temperature": "> 0",
     "rollout.max_staleness": ">= 0",
     "rollout.channel_capacity": ">= 1",

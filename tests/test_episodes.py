@@ -215,6 +215,6 @@ def test_environment_keys_are_checked_with_did_you_mean():
     with pytest.raises(ConfigError, match="task.environment_system: .*set task.environment"):
         load_config(None, ['task.environment_system="use <calc>"'])
     with pytest.raises(ConfigError, match="rollout.max_episode_tokens"):
-        load_config(None, ['task.environment="python"', "rollout.max_episode_tokens=0"])
+        load_config(None, ['task.environment="python"', "rollout.max_episode_tokens=256"])
     docs = {key: doc for key, _, doc in describe(type(cfg))}
     assert "calculator: <calc>EXPR</calc>" in docs["task.environment"]
