@@ -27,8 +27,13 @@ COLUMNS = ("versions", "samplers", "scorers", "attempts", "response_crc")
 
 
 def response_crc(rollout) -> int:
-    """A checksum of the sampled tokens (resume exactness is checked on it)."""
-    return zlib.crc32(",".join(map(str, rollout.response_ids)).encode())
+    """A checksum of the sampled tokens (resume exactness is checked on it). An episode's
+    response holds the environment's answers too, and its student mask is added, so a
+    re-dispatched or resumed episode must replay the same tool answers at the same places."""
+    text = ",".join(map(str, rollout.response_ids))
+    if rollout.episode is not None:
+        text += "|" + "".join(map(str, rollout.student_mask))
+    return zlib.crc32(text.encode())
 
 
 def ledger_row(batch) -> dict:

@@ -180,6 +180,7 @@ def build_rollout(cfg: Config, pair):
         call_timeout_s=r.call_timeout_s,
         start_timeout_s=cfg.ray.placement_timeout_s,
         step_timeout_s=r.step_timeout_s,
+        episodes=episode_settings(cfg),
     )
     return RolloutService(
         student_settings=engine_settings(
@@ -202,6 +203,21 @@ def build_rollout(cfg: Config, pair):
         plan=plan,
         in_process=r.in_process,
         control_name=control_name(cfg.run.name),
+    )
+
+
+def episode_settings(cfg: Config):
+    """``rollout.episodes.EpisodeSettings`` of a run with task.environment set, else None."""
+    if not cfg.task.environment:
+        return None
+    from rollout.environments import EnvironmentOptions
+    from rollout.episodes import EpisodeSettings
+
+    return EpisodeSettings(
+        environment=cfg.task.environment,
+        options=EnvironmentOptions(seed=cfg.run.seed, system=cfg.task.environment_system or None),
+        max_turns=cfg.rollout.max_turns,
+        max_episode_tokens=cfg.rollout.max_episode_tokens,
     )
 
 
@@ -349,18 +365,26 @@ def evaluate_student(
         k=cfg.eval.samples,
         max_tokens=cfg.eval.max_tokens,
         seed=cfg.run.seed,
+        episodes=episode_settings(cfg),  # task.environment: episodes, and the tool-call rate
+        max_model_len=cfg.rollout.max_model_len,
     )
     result = flatten_eval(report)
     result["policy_version"] = rollout.served_version
+    for key, part in (("greedy", "greedy"), ("avg_at_k", "avg_at_k")):  # episodes only
+        if "tool_call_rate" in report.get(part, {}):
+            result[f"{key}_tool_call_rate"] = report[part]["tool_call_rate"]
     return result
 
 
 def step_metrics(batch, stats: dict, times, spans: dict[str, float]) -> dict:
-    """The per-step row: learner/distill stats from the learner, rollout/time/perf here.
+    """The per-step row: learner/distill stats from the learner, rollout/time/perf here, and
+    for episodes (task.environment) ``rollout.episodes.episode_metrics``.
 
     batch: the step's ``services.channel.Batch``; spans: the driver's StepClock spans (wait
     for the batch, train, sync, whole step).
     """
+    from rollout.episodes import episode_metrics
+
     stale = [step_staleness(batch.step, s.policy_version) for s in batch]
     tokens = sum(len(s.rollout.response_ids) for s in batch)
     row = dict(stats)
@@ -385,4 +409,5 @@ def step_metrics(batch, stats: dict, times, spans: dict[str, float]) -> dict:
             "perf/samples_per_s": len(batch) / spans["step"],
         }
     )
+    row.update(episode_metrics([s.rollout for s in batch]))  # episode/...: issue 22
     return row

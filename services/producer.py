@@ -248,10 +248,18 @@ class Producer:
             problems = job.source.next_batch(p.prompts_per_step)
             # The state after drawing batch k is where a run resumed after step k starts.
             self.channel.set_source_state(step, job.source.state())
-            items = [WorkItem(q.id, q.answer, tuple(job.encode(q.prompt))) for q in problems]
+            items = [self._work_item(job, q) for q in problems]
             self.scheduler.open_step(step, items)
             self.inflight += len(items) * p.samples_per_prompt
             job.next_step += 1
+
+    def _work_item(self, job: _Job, q) -> WorkItem:
+        """A prompt to sample; in an episode its environment's first prompt, with the problem
+        the sampler's environment starts from (rollout/episodes.py)."""
+        episodes = self.plan.episodes
+        if episodes is None:
+            return WorkItem(q.id, q.answer, tuple(job.encode(q.prompt)))
+        return WorkItem(q.id, q.answer, tuple(job.encode(episodes.prompt(q))), q)
 
     def _dispatch(self) -> None:
         ready = sorted(self.samplers.ready(), key=lambda w: w.slot)
@@ -266,7 +274,11 @@ class Producer:
                 continue
             p = self.plan
             req = SampleRequest(
-                p.samples_per_prompt, p.max_tokens, p.temperature, chunk_seed(p.seed, chunk)
+                p.samples_per_prompt,
+                p.max_tokens,
+                p.temperature,
+                chunk_seed(p.seed, chunk),
+                episodes=p.episodes,
             )
             ref = self.calls.call(w.handle, "sample_stream", list(chunk.items), req, streaming=True)
             now = self.clock()

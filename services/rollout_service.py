@@ -23,6 +23,7 @@ import threading
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
+from rollout.episodes import EpisodeSettings
 from rollout.sampler import Sampler
 from rollout.scorer import Scorer
 from services import messages as m
@@ -63,6 +64,7 @@ class RolloutPlan:
     call_timeout_s: float = 600.0  # rollout.call_timeout_s: sample (per group), score, generate
     start_timeout_s: float = 900.0  # ray.placement_timeout_s: placement + engine start
     step_timeout_s: float = 3600.0  # rollout.step_timeout_s: the driver's wait for one step
+    episodes: EpisodeSettings | None = None  # task.environment: samples are episodes (issue 22)
 
 
 class _LocalSampler:
