@@ -217,7 +217,8 @@ def greedy_episodes(
     A student turn ends at the environment's stop string (``</calc>``): the environment
     answers, its text is appended as ``[`` + answer + ``]`` and the student goes on; EOS, a
     turn without a call, ``max_turns`` student turns or ``max_new_tokens`` student tokens end
-    the episode. The whole sequence is recomputed for every token (no KV cache: at these
+    the episode. The answer is read from the student's own text (a tool's answer never
+    supplies it), as in ``rollout.episodes``. The whole sequence is recomputed for every token (no KV cache: at these
     lengths and sizes that is simpler and fast enough); rows are right-padded, so each row's
     next token is read at its own last position.
     """
@@ -228,7 +229,7 @@ def greedy_episodes(
     for env, p in zip(envs, products, strict=True):
         env.reset(p.problem())
     start = [len(r) for r in ids]
-    turn = [""] * len(products)
+    turn, own = [""] * len(products), [""] * len(products)
     turns, calls, new = [0] * len(products), [0] * len(products), [0] * len(products)
     active = set(range(len(products)))
     eos = tokenizer.eos_token_id
@@ -245,7 +246,8 @@ def greedy_episodes(
             if tok == eos:
                 active.discard(i)
                 continue
-            turn[i] += tokenizer.decode([tok])
+            char = tokenizer.decode([tok])
+            turn[i], own[i] = turn[i] + char, own[i] + char
             if any(turn[i].endswith(s) for s in envs[i].stop):
                 step = envs[i].step(turn[i])
                 turns[i], calls[i], turn[i] = turns[i] + 1, calls[i] + step.tool_calls, ""
@@ -261,8 +263,8 @@ def greedy_episodes(
         tokenizer.decode(r[s:], skip_special_tokens=True) for r, s in zip(ids, start, strict=True)
     ]
     return [
-        Episode(text, c, tasks.verify(text, p.answer))
-        for text, c, p in zip(texts, calls, products, strict=True)
+        Episode(text, c, tasks.verify(mine, p.answer))
+        for text, mine, c, p in zip(texts, own, calls, products, strict=True)
     ]
 
 
