@@ -32,7 +32,7 @@ from rollout import tasks
 from rollout.prompting import Chat, prompt_chars
 
 JSONL_BLOCK = 1024  # lines per JSONL block (and rows per block of an Arrow folder)
-FIELDS = ("messages", "prompt", "answer", "id")  # the task.fields keys
+FIELDS = ("messages", "prompt", "answer", "id", "teacher")  # the task.fields keys
 EVAL_FRACTION = 0.1  # held out from the training file when task.eval_path is not given
 SAMPLE_ROWS = 8  # rows kept for the start-up rendering check, besides one per role pattern
 MAX_ROLE_PATTERNS = 64  # distinct role sequences kept for that check
@@ -183,12 +183,13 @@ def open_table(path: str | Path, key: str) -> _Reader:
 @dataclass(frozen=True)
 class ChatRow:
     """A row as the source keeps it: its index in the file, the chat, the answer ("" when
-    prompt-only) and its id."""
+    prompt-only), its id and the name of the teacher that scores it ("": the first)."""
 
     index: int
     chat: Chat
     answer: str
     row_id: str
+    teacher: str = ""
 
 
 def parse_row(
@@ -243,7 +244,11 @@ def parse_row(
         )
     row_id = record.get(col["id"])
     row_id = str(row_id) if row_id is not None else f"{stem}:{index}"
-    return ChatRow(index, Chat.of(turns, dict(template_kwargs or {})), str(answer).strip(), row_id)
+    teacher = record.get(col["teacher"]) or ""
+    if not isinstance(teacher, str):
+        raise _source_error(f"{where}: '{col['teacher']}' must be a teacher's name (a string)")
+    chat = Chat.of(turns, dict(template_kwargs or {}))
+    return ChatRow(index, chat, str(answer).strip(), row_id, teacher)
 
 
 def _held_out_key(seed: int, index: int) -> int:
@@ -289,6 +294,7 @@ class ChatSource:
         self.counts: dict[str, int] = {}  # what the validation pass found (opdplus data)
         self._reader = open_table(self.path, "task.path")
         self._samples: list[ChatRow] = []
+        self._teachers: dict[str, str] = {}  # each teacher name the rows give → its first row
         patterns: set[tuple[str, ...]] = set()
         held: list[tuple[int, int, ChatRow]] = []  # max-heap by key of the lowest keys
         n_usable = n_long = n_prompt_only = 0
@@ -298,6 +304,7 @@ class ChatSource:
                 continue
             n_usable += 1
             n_prompt_only += row.answer == ""
+            self._teachers.setdefault(row.teacher, f"{self.path} row {row.index}")
             roles = tuple(t.role for t in row.chat.turns)
             if len(self._samples) < SAMPLE_ROWS or (
                 roles not in patterns and len(patterns) < MAX_ROLE_PATTERNS
@@ -424,6 +431,13 @@ class ChatSource:
     def eval_prompts(self) -> list:
         """Every held-out row, prompt-only ones included."""
         return [self._problem(r) for r in self._eval]
+
+    def teachers(self) -> dict[str, str]:
+        """Each teacher name its rows give (their ``teacher`` field) → the first such row."""
+        where = {
+            r.teacher: f"{self.eval_path or self.path} row {r.index}" for r in self._eval[::-1]
+        }
+        return where | self._teachers
 
     def sample(self) -> list:
         """Problems for the start-up rendering check (class docstring)."""

@@ -62,7 +62,8 @@ class Problem:
     for a prompt-only row (never scored); ``kind`` is the ``SOURCES`` key; ``verifier`` the
     verifier's name and arguments (``("regex", pattern)``; empty: the kind's default); ``meta``
     what that verifier needs beyond the answer (a tuple of plain values, so problems pickle and
-    compare).
+    compare); ``teacher`` the name of the [[teachers]] entry that scores it (its data row's
+    ``teacher`` field; empty: the run's first teacher).
     """
 
     id: str
@@ -72,6 +73,7 @@ class Problem:
     kind: str
     meta: tuple = ()
     verifier: tuple[str, ...] = ()
+    teacher: str = ""
 
 
 class PromptSource(Protocol):
@@ -245,12 +247,16 @@ class JsonlSource:
         if isinstance(answer, bool) or not isinstance(answer, str | int | float):
             raise SourceError(f"{where}: record has no 'answer' (string or number)")
         record_id = record.get("id", f"{path.stem}:{line_no}")
+        teacher = record.get("teacher", "")
+        if not isinstance(teacher, str):
+            raise SourceError(f"{where}: 'teacher' must be a teacher's name (a string)")
         return Problem(
             id=f"jsonl:{record_id}",
             prompt=prompt,
             answer=str(answer),
             source=f"jsonl:{path.stem}",
             kind="jsonl",
+            teacher=teacher,
         )
 
     def _index(self, position: int) -> int:
@@ -281,6 +287,13 @@ class JsonlSource:
 
     def eval_set(self) -> list[Problem]:
         return list(self._eval)
+
+    def teachers(self) -> dict[str, str]:
+        """Each teacher name its rows give (their ``teacher`` field) → the first such row."""
+        named: dict[str, str] = {}
+        for p in self._train + self._eval:
+            named.setdefault(p.teacher, f"{p.id} ({p.source})")
+        return named
 
 
 @functools.cache
@@ -491,6 +504,7 @@ def _build_chat(o: SourceOptions) -> PromptSource:
             answer=row.answer,
             source=f"chat:{Path(o.path).stem}",
             kind="chat",
+            teacher=row.teacher,
         )
 
     return ChatSource(

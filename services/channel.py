@@ -34,6 +34,7 @@ class Provenance:
     sampler: str
     scorer: str
     attempt: int  # 1 + earlier failed tries of its prompt group (sampling or scoring)
+    teacher: str = ""  # the teacher that scored it (its [[teachers]] name; services/teachers.py)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,26 @@ class ModelsConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    name: str = _f(
+        "",
+        "the teacher's name: data rows name their teacher by it (their `teacher` field); "
+        "the ledger's teachers column and the teacher/<name>/... metrics use it",
+    )
+    model: str = _f("", "model folder, or 'toy' / 'smollm2' (the built-in pairs' teacher)")
+    dtype: str = _f("", "its engines' dtype, float32 or bfloat16; empty = models.dtype")
+    num_scorers: int = _f(1, "scorer actors of this teacher (each runs one vLLM engine)")
+    scorer_cpus: float = _f(-1.0, "CPUs per scorer actor; negative = rollout.scorer_cpus")
+    scorer_gpus: float = _f(-1.0, "GPUs per scorer actor; negative = rollout.scorer_gpus")
+    scorer_resources: dict = _f(
+        {}, "Ray custom resources per scorer actor; empty = rollout.scorer_resources"
+    )
+
+
+IMPLICIT_TEACHER = "teacher"  # the name of models.teacher when no [[teachers]] are given
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     source: str = _f(
         "arithmetic", "prompt source, a kind registered in rollout.sources.SOURCES: {sources}"
@@ -305,6 +325,43 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    teachers: list[TeacherConfig] = _f(
+        [],
+        "[[teachers]] tables, several teachers for one student: each scores the prompts whose "
+        "data row names it (the `teacher` field of a jsonl/chat row; rows without one go to the "
+        "first entry); keys name, model, dtype, num_scorers, scorer_cpus, scorer_gpus, "
+        "scorer_resources (TeacherConfig); empty = the one teacher models.teacher with "
+        "rollout.num_scorers scorers",
+    )
+
+
+def teacher_entries(cfg: Config) -> list[TeacherConfig]:
+    """The run's teachers with every inherited value filled in: the [[teachers]] entries
+    (dtype, CPUs, GPUs, resources from models.* / rollout.* where left unset), or the one
+    implicit teacher ``IMPLICIT_TEACHER`` = models.teacher with rollout.num_scorers scorers."""
+    r = cfg.rollout
+    if not cfg.teachers:
+        return [
+            TeacherConfig(
+                name=IMPLICIT_TEACHER,
+                model=cfg.models.teacher,
+                dtype=cfg.models.dtype,
+                num_scorers=r.num_scorers,
+                scorer_cpus=r.scorer_cpus,
+                scorer_gpus=r.scorer_gpus,
+                scorer_resources=dict(r.scorer_resources),
+            )
+        ]
+    return [
+        dataclasses.replace(
+            t,
+            dtype=t.dtype or cfg.models.dtype,
+            scorer_cpus=r.scorer_cpus if t.scorer_cpus < 0 else t.scorer_cpus,
+            scorer_gpus=r.scorer_gpus if t.scorer_gpus < 0 else t.scorer_gpus,
+            scorer_resources=dict(t.scorer_resources or r.scorer_resources),
+        )
+        for t in cfg.teachers
+    ]
 
 
 # ----------------------------------------------------------------------------- loading
@@ -404,9 +461,22 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"{where}: expected a [{prefix}{key}] table, got {value!r}")
             kwargs[key] = _build(hint, value, f"{prefix}{key}.", source)
+        elif _table_list(hint):  # [[teachers]]: an array of tables
+            if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+                raise ConfigError(f"{where}: expected [[{prefix}{key}]] tables, got {value!r}")
+            item = typing.get_args(hint)[0]
+            kwargs[key] = [
+                _build(item, v, f"{prefix}{key}[{i}].", source) for i, v in enumerate(value)
+            ]
         else:
             kwargs[key] = _coerce(value, hint, where)
     return cls(**kwargs)
+
+
+def _table_list(hint: Any) -> bool:
+    """Whether a field is an array of tables (``list[SomeConfig]``)."""
+    args = typing.get_args(hint)
+    return typing.get_origin(hint) is list and bool(args) and dataclasses.is_dataclass(args[0])
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -588,7 +658,7 @@ def validate(cfg: Config, source: str = "<config>") -> None:
     if cfg.ray.address == "" and cfg.ray.num_cpus > 0:
         cpus = (
             r.num_samplers * r.sampler_cpus
-            + r.num_scorers * r.scorer_cpus
+            + sum(t.num_scorers * t.scorer_cpus for t in teacher_entries(cfg))
             + lr.num_ranks * lr.cpus_per_rank
         )
         need(
@@ -603,6 +673,10 @@ def validate(cfg: Config, source: str = "<config>") -> None:
             ("learner.resources", lr.resources),
             ("rollout.sampler_resources", r.sampler_resources),
             ("rollout.scorer_resources", r.scorer_resources),
+            *(
+                (f"teachers[{i}].scorer_resources", t.scorer_resources)
+                for i, t in enumerate(cfg.teachers)
+            ),
         ):
             need(
                 not custom,
@@ -612,6 +686,13 @@ def validate(cfg: Config, source: str = "<config>") -> None:
                 f"nodes offer them, or remove {key}",
             )
     need(cfg.models.teacher != "", "models.teacher", "must name a model folder or 'toy'/'smollm2'")
+    _validate_teachers(cfg.teachers, need)
+    need(
+        not cfg.teachers or d.teacher_topk != "full",
+        "distill.teacher_topk",
+        "'full' applies one teacher's output layer (models.teacher's) in the learner; with "
+        "[[teachers]] set it to 0 or a top-K",
+    )
     need(cfg.models.student != "", "models.student", "must name a model folder or 'toy'/'smollm2'")
     _validate_source(cfg.task, need)
 
@@ -796,6 +877,40 @@ def _validate_environment(task: TaskConfig, need) -> None:
     )
 
 
+def _validate_teachers(teachers: list[TeacherConfig], need) -> None:
+    """Each [[teachers]] entry: a distinct plain name, a model, a dtype and >= 1 scorer.
+    (Whether the names the data uses are configured, and each teacher's tokenizer, are checked
+    when the run starts: services/teachers.py, models.checks.check_pair.)"""
+    seen: dict[str, int] = {}
+    for i, t in enumerate(teachers):
+        key = f"teachers[{i}]"
+        need(
+            t.name != "" and all(c.isalnum() or c in "_-." for c in t.name),
+            f"{key}.name",
+            f"must be a plain name (letters, digits, _ - .), got {t.name!r}",
+        )
+        need(
+            t.name not in seen,
+            f"{key}.name",
+            f"{t.name!r} is also the name of teachers[{seen.get(t.name)}]; names must differ",
+        )
+        seen[t.name] = i
+        need(t.model != "", f"{key}.model", "must name a model folder or 'toy'/'smollm2'")
+        need(
+            t.dtype in ("", "float32", "bfloat16"),
+            f"{key}.dtype",
+            f"must be 'float32', 'bfloat16' or empty (models.dtype), got {t.dtype!r}",
+        )
+        need(t.num_scorers >= 1, f"{key}.num_scorers", f"must be >= 1, got {t.num_scorers}")
+        for field_name in ("scorer_cpus", "scorer_gpus"):
+            value = getattr(t, field_name)
+            need(
+                in_range(value, "finite"),
+                f"{key}.{field_name}",
+                f"must be a number (negative = rollout.{field_name}), got {value}",
+            )
+
+
 def _validate_lora(lora: LoraConfig, need) -> None:
     """Names must be non-empty strings, and set only with a rank (whether the student has
     them is checked against its modules before the learner starts: learner.lora)."""
@@ -834,6 +949,8 @@ def _toml_value(value: Any) -> str:
         return (
             "{" + ", ".join(f"{_toml_value(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
         )
+    if dataclasses.is_dataclass(value):  # an entry of [[teachers]], as an inline table
+        return _toml_value({f.name: getattr(value, f.name) for f in dataclasses.fields(value)})
     return repr(value)
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.config import Config
+from services.config import Config, teacher_entries
 from services.errors import UserError
 from services.run_dir import check_resume, prepare_run_dir
 from services.versions import published_after, trained_at
@@ -39,6 +39,8 @@ class RunSummary:
     divergence_first: float | None
     divergence_last: float | None
     plots: list[str]
+    # Several teachers: each one's part of the held-out gain (services.teachers.improvement).
+    teachers: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def _train(
         build_weight_publisher,
         check_evaluation,
         check_rendering,
+        check_teachers,
         checkpoint_dir,
         evaluate_student,
         load_tokenizer,
@@ -121,7 +124,8 @@ def _train(
     t_start = time.perf_counter()
     adopt_run_dir(run_dir)  # quiet console: engine/library output → run_dir/engine.log
     show = cfg.log.progress if progress is None else progress
-    pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=show)
+    # The first teacher ([[teachers]]' first entry, else models.teacher) is the pair's.
+    pair = resolve_pair(teacher_entries(cfg)[0].model, cfg.models.student, progress=show)
     tokenizer = load_tokenizer(pair.student)
     # Everything started below is stopped by ``stops``, last started first, each stop even when
     # an earlier one raises or the start-up itself fails (services.cluster.Stops).
@@ -140,6 +144,7 @@ def _train(
         preflight(cfg)  # a resource no node offers: an error now, before anything starts
         source = run_source(cfg, build_source(cfg), tokenizer)  # + the token-length filter
         check_rendering(source, pair, tokenizer)  # teacher and student see the same token ids
+        check_teachers(cfg, source, pair, tokenizer)  # [[teachers]]: named, tokenizers, rendering
         eval_set = (source.eval_set() or held_out_prompts(source))[: cfg.task.eval_size]
         check_evaluation(cfg, eval_set)  # what the evaluation needs, the scorers can give
         # The learner ranks load (a Ray thread) while the engines start here: two waits at once.
@@ -355,6 +360,7 @@ def finish_run(run_dir: Path, cfg: Config, before: dict, after: dict, wall_s: fl
     from services.console import say
     from services.eval_command import prompt_only_lines
     from services.metrics import read_metrics, write_plots
+    from services.teachers import improvement, improvement_lines
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     div = [r["distill/divergence"] for r in rows if r.get("distill/divergence") is not None]
@@ -369,8 +375,9 @@ def finish_run(run_dir: Path, cfg: Config, before: dict, after: dict, wall_s: fl
         divergence_first=statistics.fmean(div[:5]) if div else None,
         divergence_last=statistics.fmean(div[-5:]) if div else None,
         plots=plots,
+        teachers=improvement(before, after, [t.name for t in cfg.teachers]) or None,
     )
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
-    for line in prompt_only_lines(before, after):
+    for line in prompt_only_lines(before, after) + improvement_lines(summary.teachers or {}):
         say(line)
     return summary

@@ -3,7 +3,8 @@
 One row per trained step: ``step`` and per-sample lists, all in the order the learner got them:
 ``sample_ids``, ``versions`` (policy version that sampled it), ``samplers`` / ``scorers``
 (worker names), ``attempts`` (1 + earlier failed tries of its prompt group) and
-``response_crc`` (CRC-32 of the sampled token ids); ``skipped_tokens``: prompts the run's source
+``response_crc`` (CRC-32 of the sampled token ids), with several teachers ``teachers`` (the
+[[teachers]] name of the teacher that scored it); ``skipped_tokens``: prompts the run's source
 skipped so far for being too long in tokens (rollout.sources.TokenLimitedSource).
 
 ``check_ledger(run_dir)`` proves what a run trained on: every step 1..N appears once, holds
@@ -23,7 +24,7 @@ from pathlib import Path
 from services.errors import UserError
 from services.versions import step_staleness, trained_at
 
-COLUMNS = ("versions", "samplers", "scorers", "attempts", "response_crc")
+COLUMNS = ("versions", "samplers", "scorers", "attempts", "response_crc", "teachers")
 
 
 def response_crc(rollout) -> int:
@@ -47,7 +48,12 @@ def ledger_row(batch) -> dict:
         "attempts": [p.attempt for p in batch.provenance],
         "response_crc": [response_crc(s.rollout) for s in batch.samples],
         "skipped_tokens": int((batch.source_state or {}).get("skipped_tokens", 0)),
-    }
+    } | _teachers_column(batch)
+
+
+def _teachers_column(batch) -> dict:
+    teachers = [p.teacher for p in batch.provenance]
+    return {"teachers": teachers} if any(teachers) else {}
 
 
 @dataclass
@@ -57,6 +63,7 @@ class LedgerReport:
     retried_samples: int = 0  # attempt > 1: their group was handed out again after a death
     per_sampler: dict = field(default_factory=dict)
     per_scorer: dict = field(default_factory=dict)
+    per_teacher: dict = field(default_factory=dict)  # samples each teacher scored (several)
     problems: list = field(default_factory=list)
 
     @property
@@ -96,10 +103,12 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     if steps != list(range(1, len(rows) + 1)):
         bad(f"steps are {steps}, expected 1..{len(rows)} each once in order")
     tokens = any(row.get("skipped_tokens", 0) for row in rows)
-    expected = _replay(cfg, max(steps, default=0), tokens=tokens) if replay else None
+    owners: dict[str, str] = {}  # sample id → the teacher its prompt's row names
+    expected = _replay(cfg, max(steps, default=0), tokens=tokens, owners=owners) if replay else None
     seen: Counter = Counter()
     sampler_n: Counter = Counter()
     scorer_n: Counter = Counter()
+    teacher_n: Counter = Counter()
     for row in rows:
         step, ids = row["step"], row["sample_ids"]
         if len(ids) != r.prompts_per_step * r.samples_per_prompt:
@@ -127,6 +136,17 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
                 bad(f"step {step}: a sample of version {v} (staleness {lag} > {r.max_staleness})")
         sampler_n.update(row.get("samplers", []))
         scorer_n.update(row.get("scorers", []))
+        teacher_n.update(row.get("teachers", []))
+        if cfg.teachers and "teachers" not in row:
+            bad(f"step {step}: no teachers column, but the config has [[teachers]]")
+        elif cfg.teachers and expected is not None:
+            wrong = [
+                f"{sid} by {got} (its row names {owners.get(sid, cfg.teachers[0].name)})"
+                for sid, got in zip(ids, row["teachers"], strict=False)
+                if got != owners.get(sid, cfg.teachers[0].name)
+            ]
+            if wrong:
+                bad(f"step {step}: scored by the wrong teacher: {', '.join(wrong[:3])}")
         report.retried_samples += sum(a > 1 for a in row.get("attempts", []))
         report.samples += len(ids)
     # A random prompt source may deal the same problem again in a later step (its id is the
@@ -136,10 +156,20 @@ def check_ledger(run_dir: Path, *, replay: bool = True) -> LedgerReport:
     if twice:
         bad(f"{len(twice)} sample ids appear more often than dealt, e.g. {twice[:3]}")
     report.per_sampler, report.per_scorer = dict(sampler_n), dict(scorer_n)
+    report.per_teacher = dict(teacher_n)
+    _check_teachers(cfg, teacher_n, bad)
     return report
 
 
-def _replay(cfg, steps: int, *, tokens: bool) -> dict[int, Counter]:
+def _check_teachers(cfg, teacher_n: Counter, bad) -> None:
+    """Several teachers: every sample names a configured teacher (none without [[teachers]])."""
+    names = {t.name for t in cfg.teachers}
+    unknown = sorted(set(teacher_n) - names)
+    if unknown:
+        bad(f"samples scored by teachers {unknown}, not among the config's {sorted(names)}")
+
+
+def _replay(cfg, steps: int, *, tokens: bool, owners: dict | None = None) -> dict[int, Counter]:
     """The sample ids the prompt source deals for each step 1..steps of this config; with
     ``tokens`` (the run skipped prompts too long in tokens) through the same token-length
     filter, which needs the student's tokenizer (without it the deal is the same)."""
@@ -148,13 +178,20 @@ def _replay(cfg, steps: int, *, tokens: bool) -> dict[int, Counter]:
     source = build_source(cfg)
     if tokens:
         from models.pairs import resolve_pair
+        from services.config import teacher_entries
         from services.driver import run_source
         from services.parts import load_tokenizer
 
-        student = resolve_pair(cfg.models.teacher, cfg.models.student, progress=False).student
+        first = teacher_entries(cfg)[0].model
+        student = resolve_pair(first, cfg.models.student, progress=False).student
         source = run_source(cfg, source, load_tokenizer(student))
     n, k = cfg.rollout.samples_per_prompt, cfg.rollout.prompts_per_step
-    return {
-        step: Counter(f"{p.id}/{i}" for p in source.next_batch(k) for i in range(n))
-        for step in range(1, steps + 1)
-    }
+    dealt = {}
+    for step in range(1, steps + 1):
+        problems = source.next_batch(k)
+        dealt[step] = Counter(f"{p.id}/{i}" for p in problems for i in range(n))
+        if owners is not None:  # ``owners``: filled with sample id → its row's teacher
+            owners.update(
+                (f"{p.id}/{i}", p.teacher) for p in problems if p.teacher for i in range(n)
+            )
+    return dealt

@@ -3,7 +3,9 @@
 
 Every row is flushed as it is written, so a run that dies keeps every step it logged.
 Keys are namespaced (``learner/…``, ``distill/…``, ``rollout/…``, ``time/…``, ``eval/…``,
-``worker/<actor name>/…``). One ``MetricsLogger.log`` call writes a row everywhere.
+``worker/<actor name>/…``; with several teachers ``teacher/<name>/…`` per step and
+``eval/teacher/<name>/…``: services/parts.py::teacher_metrics, evaluate_student). One
+``MetricsLogger.log`` call writes a row everywhere.
 """
 
 from __future__ import annotations

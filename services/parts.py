@@ -10,7 +10,7 @@ import statistics
 import time
 from pathlib import Path
 
-from services.config import Config
+from services.config import Config, teacher_entries
 from services.versions import step_staleness
 
 
@@ -59,6 +59,49 @@ def check_rendering(source, pair, student_tokenizer) -> int:
     return check_same_rendering(samples, teacher_tokenizer, student_tokenizer)
 
 
+def teacher_dirs(cfg: Config, pair) -> dict[str, Path]:
+    """Each teacher's model folder by name (``services.config.teacher_entries``): the one
+    implicit teacher is ``pair.teacher``; every [[teachers]] entry is resolved and checked
+    against the student's tokenizer (models.checks.check_pair; the error names the entry)."""
+    from services.config import IMPLICIT_TEACHER
+
+    if not cfg.teachers:
+        return {IMPLICIT_TEACHER: pair.teacher}
+    from models.checks import ModelPairError
+    from models.pairs import resolve_pair
+
+    out = {}
+    for i, t in enumerate(cfg.teachers):
+        try:
+            out[t.name] = resolve_pair(t.model, cfg.models.student, progress=False).teacher
+        except ModelPairError as exc:
+            raise ModelPairError(f"teachers[{i}] ({t.name!r}): {exc}") from None
+    return out
+
+
+def check_teachers(cfg: Config, source, pair, student_tokenizer) -> dict[str, Path]:
+    """Before any engine starts, for several teachers: every teacher a data row names is
+    configured (services.teachers.check_data), each teacher shares the student's tokenizer
+    (``teacher_dirs``) and renders the prompts as the student does (``check_rendering``, the
+    error naming the entry). Returns ``teacher_dirs``."""
+    from models.pairs import ModelPair
+    from services.errors import UserError
+    from services.teachers import check_data
+
+    dirs = teacher_dirs(cfg, pair)
+    if not cfg.teachers:
+        return dirs
+    check_data(source, list(dirs))
+    for i, (name, folder) in enumerate(dirs.items()):
+        try:
+            check_rendering(
+                source, ModelPair(teacher=folder, student=pair.student), student_tokenizer
+            )
+        except UserError as exc:
+            raise type(exc)(f"teachers[{i}] ({name!r}): {exc}") from None
+    return dirs
+
+
 def data_report(cfg: Config, *, n: int = 1000) -> dict:
     """``opdplus data``: what the run's prompt source holds and how each model sees it — row
     counts, prompts skipped and why, token-length percentiles of up to ``n`` training prompts
@@ -67,10 +110,11 @@ def data_report(cfg: Config, *, n: int = 1000) -> dict:
     from rollout.prompting import encode_prompt, render_text
     from services.driver import run_source
 
-    pair = resolve_pair(cfg.models.teacher, cfg.models.student, progress=False)
+    pair = resolve_pair(teacher_entries(cfg)[0].model, cfg.models.student, progress=False)
     student = load_tokenizer(pair.student)
     source = build_source(cfg)
     checked = check_rendering(source, pair, student)  # UserError when they differ
+    check_teachers(cfg, source, pair, student)  # [[teachers]]: every one, and the data's names
     counts = dict(getattr(source, "counts", {}))
     limited = run_source(cfg, source, student)
     train = limited.next_batch(n)
@@ -144,13 +188,15 @@ def engine_settings(
     weight_transfer: str = "none",
     teacher_topk: int | str = 0,
     teacher_temperature: float = 1.0,
+    dtype: str = "",
 ):
+    """dtype: the engine's (a [[teachers]] entry's); empty = models.dtype."""
     from rollout.engine import EngineSettings
 
     r = cfg.rollout
     return EngineSettings(
         model_path=str(model_dir),
-        dtype=cfg.models.dtype,
+        dtype=dtype or cfg.models.dtype,
         seed=seed,
         kv_cache_mb=r.kv_cache_mb,
         kv_cache_fraction=r.kv_cache_fraction,
@@ -203,7 +249,31 @@ def build_rollout(cfg: Config, pair):
         plan=plan,
         in_process=r.in_process,
         control_name=control_name(cfg.run.name),
+        teachers=_teacher_specs(cfg, pair) if cfg.teachers else None,
     )
+
+
+def _teacher_specs(cfg: Config, pair) -> list:
+    """The [[teachers]] entries as ``services.teachers.TeacherSpec`` (engines, scorers)."""
+    from services.teachers import TeacherSpec
+
+    dirs = teacher_dirs(cfg, pair)
+    return [
+        TeacherSpec(
+            t.name,
+            engine_settings(
+                cfg,
+                dirs[t.name],
+                seed=cfg.run.seed,
+                teacher_topk=cfg.distill.teacher_topk,
+                teacher_temperature=cfg.distill.teacher_temperature,
+                dtype=t.dtype,
+            ),
+            t.num_scorers,
+            ray_options(t.scorer_cpus, t.scorer_gpus, t.scorer_resources),
+        )
+        for t in teacher_entries(cfg)
+    ]
 
 
 def episode_settings(cfg: Config):
@@ -373,7 +443,44 @@ def evaluate_student(
     for key, part in (("greedy", "greedy"), ("avg_at_k", "avg_at_k")):  # episodes only
         if "tool_call_rate" in report.get(part, {}):
             result[f"{key}_tool_call_rate"] = report[part]["tool_call_rate"]
+    if len(cfg.teachers) > 1:  # each teacher's prompts on their own (services/teachers.py)
+        from services.teachers import split_by_teacher
+
+        names = [t.name for t in cfg.teachers]
+        for name, part in split_by_teacher(problems, names).items():
+            if part:
+                own = flatten_eval(
+                    evaluate(
+                        model_dir, part, engine=rollout, k=cfg.eval.samples,
+                        max_tokens=cfg.eval.max_tokens, seed=cfg.run.seed,
+                    )
+                )  # fmt: skip
+                result |= {f"teacher/{name}/{k}": own[k] for k in _PER_TEACHER if k in own}
     return result
+
+
+_PER_TEACHER = ("n_problems", "greedy_acc", "avg_at_k")  # evaluation keys kept per teacher
+
+
+def teacher_metrics(batch) -> dict:
+    """Several teachers: per teacher (the ledger's teachers column), its share of the step's
+    samples and the sampled reverse KL of its samples, the per-token Monte-Carlo estimate of
+    KL(π_S ‖ π_T) = mean over its response tokens of log π_sampler(y_t) − log π_T(y_t)
+    (at rollout.temperature; can come out below 0). {} with one implicit teacher."""
+    per: dict[str, list] = {}
+    for s, p in zip(batch.samples, batch.provenance, strict=True):
+        if p.teacher:
+            per.setdefault(p.teacher, []).append(s)
+    row = {}
+    for name, samples in sorted(per.items()):
+        diffs = [
+            ls - lt
+            for s in samples
+            for ls, lt in zip(s.rollout.logp_sampler, s.logp_teacher, strict=True)
+        ]
+        row[f"teacher/{name}/samples"] = len(samples)
+        row[f"teacher/{name}/reverse_kl"] = statistics.fmean(diffs) if diffs else 0.0
+    return row
 
 
 def step_metrics(batch, stats: dict, times, spans: dict[str, float]) -> dict:
@@ -387,7 +494,7 @@ def step_metrics(batch, stats: dict, times, spans: dict[str, float]) -> dict:
 
     stale = [step_staleness(batch.step, s.policy_version) for s in batch]
     tokens = sum(len(s.rollout.response_ids) for s in batch)
-    row = dict(stats)
+    row = dict(stats) | teacher_metrics(batch)
     row.update(
         {
             "rollout/staleness": stale,

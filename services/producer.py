@@ -24,6 +24,7 @@ from services.pool import DRAINING, READY, STARTING, SYNCING, Pool, Worker
 from services.push_waits import PushWaits
 from services.recovery import Recovery
 from services.scheduler import Group, Scheduler, chunk_seed, may_open
+from services.teachers import Routes
 from services.versions import Versions
 
 if TYPE_CHECKING:
@@ -66,8 +67,12 @@ class Producer:
         calls,
         control=None,
         clock=time.perf_counter,
+        routes: Routes | None = None,
     ) -> None:
+        """routes: which teacher scores each prompt, whose each scorer slot is (several
+        teachers: services/teachers.py); None = one teacher, every scorer its."""
         self.samplers, self.scorers, self.versions = samplers, scorers, versions
+        self.routes = routes
         self.channel, self.plan, self.calls, self.control = channel, plan, calls, control
         self.scheduler = Scheduler(plan.prompts_per_step, plan.dispatch_groups)
         self.tasks: dict = {}
@@ -212,6 +217,8 @@ class Producer:
         return None
 
     def _resize(self, samplers: int | None, scorers: int | None) -> None:
+        if self.routes is not None and self.routes.several:
+            scorers = None  # each teacher's scorers are its [[teachers]] entry's (no resize)
         for pool, n in ((self.samplers, samplers), (self.scorers, scorers)):
             if n:
                 for w in pool.resize(n):
@@ -246,6 +253,8 @@ class Producer:
                 self.channel.add_times(producer_wait=time.perf_counter() - self.wait_since)
                 self.wait_since = None
             problems = job.source.next_batch(p.prompts_per_step)
+            if self.routes is not None:
+                self.routes.note(problems)  # who scores each (several teachers)
             # The state after drawing batch k is where a run resumed after step k starts.
             self.channel.set_source_state(step, job.source.state())
             items = [self._work_item(job, q) for q in problems]
@@ -287,17 +296,36 @@ class Producer:
         self._dispatch_scores()
 
     def _dispatch_scores(self) -> None:
+        if self.routes is not None and self.routes.several:
+            return self._dispatch_teachers(self.routes)
         while self.scheduler.unscored:
             idle = [w for w in self.scorers.ready() if w.outstanding <= 0]
             if not idle:
                 return
             w = min(idle, key=lambda w: w.slot)
             groups = self.scheduler.take_groups(len(self.scorers.ready()))
-            rollouts = [r for g in groups for r in g.rollouts]
-            self.tasks[self.calls.call(w.handle, "score", rollouts)] = Score(
-                w, w.restarts, t0=self.clock(), groups=groups
-            )
-            w.outstanding += len(groups)
+            self._score(w, groups)
+
+    def _dispatch_teachers(self, routes: Routes) -> None:
+        """Several teachers: each idle scorer takes the waiting groups of its own teacher (up
+        to its part of a step among that teacher's ready scorers)."""
+        for w in sorted(self.scorers.ready(), key=lambda w: w.slot):
+            if not self.scheduler.unscored:
+                return
+            if w.outstanding > 0:
+                continue
+            mine = routes.slot_teacher(w.slot)
+            peers = sum(routes.slot_teacher(v.slot) == mine for v in self.scorers.ready())
+            groups = self.scheduler.take_groups(peers, routes.accepts(w.slot))
+            if groups:
+                self._score(w, groups)
+
+    def _score(self, w: Worker, groups: list[Group]) -> None:
+        rollouts = [r for g in groups for r in g.rollouts]
+        self.tasks[self.calls.call(w.handle, "score", rollouts)] = Score(
+            w, w.restarts, t0=self.clock(), groups=groups
+        )
+        w.outstanding += len(groups)
 
     def _deliver(self) -> None:
         while self.out and self.channel.room() >= len(self.out[0][1]):
@@ -345,7 +373,8 @@ class Producer:
             at = 0
             for group in task.groups:  # the call's rollouts are its groups' in order
                 part, at = scored[at : at + len(group.rollouts)], at + len(group.rollouts)
-                prov = Provenance(group.sampler, w.name, group.attempt)
+                teacher = self.routes.slot_teacher(w.slot) if self.routes else ""
+                prov = Provenance(group.sampler, w.name, group.attempt, teacher)
                 self.out.append((group.step, [(s, prov) for s in part]))
                 sampler = self.samplers.find(group.sampler)
                 if sampler is not None:

@@ -31,6 +31,7 @@ from services.calls import CallTimeout, LocalCalls, RayCalls
 from services.channel import Batch, Channel, RolloutError, RolloutTimes
 from services.pool import Pool, WorkerFailed, short_error
 from services.producer import Producer
+from services.teachers import Routes, TeacherSpec
 from services.versions import Versions, WeightSyncError
 
 __all__ = [
@@ -136,22 +137,37 @@ class RolloutService:
         plan: RolloutPlan,
         in_process: bool = False,
         control_name: str | None = None,
+        teachers: list[TeacherSpec] | None = None,
     ) -> None:
         """student_settings / teacher_settings: ``rollout.engine.EngineSettings`` (any
         picklable spec whose ``student_engine()`` / ``teacher_engine()`` build the engines).
         control_name: name of the control actor ``opdplus scale`` talks to (none if None or
-        in-process)."""
+        in-process). teachers: several teachers (``services.teachers``; each prompt scored by
+        its own), in place of teacher_settings / num_scorers / scorer_resources."""
         self.plan = plan
         self.in_process = in_process
         self.calls = LocalCalls() if in_process else RayCalls()
+        self.routes = (
+            None if teachers is None else Routes([(t.name, t.num_scorers) for t in teachers])
+        )
+        if teachers is None:
+            teachers = [TeacherSpec("", teacher_settings, num_scorers, scorer_resources)]
+        num_scorers = sum(t.num_scorers for t in teachers)
+        slots = [t for t in teachers for _ in range(t.num_scorers)]  # services.teachers.Routes
         if in_process:
             make_s = lambda name, slot: _LocalSampler(student_settings)  # noqa: E731
-            make_c = lambda name, slot: _LocalScorer(teacher_settings)  # noqa: E731
+            make_c = lambda name, slot: _LocalScorer(slots[slot % len(slots)].settings)  # noqa: E731
         else:
             from services.actors import StudentSampler, TeacherScorer
 
             make_s = _actor_factory(StudentSampler, student_settings, sampler_resources)
-            make_c = _actor_factory(TeacherScorer, teacher_settings, scorer_resources)
+            per_teacher = {
+                t.name: _actor_factory(TeacherScorer, t.settings, t.resources) for t in teachers
+            }
+
+            def make_c(name: str, slot: int):
+                return per_teacher[slots[slot % len(slots)].name](name, slot)
+
         restarts = 0 if in_process else plan.max_restarts
         self._samplers = Pool(
             "sampler", SAMPLER_PREFIX, make_s, "version", max_restarts=restarts, calls=self.calls
@@ -162,11 +178,18 @@ class RolloutService:
         if not in_process:
             from services.placement import KEYS, Ask, check_feasible, ray_resources, wait_started
 
-            asked = {"sampler": sampler_resources, "scorer": scorer_resources}
+            asked = {"sampler": sampler_resources}
+            asks = [Ask("a sampler", KEYS["sampler"], ray_resources(sampler_resources))]
+            for t in teachers:
+                asks.append(
+                    Ask(
+                        f"a scorer of {t.name or 'the teacher'}",
+                        KEYS["scorer"],
+                        ray_resources(t.resources),
+                    )
+                )
             # A role no node could ever hold fails before any engine starts.
-            check_feasible(
-                [Ask(f"a {role}", KEYS[role], ray_resources(res)) for role, res in asked.items()]
-            )
+            check_feasible(asks)
         self._samplers.resize(num_samplers)
         self._scorers.resize(num_scorers)
         # Surface engine start-up errors here, not at the first batch; an actor Ray cannot
@@ -178,7 +201,15 @@ class RolloutService:
                 answers = [self.calls.get(ref) for ref in refs]
             else:
                 asks = [
-                    Ask(w.name, KEYS[pool.role], ray_resources(asked[pool.role]))
+                    Ask(
+                        w.name,
+                        KEYS[pool.role],
+                        ray_resources(
+                            asked["sampler"]
+                            if pool is self._samplers
+                            else slots[w.slot % len(slots)].resources
+                        ),
+                    )
                     for pool, w in starting
                 ]
                 answers = wait_started(refs, asks, timeout_s=plan.start_timeout_s)
@@ -208,6 +239,7 @@ class RolloutService:
             plan,
             self.calls,
             self._control,
+            routes=self.routes,
         )
         self._teacher_greedy: dict = {}  # teacher_greedy's answers, kept for the service's life
         self._thread = threading.Thread(target=self._producer.run, daemon=True, name="producer")
@@ -301,6 +333,11 @@ class RolloutService:
         return self._ask(m.WorkerHandle(name))
 
     def scale(self, *, samplers: int | None = None, scorers: int | None = None) -> None:
+        if scorers and self.routes is not None and self.routes.several:
+            raise RolloutError(
+                "scorers of several teachers are set per teacher ([[teachers]] num_scorers); "
+                "only samplers can be scaled"
+            )
         self._ask(m.Scale(samplers, scorers))
 
     def generate(self, prompt_ids: list[list[int]], **kwargs):

@@ -54,6 +54,7 @@ TRAINED_KEYS: frozenset[str] = frozenset(
         "run.seed",
         "run.steps",
         "models.teacher",
+        "teachers",
         "models.student",
         "models.dtype",
         "task.source",

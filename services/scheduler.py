@@ -154,11 +154,20 @@ class Scheduler:
     def sampled(self, group: Group) -> None:
         self.unscored.append(group)
 
-    def take_groups(self, ready_scorers: int) -> list[Group]:
+    def take_groups(
+        self, ready_scorers: int, accepts: Callable[[Group], bool] | None = None
+    ) -> list[Group]:
         """Sampled groups for one idle scorer's call: those waiting, up to its part of a step
-        (``ready_scorers`` share a step)."""
+        (``ready_scorers`` share a step); with ``accepts``, only the groups it accepts (a
+        scorer of one of several teachers: services/teachers.py), the others keep their
+        place."""
         cap = max(1, math.ceil(self.prompts_per_step / max(1, ready_scorers)))
-        return [self.unscored.popleft() for _ in range(min(cap, len(self.unscored)))]
+        if accepts is None:
+            return [self.unscored.popleft() for _ in range(min(cap, len(self.unscored)))]
+        taken = [g for g in self.unscored if accepts(g)][:cap]
+        for g in taken:
+            self.unscored.remove(g)
+        return taken
 
     def requeue_groups(self, groups: list[Group]) -> int:
         """Hand back a dead scorer's groups to the front, in order; returns how many."""
