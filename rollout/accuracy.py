@@ -18,6 +18,11 @@ Prompt-only held-out rows (no answers: the teacher is the reference), ``evaluate
 
 "Correct" means a score of 1 from ``rollout.sources.score`` (the built-in verifier, or the
 reasoning-gym task's own scorer); ``mean_reward`` also reports partial credit.
+
+With an environment (``episodes``: task.environment), every completion is an episode
+(``rollout.episodes``) and the verifier scores the student's turns joined (a tool's answer
+cannot supply the answer); the report adds ``tool_call_rate``, the fraction of episodes that
+called the tool at least once, to the greedy and sampled figures.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rollout.prompting import encode_prompt, render_text
 from rollout.records import Rollout
@@ -73,13 +78,16 @@ def evaluate(
     max_tokens: int = 48,
     seed: int = 0,
     temperature: float = 1.0,
+    episodes=None,
+    max_model_len: int = 0,
 ) -> dict[str, Any]:
     """Evaluate the model in ``model_dir`` on ``problems``; returns a JSON-serialisable dict.
 
     ``engine``: a running ``StudentEngine`` serving that model (left open). Otherwise one is
     built by ``engine_factory(model_dir)`` and closed (``services.eval_command`` builds them).
     ``k = 0`` skips the sampled metrics. ``temperature``: τ of the k samples (greedy is τ = 0);
-    the report records both.
+    the report records both. ``episodes``: a ``rollout.episodes.EpisodeSettings`` (module
+    docstring), with the engines' ``max_model_len``.
     """
     from transformers import AutoTokenizer
 
@@ -89,19 +97,21 @@ def evaluate(
         raise ValueError(f"k must be >= 0, got {k}")
     model_dir = Path(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    prompt_ids = [encode_prompt(tokenizer, p.prompt) for p in problems]
+    prompts = [p.prompt if episodes is None else episodes.prompt(p) for p in problems]
+    prompt_ids = [encode_prompt(tokenizer, p) for p in prompts]
     if engine is None and engine_factory is None:
         raise ValueError("evaluate needs a running engine or an engine_factory")
     owned = engine is None
     if owned:
         engine = engine_factory(model_dir)
     start = time.perf_counter()
+    generate = engine.generate
+    if episodes is not None:
+        generate = _episodes(generate, tokenizer, problems, prompt_ids, episodes, max_model_len)
     try:
-        greedy = engine.generate(prompt_ids, max_tokens=max_tokens, temperature=0.0, n=1, seed=seed)
+        greedy = generate(prompt_ids, max_tokens=max_tokens, temperature=0.0, n=1, seed=seed)
         sampled = (
-            engine.generate(
-                prompt_ids, max_tokens=max_tokens, temperature=temperature, n=k, seed=seed
-            )
+            generate(prompt_ids, max_tokens=max_tokens, temperature=temperature, n=k, seed=seed)
             if k
             else []
         )
@@ -111,7 +121,12 @@ def evaluate(
     seconds = time.perf_counter() - start
 
     def scored(problem: Problem, gens) -> list[tuple[str, float]]:
-        texts = [tokenizer.decode(g.token_ids, skip_special_tokens=True) for g in gens]
+        texts = [
+            g.text
+            if isinstance(g, _EpisodeDone)
+            else tokenizer.decode(g.token_ids, skip_special_tokens=True)
+            for g in gens
+        ]
         return [(t, score(problem, t)) for t in texts]
 
     report: dict[str, Any] = {
@@ -140,6 +155,8 @@ def evaluate(
         "truncated_fraction": sum(g.finish_reason == "length" for g in gens_flat) / len(gens_flat),
         "mean_tokens": statistics.fmean(len(g.token_ids) for g in gens_flat),
     }
+    if episodes is not None:
+        report["greedy"]["tool_call_rate"] = _call_rate(greedy)
     if k:
         per_problem = []
         any_correct = 0
@@ -156,9 +173,56 @@ def evaluate(
             "mean_reward": statistics.fmean(rewards),
         }
         report["pass_at_k"] = any_correct / len(problems)
+        if episodes is not None:
+            report["avg_at_k"]["tool_call_rate"] = _call_rate(sampled)
     report["examples"] = examples
     report["seconds"] = seconds
     return report
+
+
+class _EpisodeDone(NamedTuple):
+    """One evaluated episode: the student's text, its trajectory's tokens, why it ended."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str
+    tool_calls: int
+
+
+def _episodes(generate, tokenizer, problems, prompt_ids, settings, max_model_len: int):
+    """A ``generate`` whose completions are episodes (``rollout.episodes``): sample j of
+    problem i runs with the episode seed ``mix_seed(seed, i, j)``."""
+    from rollout.episodes import mix_seed, run_episodes, start_episode
+
+    def run(_prompt_ids, *, max_tokens: int, temperature: float, n: int, seed: int):
+        runs = [
+            start_episode(settings, p, ids, mix_seed(seed, i, j))
+            for i, (p, ids) in enumerate(zip(problems, prompt_ids, strict=True))
+            for j in range(n)
+        ]
+        for _ in run_episodes(
+            generate,
+            tokenizer,
+            runs,
+            settings,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            max_model_len=max_model_len,
+        ):
+            pass
+        done = [
+            _EpisodeDone(r.student_text(tokenizer), tuple(r.ids), r.finish, r.tool_calls)
+            for r in runs
+        ]
+        return [done[i * n : (i + 1) * n] for i in range(len(problems))]
+
+    return run
+
+
+def _call_rate(results) -> float:
+    """Fraction of the episodes in ``results`` (per problem, lists) with a tool call."""
+    flat = [g for gens in results for g in gens]
+    return sum(g.tool_calls > 0 for g in flat) / len(flat)
 
 
 def prompt_only_summary(

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,11 +87,13 @@ class EngineSettings:
 
 @dataclass(frozen=True)
 class Generation:
-    """One sampled completion: token ids [R], log π_sampler of each [R], and why it ended."""
+    """One sampled completion: token ids [R], log π_sampler of each [R], and why it ended
+    (stop_string: the ``stop`` string it ended at, included in token_ids; else None)."""
 
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
     finish_reason: str
+    stop_string: str | None = None
 
 
 class WeightLoaderExtension:
@@ -258,18 +260,20 @@ class StudentEngine(_Engine):
         self,
         prompt_ids: list[list[int]],
         *,
-        max_tokens: int,
+        max_tokens: int | Sequence[int],
         temperature: float = 1.0,
         n: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop: tuple[str, ...] = (),
     ) -> list[list[Generation]]:
         """Sample ``n`` completions per prompt. temperature 0 = greedy (n must be 1).
+        max_tokens, seed, stop: as ``generate_stream``.
 
         Returns one list of ``n`` Generations per prompt, in prompt order.
         """
         results: list[list[Generation] | None] = [None] * len(prompt_ids)
         for index, gens in self.generate_stream(
-            prompt_ids, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed
+            prompt_ids, max_tokens=max_tokens, temperature=temperature, n=n, seed=seed, stop=stop
         ):
             results[index] = gens
         return results  # type: ignore[return-value]
@@ -278,12 +282,17 @@ class StudentEngine(_Engine):
         self,
         prompt_ids: list[list[int]],
         *,
-        max_tokens: int,
+        max_tokens: int | Sequence[int],
         temperature: float = 1.0,
         n: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop: tuple[str, ...] = (),
     ) -> Iterator[tuple[int, list[Generation]]]:
         """Like ``generate`` but yields ``(prompt_index, generations)`` as each prompt finishes.
+
+        max_tokens, seed: one for all prompts (prompt i is seeded ``seed + i``) or one per
+        prompt. stop: strings that end a completion (an episode's tool call, rollout/episodes.py),
+        kept in its tokens; ``Generation.stop_string`` says which one ended it.
 
         All prompts are batched in one engine run; a prompt whose samples are done is handed
         on at once (to be scored) instead of waiting for the slowest prompt of the batch.
@@ -294,17 +303,25 @@ class StudentEngine(_Engine):
         if temperature == 0 and n != 1:
             raise EngineError("greedy decoding (temperature 0) with n > 1 would repeat one sample")
         self._check_lengths(prompt_ids, 1)
+        count = len(prompt_ids)
+        limits = [max_tokens] * count if isinstance(max_tokens, int) else list(max_tokens)
+        # One seed per prompt keeps a prompt's samples independent of batch order.
+        seeds = [None if seed is None else seed + i for i in range(count)]
+        if seed is not None and not isinstance(seed, int):
+            seeds = list(seed)
         params = [
             SamplingParams(
                 n=n,
                 temperature=temperature,
-                max_tokens=max_tokens,
+                max_tokens=limit,
                 logprobs=0,
-                # One seed per prompt keeps a prompt's samples independent of batch order.
-                seed=None if seed is None else seed + i,
-                detokenize=False,
+                seed=one_seed,
+                # vLLM matches stop strings on the detokenized text only.
+                detokenize=bool(stop),
+                stop=list(stop) or None,
+                include_stop_str_in_output=bool(stop),
             )
-            for i in range(len(prompt_ids))
+            for limit, one_seed in zip(limits, seeds, strict=True)
         ]
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in prompt_ids]
         request_ids = self.llm.enqueue(prompts, params, use_tqdm=False)
@@ -334,7 +351,9 @@ def _to_generation(completion) -> Generation:
     finish = completion.finish_reason or "length"
     if finish not in ("stop", "length"):
         finish = "abort"
-    return Generation(token_ids=ids, logprobs=tuple(lps), finish_reason=finish)
+    # stop_reason is the stop string, a stop token id, or None (EOS).
+    reason = completion.stop_reason if isinstance(completion.stop_reason, str) else None
+    return Generation(token_ids=ids, logprobs=tuple(lps), finish_reason=finish, stop_string=reason)
 
 
 class TeacherEngine(_Engine):

@@ -25,8 +25,8 @@ sources. Built in:
     ``python``      ``<python>CODE</python>`` → what the snippet printed, run in a separate
                     process under CPU, memory, output and wall-clock limits with no network
                     (``rollout.tools.run_python``, ``EnvironmentOptions.python``).
-Episodes in the samplers (generation until a stop, the tools, the student mask in the batch)
-are not built yet: these objects are their foundation.
+Episodes run in ``rollout/episodes.py`` (the samplers' and the evaluation's loop: generation
+until a stop, the tools, the answers appended as tokens), one environment per episode.
 """
 
 from __future__ import annotations
@@ -74,6 +74,10 @@ class Environment(Protocol):
 
     def step(self, assistant_turn: str) -> Step: ...
 
+    def pending(self, assistant_turn: str) -> bool:
+        """The turn opened a call it has not closed (cut by a token limit: counted)."""
+        ...
+
 
 @dataclass(frozen=True)
 class EnvironmentOptions:
@@ -86,6 +90,13 @@ class EnvironmentOptions:
     seed: int
     system: str | None = None
     python: PythonLimits = field(default_factory=PythonLimits)
+
+
+def episode_prompt(env: Environment, problem: Problem) -> Chat:
+    """``env.reset(problem)`` as the prompt the student sees (its turns, with the problem's
+    template kwargs): what the producer encodes and the episode's chat starts from."""
+    kwargs = problem.prompt.template_kwargs if isinstance(problem.prompt, Chat) else ""
+    return Chat(env.reset(problem), kwargs)
 
 
 def episode_seed(seed: int, problem_id: str, call: int = 0) -> int:
@@ -118,6 +129,11 @@ class ToolEnvironment:
         self._problem_id: str | None = None
         self._calls = 0
         self._done = True
+
+    def pending(self, assistant_turn: str) -> bool:
+        """The turn's last opening marker has no closing marker after it."""
+        start = assistant_turn.rfind(self.open)
+        return start >= 0 and self.close not in assistant_turn[start + len(self.open) :]
 
     def reset(self, problem: Problem) -> tuple[Turn, ...]:
         """Start an episode on ``problem``: the system message (if any), then its turns."""

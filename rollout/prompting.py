@@ -12,6 +12,10 @@ each earlier turn as ``"{role}: {content}\\n"``, then the last (user) turn's tex
 one-turn prompt is ``[BOS] + text`` exactly as before chats existed (the toy pair's cached weights
 and tokenizer files are unchanged). ``check_same_rendering`` proves at a run's start that the
 teacher and the student see identical token ids.
+
+In an episode, an environment's answer to the student's turn is rendered here too
+(``encode_environment_answer``): through the chat template's ``tool`` role, or for a plain
+tokenizer as ``TOOL_ANSWER_OPEN + text + TOOL_ANSWER_CLOSE``.
 """
 
 from __future__ import annotations
@@ -116,6 +120,65 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
         raise ValueError("tokenizer has neither a chat template nor a BOS token")
     text = _plain_text(messages)
     return [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
+
+
+def encode_environment_answer(
+    tokenizer, prompt: Prompt, exchanged: Sequence[Turn], answer: Sequence[Turn]
+) -> list[int]:
+    """Token ids of an environment's ``answer`` (e.g. a ``tool`` turn), to append right after
+    the student's last turn in an episode; the one place that decides how an answer is shown.
+
+    prompt: the episode's prompt (as ``encode_prompt`` rendered it); exchanged: the turns since,
+    ending with the student's latest (``assistant``) turn as decoded from its tokens.
+    A tokenizer with a chat template renders the whole chat with the answer (and the generation
+    prompt) and keeps what follows the already-rendered part: the prompt with its generation
+    prompt, then the student's text. A template whose rendering of that part changes once the
+    answer is added (one that rewrites earlier assistant turns, say) cannot extend the
+    student's tokens: ``PromptError``. Without a template, each answer is
+    ``TOOL_ANSWER_OPEN + text + TOOL_ANSWER_CLOSE``.
+    """
+    if not exchanged or exchanged[-1].role != "assistant":
+        raise PromptError("an environment answers the student's turn: exchanged must end with it")
+    if not getattr(tokenizer, "chat_template", None):
+        roles = {t.role for t in answer} - {"tool"}
+        if roles:
+            raise PromptError(
+                f"the plain rendering (a tokenizer without a chat template) shows only tool "
+                f"answers; got roles {sorted(roles)}"
+            )
+        text = "".join(TOOL_ANSWER_OPEN + t.content + TOOL_ANSWER_CLOSE for t in answer)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    messages, kwargs = _messages(prompt)
+    history = messages + [{"role": t.role, "content": t.content} for t in exchanged[:-1]]
+    chat = history + [{"role": t.role, "content": t.content} for t in (exchanged[-1], *answer)]
+    name = getattr(tokenizer, "name_or_path", "the tokenizer")
+    from jinja2 import TemplateError
+
+    try:
+        before = tokenizer.apply_chat_template(
+            history, add_generation_prompt=True, tokenize=False, **kwargs
+        )
+        after = tokenizer.apply_chat_template(
+            chat, add_generation_prompt=True, tokenize=False, **kwargs
+        )
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        roles = [m["role"] for m in chat]
+        raise PromptError(
+            f"the chat template of {name} rejects a chat with roles {roles}: {e}"
+        ) from None
+    prefix = before + exchanged[-1].content
+    if not after.startswith(prefix):
+        k = next(
+            (i for i, (x, y) in enumerate(zip(prefix, after, strict=False)) if x != y),
+            min(len(prefix), len(after)),
+        )
+        raise PromptError(
+            f"the chat template of {name} renders the episode so far differently once the "
+            f"environment's answer is added (from character {k}: {prefix[k : k + 40]!r} became "
+            f"{after[k : k + 40]!r}), so the answer cannot follow the student's tokens; use a "
+            f"template that leaves earlier turns as they were rendered"
+        )
+    return list(tokenizer.encode(after[len(prefix) :], add_special_tokens=False))
 
 
 def render_text(tokenizer, prompt: Prompt) -> str:

@@ -6,23 +6,34 @@ forwards calls to it. The unit of work is a *chunk*: consecutive prompt groups o
 with seed ``SampleRequest.seed + i``, and the producer sets that seed from (run seed, step,
 position in the step) (``services.scheduler.chunk_seed``), so a chunk re-run on another
 sampler draws the same tokens.
+
+With ``SampleRequest.episodes`` set, each sample is an episode with an environment
+(``rollout.episodes``): sample k of the prompt at position i runs with the episode seed
+``mix_seed(seed, i, k)``, so a re-run chunk replays the same tokens and the same tool answers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from rollout.episodes import EpisodeSettings, mix_seed, run_episodes, start_episode
 from rollout.records import Rollout
+
+if TYPE_CHECKING:
+    from rollout.sources import Problem
 
 
 @dataclass(frozen=True)
 class WorkItem:
-    """One prompt to sample: its ``n`` samples get ids ``<problem_id>/<k>``."""
+    """One prompt to sample: its ``n`` samples get ids ``<problem_id>/<k>``. problem: the
+    problem itself, which an episode's environment starts from (None without episodes)."""
 
     problem_id: str
     answer: str
     prompt_ids: tuple[int, ...]
+    problem: Problem | None = None
 
 
 @dataclass(frozen=True)
@@ -33,6 +44,7 @@ class SampleRequest:
     max_tokens: int
     temperature: float
     seed: int  # seed of the chunk's first prompt; prompt i of the chunk uses seed + i
+    episodes: EpisodeSettings | None = None  # each sample an episode (module docstring)
 
 
 class Sampler:
@@ -40,6 +52,7 @@ class Sampler:
 
     def __init__(self, engine) -> None:
         self.engine = engine
+        self._tokenizer = None
 
     @classmethod
     def build(cls, spec) -> Sampler:
@@ -58,6 +71,9 @@ class Sampler:
 
         group: ``n`` Rollouts of one prompt, all stamped with the version that sampled them.
         """
+        if req.episodes is not None:
+            yield from self._sample_episodes(items, req)
+            return
         version = self.engine.version
         stream = self.engine.generate_stream(
             [list(it.prompt_ids) for it in items],
@@ -85,6 +101,45 @@ class Sampler:
                 ],
             )
 
+    def _sample_episodes(
+        self, items: list[WorkItem], req: SampleRequest
+    ) -> Iterator[tuple[int, list[Rollout]]]:
+        """`sample` with an environment: a group is yielded when its ``n`` episodes end."""
+        version = self.engine.version
+        runs, owner = [], []
+        for i, item in enumerate(items):
+            if item.problem is None:
+                raise ValueError(f"{item.problem_id}: an episode needs the WorkItem's problem")
+            for k in range(req.n):
+                seed = mix_seed(req.seed, i, k)
+                runs.append(start_episode(req.episodes, item.problem, item.prompt_ids, seed))
+                owner.append((i, k))
+        left = [req.n] * len(items)
+        for j in run_episodes(
+            self.engine.generate,
+            self.tokenizer,
+            runs,
+            req.episodes,
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            max_model_len=self.engine.settings.max_model_len,
+        ):
+            i = owner[j][0]
+            left[i] -= 1
+            if left[i] == 0:
+                item, base = items[i], j - owner[j][1]
+                group = [_episode_rollout(item, k, runs[base + k], version) for k in range(req.n)]
+                yield i, group
+
+    @property
+    def tokenizer(self):
+        """The student's tokenizer (decodes turns, renders an environment's answers)."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self.engine.settings.model_path)
+        return self._tokenizer
+
     def generate(self, prompt_ids: list[list[int]], **kwargs):
         return self.engine.generate(prompt_ids, **kwargs)
 
@@ -95,3 +150,17 @@ class Sampler:
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _episode_rollout(item: WorkItem, k: int, run, version: int) -> Rollout:
+    return Rollout(
+        sample_id=f"{item.problem_id}/{k}",
+        problem_id=item.problem_id,
+        answer=item.answer,
+        prompt_ids=item.prompt_ids,
+        response_ids=tuple(run.ids),
+        logp_sampler=tuple(run.logps),
+        policy_version=version,
+        finish_reason=run.finish,
+        episode=run.record(),
+    )

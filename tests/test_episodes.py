@@ -218,3 +218,75 @@ def test_environment_keys_are_checked_with_did_you_mean():
         load_config(None, ['task.environment="python"', "rollout.max_episode_tokens=256"])
     docs = {key: doc for key, _, doc in describe(type(cfg))}
     assert "calculator: <calc>EXPR</calc>" in docs["task.environment"]
+
+
+# ---------------------------------------------------------------- metrics and ledger
+
+
+def test_episode_metrics_and_the_ledger_checksum_cover_the_environment_tokens():
+    import zlib
+
+    from rollout.episodes import episode_metrics
+    from services.ledger import response_crc
+
+    a = episode_rollout(0, ((0, 3), (5, 8)), 9).rollout
+    b = dataclasses.replace(a, episode=Episode(((0, 3), (5, 8)), tool_calls=0, cut=True))
+    m = episode_metrics([a, b])
+    assert m["episode/turns_mean"] == 2 and m["episode/tool_calls_mean"] == 0.5
+    assert m["episode/tool_call_rate"] == 0.5 and m["episode/cut_frac"] == 0.5
+    assert (m["episode/student_tokens"], m["episode/environment_tokens"]) == (12, 6)
+    assert episode_metrics([dataclasses.replace(a, episode=None)]) == {}
+    # A different tool answer (environment token 3) or the same ids split differently into
+    # turns changes the checksum; a single-turn response keeps the checksum of its ids.
+    ids = list(a.response_ids)
+    ids[3] = (ids[3] + 1) % VOCAB
+    assert response_crc(dataclasses.replace(a, response_ids=tuple(ids))) != response_crc(a)
+    logps = a.logp_sampler[:3] + (-1.0,) + a.logp_sampler[4:]
+    moved = dataclasses.replace(a, logp_sampler=logps, episode=Episode(((0, 4), (5, 8))))
+    assert response_crc(moved) != response_crc(a)
+    plain = dataclasses.replace(a, episode=None)
+    assert response_crc(plain) == zlib.crc32(",".join(map(str, a.response_ids)).encode())
+
+
+# ---------------------------------------------------------------- rendering an answer
+
+# A toy chat template (the toy vocabulary has no letters): user turns "TEXT;", assistant turns
+# "+TEXT;" (the generation prompt is the "+"), tool turns "=TEXT#".
+TOOL_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'tool' %}={{ m['content'] }}#"
+    "{% elif m['role'] == 'assistant' %}+{{ m['content'] }};"
+    "{% else %}{{ m['content'] }};{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}+{% endif %}"
+)
+# Drops an assistant turn's text once another turn follows it (as templates that strip an
+# earlier turn's reasoning do): the student's tokens would no longer be a prefix.
+UNSTABLE = TOOL_TEMPLATE.replace(
+    "+{{ m['content'] }};", "+{% if loop.last %}{{ m['content'] }}{% endif %};"
+)
+
+
+def test_an_environment_answer_is_rendered_after_the_students_tokens(toy_pair, tmp_path):
+    from test_chat_data import _tokenizer_dir
+
+    from rollout.prompting import (
+        PromptError,
+        Turn,
+        encode_environment_answer,
+        encode_prompt,
+    )
+
+    turns = [Turn("assistant", "34")]
+    answer = [Turn("tool", "56")]
+    chat = _tokenizer_dir(toy_pair, tmp_path / "chat", TOOL_TEMPLATE)
+    ids = encode_prompt(chat, "12") + chat.encode("34", add_special_tokens=False)
+    ids += encode_environment_answer(chat, "12", turns, answer)
+    assert chat.decode(ids) == "<bos>12;+34;=56#+"  # the whole chat, as the template renders it
+    unstable = _tokenizer_dir(toy_pair, tmp_path / "unstable", UNSTABLE)
+    with pytest.raises(PromptError, match="renders the episode so far differently"):
+        encode_environment_answer(unstable, "12", turns, answer)
+    plain = _tokenizer_dir(toy_pair, tmp_path / "plain", None)
+    got = encode_environment_answer(plain, "12", turns, answer)
+    assert got == plain.encode("[56]", add_special_tokens=False)
+    with pytest.raises(PromptError, match="shows only tool answers"):
+        encode_environment_answer(plain, "12", turns, [Turn("user", "1")])
