@@ -55,7 +55,7 @@ from models.toy import (
 )
 from rollout import prompting, tasks
 from rollout.environments import EnvironmentOptions, make_environment
-from rollout.prompting import TOOL_ANSWER_CLOSE, TOOL_ANSWER_OPEN
+from rollout.prompting import TOOL_ANSWER_CLOSE, TOOL_ANSWER_OPEN, Turn
 from rollout.sources import Problem
 
 ENVIRONMENT = "calculator"
@@ -215,7 +215,9 @@ def greedy_episodes(
     """Greedy episodes with the calculator in the loop, all problems decoded together.
 
     A student turn ends at the environment's stop string (``</calc>``): the environment
-    answers, its text is appended as ``[`` + answer + ``]`` and the student goes on; EOS, a
+    answers, its answer is appended as the samplers append it
+    (``rollout.prompting.encode_environment_answer``: ``[`` + answer + ``]``) and the student
+    goes on; EOS, a
     turn without a call, ``max_turns`` student turns or ``max_new_tokens`` student tokens end
     the episode. The answer is read from the student's own text (a tool's answer never
     supplies it), as in ``rollout.episodes``. The whole sequence is recomputed for every token (no KV cache: at these
@@ -250,10 +252,11 @@ def greedy_episodes(
             turn[i], own[i] = turn[i] + char, own[i] + char
             if any(turn[i].endswith(s) for s in envs[i].stop):
                 step = envs[i].step(turn[i])
+                exchanged = [Turn("assistant", turn[i])]
+                ids[i] += prompting.encode_environment_answer(
+                    tokenizer, products[i].prompt, exchanged, step.turns
+                )
                 turns[i], calls[i], turn[i] = turns[i] + 1, calls[i] + step.tool_calls, ""
-                for t in step.turns:
-                    text = TOOL_ANSWER_OPEN + t.content + TOOL_ANSWER_CLOSE
-                    ids[i] += tokenizer.encode(text, add_special_tokens=False)
                 if step.done or turns[i] >= max_turns:
                     active.discard(i)
             if new[i] >= max_new_tokens:
