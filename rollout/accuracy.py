@@ -191,12 +191,12 @@ class _EpisodeDone(NamedTuple):
 
 def _episodes(generate, tokenizer, problems, prompt_ids, settings, max_model_len: int):
     """A ``generate`` whose completions are episodes (``rollout.episodes``): sample j of
-    problem i runs with the episode seed ``mix_seed(seed, i, j)``."""
+    problem i runs with the episode seed ``mix_seed(seed + i, j)``."""
     from rollout.episodes import mix_seed, run_episodes, start_episode
 
     def run(_prompt_ids, *, max_tokens: int, temperature: float, n: int, seed: int):
         runs = [
-            start_episode(settings, p, ids, mix_seed(seed, i, j))
+            start_episode(settings, p, ids, mix_seed(seed + i, j))
             for i, (p, ids) in enumerate(zip(problems, prompt_ids, strict=True))
             for j in range(n)
         ]

@@ -9,7 +9,7 @@ sampler draws the same tokens.
 
 With ``SampleRequest.episodes`` set, each sample is an episode with an environment
 (``rollout.episodes``): sample k of the prompt at position i runs with the episode seed
-``mix_seed(seed, i, k)``, so a re-run chunk replays the same tokens and the same tool answers.
+``mix_seed(seed + i, k)``, so a re-run chunk replays the same tokens and the same tool answers.
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ class Sampler:
             if item.problem is None:
                 raise ValueError(f"{item.problem_id}: an episode needs the WorkItem's problem")
             for k in range(req.n):
-                seed = mix_seed(req.seed, i, k)
+                # seed + i: the prompt's own seed, whatever chunk it is dealt in (as above)
+                seed = mix_seed(req.seed + i, k)
                 runs.append(start_episode(req.episodes, item.problem, item.prompt_ids, seed))
                 owner.append((i, k))
         left = [req.n] * len(items)

@@ -3,7 +3,10 @@ travels from `Rollout.episode` into `TrainBatch.student_mask_BT` at the response
 the learner step (sampled, top-K and full-vocabulary paths) takes costs, score terms, its
 normaliser and its IS / mismatch statistics over the student's tokens only."""
 
+import collections
 import dataclasses
+import random
+import types
 
 import pytest
 import torch
@@ -290,3 +293,57 @@ def test_an_environment_answer_is_rendered_after_the_students_tokens(toy_pair, t
     assert got == plain.encode("[56]", add_special_tokens=False)
     with pytest.raises(PromptError, match="shows only tool answers"):
         encode_environment_answer(plain, "12", turns, [Turn("user", "1")])
+
+
+# ---------------------------------------------------------------- the sampler's seeds
+
+
+# rollout.engine.Generation's fields (importing rollout.engine imports vLLM: seconds).
+Generation = collections.namedtuple(
+    "Generation", ["token_ids", "logprobs", "finish_reason", "stop_string"]
+)
+
+
+class SeededEngine:
+    """A test double of the student engine whose completion of a sequence depends only on its
+    seed: random characters of the toy vocabulary, ending at a stop string or the limit."""
+
+    version = 0
+
+    def __init__(self, model_dir) -> None:
+        from transformers import AutoTokenizer
+
+        self.settings = types.SimpleNamespace(max_model_len=256, model_path=str(model_dir))
+        self.tok = AutoTokenizer.from_pretrained(str(model_dir))
+
+    def generate(self, prompt_ids, *, max_tokens, temperature, n, seed, stop):
+        out = []
+        for limit, s in zip(max_tokens, seed, strict=True):
+            rng = random.Random(s)
+            text = "".join(rng.choice("0123456789+=") for _ in range(limit))
+            ends = [j for j, c in enumerate(text) if c in stop]
+            cut = ends[0] + 1 if ends else limit
+            ids = tuple(self.tok.encode(text[:cut], add_special_tokens=False))
+            reason = text[cut - 1] if ends else None
+            finish = "stop" if ends else "length"
+            out.append([Generation(ids, (-1.0,) * len(ids), finish, reason)])
+        return out
+
+
+def test_an_episode_depends_on_its_prompts_seed_not_on_its_chunk(toy_pair):
+    """A re-dispatched group may sit at another position of another chunk (its chunk seed
+    shifted to match): its episodes, tool answers included, are the same."""
+    from test_episodes_sampler import PLUS, items_for, problems
+
+    from rollout.environments import EnvironmentOptions
+    from rollout.episodes import EpisodeSettings
+    from rollout.sampler import Sampler, SampleRequest
+
+    sampler = Sampler(SeededEngine(toy_pair.student_dir))
+    settings = EpisodeSettings(PLUS, EnvironmentOptions(seed=0), max_turns=3, max_episode_tokens=40)
+    items = items_for(settings, sampler.tokenizer, problems(3))
+    req = SampleRequest(n=2, max_tokens=12, temperature=1.0, seed=11, episodes=settings)
+    whole = dict(sampler.sample(items, req))
+    alone = dict(sampler.sample(items[2:], dataclasses.replace(req, seed=13)))
+    assert whole[2] == alone[0]
+    assert sum(r.episode.tool_calls for g in whole.values() for r in g) > 0
