@@ -306,8 +306,9 @@ class StudentEngine(_Engine):
         count = len(prompt_ids)
         limits = [max_tokens] * count if isinstance(max_tokens, int) else list(max_tokens)
         # One seed per prompt keeps a prompt's samples independent of batch order.
-        seeds = [None if seed is None else seed + i for i in range(count)]
-        if seed is not None and not isinstance(seed, int):
+        if seed is None or isinstance(seed, int):
+            seeds = [None if seed is None else seed + i for i in range(count)]
+        else:
             seeds = list(seed)
         params = [
             SamplingParams(

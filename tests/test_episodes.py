@@ -347,3 +347,23 @@ def test_an_episode_depends_on_its_prompts_seed_not_on_its_chunk(toy_pair):
     alone = dict(sampler.sample(items[2:], dataclasses.replace(req, seed=13)))
     assert whole[2] == alone[0]
     assert sum(r.episode.tool_calls for g in whole.values() for r in g) > 0
+
+
+def test_a_call_left_open_at_the_budget_is_cut_and_counted(toy_pair):
+    from test_episodes_sampler import NEVER, items_for, problems
+
+    from rollout.environments import EnvironmentOptions
+    from rollout.episodes import EpisodeSettings, episode_metrics
+    from rollout.sampler import Sampler, SampleRequest
+
+    sampler = Sampler(SeededEngine(toy_pair.student_dir))
+    settings = EpisodeSettings(NEVER, EnvironmentOptions(seed=0), max_turns=3, max_episode_tokens=6)
+    items = items_for(settings, sampler.tokenizer, problems(4))
+    req = SampleRequest(n=2, max_tokens=12, temperature=1.0, seed=3, episodes=settings)
+    done = [r for _, group in sampler.sample(items, req) for r in group]
+    for r in done:
+        assert len(r.response_ids) == 6 and r.finish_reason == "length"
+        assert r.episode.turns == ((0, 6),) and r.episode.tool_calls == 0
+        text = sampler.tokenizer.decode(list(r.response_ids))
+        assert r.episode.cut == ("+" in text and "#?" not in text[text.rfind("+") :])
+    assert 0 < episode_metrics(done)["episode/cut_frac"] < 1

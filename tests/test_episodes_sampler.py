@@ -31,7 +31,7 @@ from rollout.sampler import Sampler, SampleRequest, WorkItem
 from rollout.sources import Problem
 from rollout.tools import ToolResult
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.long]  # ~16 s: an engine of its own
 
 
 def seeded_tool(argument: str, seed: int) -> ToolResult:
