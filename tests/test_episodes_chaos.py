@@ -4,7 +4,7 @@ calculator, two sampler actors, real vLLM scorers and the DeepSpeed learner, str
 sampler is killed after step 2; its groups are handed out again. The run's ledger is clean and
 its checksums — the trajectories' tokens, the calculator's answers among them, and the student
 masks — equal those of the same run without the kill, step by step: the re-dispatched episodes
-replayed the same tokens and the same tool answers."""
+replayed the same tokens and the same tool answers. Long: two runs, ~100 s."""
 
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ def test_killed_sampler_episodes_replay_the_same_tokens_and_tool_answers(
     for name in ("straight", "chaos"):
         report = check_ledger(tmp_path / name)
         assert report.ok, (name, report.problems)
+    # Whether the killed sampler held a group when it died depends on timing (it usually does:
+    # step 3 is being sampled when step 2 is logged); the first run had 4 such samples.
+    print(f"killed {kills}: {report.retried_samples} samples handed out again")
     calls = sum(r["episode/tool_calls_mean"] for r in step_rows(tmp_path / "chaos"))
     assert calls > 0  # the student called the calculator in some episodes
     straight = rows(tmp_path / "straight", "samples.jsonl")
