@@ -7,7 +7,9 @@ Each targeted linear layer y = W x becomes, through peft,
 with W frozen, so step 0 is the base student exactly. What leaves the learner is the merged
 student W' = W + (alpha / r)·B·A under the base model's own parameter names and shapes
 (`merged_weights`): the samplers, evaluation and the exported `student/` folder need nothing
-LoRA-specific. Checkpoints hold the adapters and their optimizer state only (the frozen base
+LoRA-specific. (vLLM's own adapter path was measured against this on the CPU build,
+`bench/lora_serving.py`: the adapter is servable sooner, but sampling with it is 0.16x as fast on
+the SmolLM2 student, so merged pushes stay.) Checkpoints hold the adapters and their optimizer state only (the frozen base
 is the student folder the run starts from, a trained key); the final export adds the peft
 adapter folder (`save_adapter`).
 
