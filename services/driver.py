@@ -329,18 +329,48 @@ def open_metrics(cfg: Config, run_dir: Path, *, resume_from_step: int | None):
 def run_source(cfg: Config, source, tokenizer):
     """The run's prompt source as the samplers see it: ``source`` (``build_source(cfg)``)
     without the prompts too long in tokens for the engines (rollout.sources.TokenLimitedSource;
-    the ledger's replay builds it the same way)."""
+    the ledger's replay builds it the same way). With task.environment a prompt is counted as
+    an episode starts from (``EpisodeSettings.prompt``: task.environment_system's message, then
+    the problem) and keeps room for a whole episode (rollout.max_episode_tokens), so a long
+    system message never silently shortens episodes."""
     from rollout.sources import TokenLimitedSource
+    from services.parts import episode_settings
 
     r = cfg.rollout
+    encode = tokenizer_encode(tokenizer)
+    response, eval_response = r.max_tokens, cfg.eval.max_tokens
+    episodes = episode_settings(cfg)
+    if episodes is not None:
+        encode = episode_encode(encode, episodes)
+        response = eval_response = r.max_episode_tokens  # an episode's tokens after its prompt
+        if r.max_model_len - response - 1 < 1:
+            from services.config import ConfigError
+
+            raise ConfigError(
+                f"rollout.max_episode_tokens ({r.max_episode_tokens}) leaves no room for a "
+                f"prompt in rollout.max_model_len ({r.max_model_len}): need "
+                "max_episode_tokens + the prompt (with task.environment_system) + 1 <= "
+                "max_model_len"
+            )
     # The engines take a sequence while its length + 1 fits max_model_len (the scorer scores
     # prompt + response and reads one position more; rollout/engine.py::_check_lengths).
     return TokenLimitedSource(
         source,
-        tokenizer_encode(tokenizer),
-        max_prompt_tokens=r.max_model_len - r.max_tokens - 1,
-        max_eval_tokens=r.max_model_len - cfg.eval.max_tokens - 1,
+        encode,
+        max_prompt_tokens=r.max_model_len - response - 1,
+        max_eval_tokens=r.max_model_len - eval_response - 1,
     )
+
+
+def episode_encode(encode, episodes):
+    """``encode`` of the prompt an episode on a problem with this prompt starts from
+    (``EpisodeSettings.prompt``, as the producer encodes it): what the length filter counts."""
+    from rollout.sources import Problem
+
+    def encode_episode(prompt) -> list[int]:
+        return encode(episodes.prompt(Problem("", prompt, "", "", "")))
+
+    return encode_episode
 
 
 def tokenizer_encode(tokenizer):
