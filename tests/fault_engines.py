@@ -6,7 +6,8 @@ real vLLM engines run with a fault around them. A fault applies to the actors wh
 starts with ``target`` (e.g. ``student-sampler-0``; a replacement keeps the name), and is
 switched by files the test creates or removes, so the test decides when it happens:
 
-- ``gate_file``: while it exists, the targeted worker blocks before it samples or scores —
+- ``gate_file``: while it exists, the targeted worker blocks before it samples (a stream, or
+  an episode's turn) or scores —
   it holds its work until the test kills it (no delay window to race against);
 - ``fail_start_file``: while it exists, the targeted worker refuses to start (a crash loop).
 
@@ -44,6 +45,10 @@ class _GatedStudent:
     def generate_stream(self, *args, **kwargs):
         _hold(self._gate)
         yield from self._engine.generate_stream(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):  # episodes' turns (rollout/episodes.py)
+        _hold(self._gate)
+        return self._engine.generate(*args, **kwargs)
 
     def __getattr__(self, name):
         return getattr(self._engine, name)
