@@ -178,17 +178,13 @@ class RolloutService:
         if not in_process:
             from services.placement import KEYS, Ask, check_feasible, ray_resources, wait_started
 
-            asked = {"sampler": sampler_resources}
             asks = [Ask("a sampler", KEYS["sampler"], ray_resources(sampler_resources))]
-            for t in teachers:
-                asks.append(
-                    Ask(
-                        f"a scorer of {t.name or 'the teacher'}",
-                        KEYS["scorer"],
-                        ray_resources(t.resources),
-                    )
-                )
-            # A role no node could ever hold fails before any engine starts.
+            asks += [
+                Ask(f"a scorer of {t.name}" if t.name else "a scorer", KEYS["scorer"],
+                    ray_resources(t.resources))
+                for t in teachers
+            ]  # fmt: skip
+            # A role (a teacher's scorer) no node could ever hold fails before any engine starts.
             check_feasible(asks)
         self._samplers.resize(num_samplers)
         self._scorers.resize(num_scorers)
@@ -205,7 +201,7 @@ class RolloutService:
                         w.name,
                         KEYS[pool.role],
                         ray_resources(
-                            asked["sampler"]
+                            sampler_resources
                             if pool is self._samplers
                             else slots[w.slot % len(slots)].resources
                         ),
