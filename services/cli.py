@@ -54,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     e = sub.add_parser("eval", help="held-out accuracy of a model with the vLLM engine (JSON)")
-    e.add_argument("--model", required=True, help="model folder, or toy-teacher / toy-student")
+    e.add_argument(
+        "--model",
+        required=True,
+        help="model folder, or toy-teacher / toy-student / toy_tool-teacher / toy_tool-student",
+    )
     e.add_argument(
         "--task",
         default="arithmetic",
@@ -62,11 +66,33 @@ def _parser() -> argparse.ArgumentParser:
         help="prompt source: " + "; ".join(f"{k.name}: {k.doc}" for k in SOURCES.values()),
     )
     e.add_argument("--path", default=None, help="JSONL file (task jsonl)")
+    e.add_argument("--eval-path", default=None, help="held-out JSONL file (as task.eval_path)")
     e.add_argument("--name", default=None, help="reasoning-gym task name (task reasoning_gym)")
     e.add_argument("--n", type=int, default=200, help="held-out problems to use")
     e.add_argument("--k", type=int, default=4, help="samples per problem for avg@k")
-    e.add_argument("--max-tokens", type=int, default=48)
+    e.add_argument("--max-tokens", type=int, default=48, help="per completion (episode: per turn)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    from rollout.environments import ENVIRONMENTS
+    from services.config import RolloutConfig
+
+    rollout = RolloutConfig()  # the run's defaults
+    e.add_argument(
+        "--max-model-len", type=int, default=rollout.max_model_len, help="as rollout.max_model_len"
+    )
+    e.add_argument(
+        "--environment",
+        default="",
+        choices=["", *ENVIRONMENTS],
+        help="as task.environment: episodes with this tool, and the tool-call rates",
+    )
+    e.add_argument("--environment-system", default="", help="as task.environment_system")
+    e.add_argument("--max-turns", type=int, default=rollout.max_turns, help="as rollout.max_turns")
+    e.add_argument(
+        "--max-episode-tokens",
+        type=int,
+        default=rollout.max_episode_tokens,
+        help="as rollout.max_episode_tokens",
+    )
     e.add_argument("--out", default=None, help="write the JSON result here too")
 
     m = sub.add_parser(

@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from services.errors import UserError
+
+BUILT_IN_MODELS = tuple(
+    f"{family}-{role}"
+    for family in ("toy", "toy_tool", "smollm2")
+    for role in ("teacher", "student")
+)
+
 
 def resolve_model_arg(model: str) -> Path:
-    """'toy-teacher' / 'toy-student' / 'smollm2-teacher' / 'smollm2-student' or a folder."""
+    """'toy-teacher' / 'toy-student' / 'toy_tool-teacher' / 'toy_tool-student' (the calculator
+    tool pair) / 'smollm2-teacher' / 'smollm2-student' or a folder."""
     from models.pairs import resolve_pair
 
-    if model in ("toy-teacher", "toy-student", "smollm2-teacher", "smollm2-student"):
+    if model in BUILT_IN_MODELS:
         family, role = model.split("-")
         pair = resolve_pair(family, family)
         return getattr(pair, role)
@@ -35,6 +44,9 @@ def flatten_eval(report: dict) -> dict:
         out["avg_at_k"] = report["avg_at_k"]["accuracy"]
         out["avg_at_k_ci"] = report["avg_at_k"]["ci95"]
         out["pass_at_k"] = report["pass_at_k"]
+    for part in ("greedy", "avg_at_k"):  # episodes (task.environment) only
+        if "tool_call_rate" in report.get(part, {}):
+            out[f"{part}_tool_call_rate"] = report[part]["tool_call_rate"]
     out["examples"] = report.get("examples", [])[:3]
     return out
 
@@ -107,8 +119,11 @@ def evaluate_model_dir(
     dtype: str = "float32",
     seed: int = 0,
     max_model_len: int = 256,
+    episodes=None,
 ) -> dict:
-    """Greedy accuracy and avg@k of the model in ``model_dir`` (a vLLM engine in this process)."""
+    """Greedy accuracy and avg@k of the model in ``model_dir`` (a vLLM engine in this process);
+    ``episodes`` (a ``rollout.episodes.EpisodeSettings``): every completion an episode with its
+    environment, as the run's own evaluation, and the tool-call rates."""
     from rollout.accuracy import evaluate
     from rollout.engine import EngineSettings, StudentEngine
 
@@ -120,7 +135,14 @@ def evaluate_model_dir(
         )
 
     report = evaluate(
-        model_dir, problems, engine_factory=factory, k=k, max_tokens=max_tokens, seed=seed
+        model_dir,
+        problems,
+        engine_factory=factory,
+        k=k,
+        max_tokens=max_tokens,
+        seed=seed,
+        episodes=episodes,
+        max_model_len=max_model_len,
     )
     return {**flatten_eval(report), "model": str(model_dir), "full_report": report}
 
@@ -136,12 +158,49 @@ def cached_teacher_eval(model_dir: Path, problems, *, k: int, max_tokens: int) -
     return result
 
 
+class EvalArgsError(UserError, ValueError):
+    """``opdplus eval``'s flags do not fit together; the message names the flags."""
+
+
+def eval_episodes(args, seed: int = 0):
+    """The ``rollout.episodes.EpisodeSettings`` of ``opdplus eval --environment ...`` (as
+    ``services.parts.episode_settings`` builds a run's from task.environment and rollout.*);
+    None without --environment."""
+    if not args.environment:
+        if args.environment_system:
+            raise EvalArgsError("--environment-system: only an episode reads it; set --environment")
+        return None
+    if not 0 < args.max_episode_tokens < args.max_model_len:
+        raise EvalArgsError(
+            f"--max-episode-tokens must be in [1, --max-model-len ({args.max_model_len})), "
+            f"got {args.max_episode_tokens}"
+        )
+    if args.max_turns < 1:
+        raise EvalArgsError(f"--max-turns must be >= 1, got {args.max_turns}")
+    from rollout.environments import EnvironmentOptions
+    from rollout.episodes import EpisodeSettings
+
+    return EpisodeSettings(
+        environment=args.environment,
+        options=EnvironmentOptions(seed=seed, system=args.environment_system or None),
+        max_turns=args.max_turns,
+        max_episode_tokens=args.max_episode_tokens,
+    )
+
+
 def eval_command(args) -> dict:
     from rollout.sources import make_source
 
+    episodes = eval_episodes(args)  # flags checked before a model is built or an engine starts
     model_dir = resolve_model_arg(args.model)
-    source = make_source(args.task, path=args.path, task=args.name)
+    source = make_source(args.task, path=args.path, task=args.name, eval_path=args.eval_path)
     problems = source.eval_set()[: args.n]
     return evaluate_model_dir(
-        model_dir, problems, k=args.k, max_tokens=args.max_tokens, dtype=args.dtype
+        model_dir,
+        problems,
+        k=args.k,
+        max_tokens=args.max_tokens,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        episodes=episodes,
     )

@@ -262,3 +262,44 @@ def test_eval_toy_student_prints_json_accuracy(toy_pair, tmp_path):
     assert 0.0 <= result["avg_at_k"] <= result["pass_at_k"] <= 1.0
     lo, hi = result["greedy_ci"]
     assert 0.0 <= lo <= hi <= 1.0
+
+
+@pytest.mark.slow
+def test_eval_runs_episodes_with_the_calculator(toy_tool_pair):
+    """README's `opdplus eval --environment calculator` on the toy tool teacher: every greedy
+    episode calls the calculator and, with its answers in the loop, the teacher is right (it
+    cannot multiply in its head: without the environment it scores ~0); the tool-call rates
+    are reported as the run's evaluation reports them (eval/greedy_tool_call_rate)."""
+    out = opdplus(
+        "eval",
+        "--model",
+        "toy_tool-teacher",
+        "--task",
+        "jsonl",
+        "--path",
+        str(toy_tool_pair.train_path),
+        "--eval-path",
+        str(toy_tool_pair.heldout_path),
+        "--environment",
+        "calculator",
+        "--max-turns",
+        "3",
+        "--max-episode-tokens",
+        "48",
+        "--max-tokens",
+        "24",
+        "--n",
+        "8",
+        "--k",
+        "2",
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout[out.stdout.index("{\n") :])
+    assert Path(result["model"]) == Path(toy_tool_pair.teacher_dir)
+    assert result["n_problems"] == 8 and result["k"] == 2
+    assert result["greedy_tool_call_rate"] == 1.0, result["examples"]
+    assert result["greedy_acc"] >= 7 / 8, result["examples"]
+    assert 0.0 <= result["avg_at_k_tool_call_rate"] <= 1.0
+    first = result["examples"][0]
+    assert "<calc>" in first["completion"] and "[" not in first["completion"], first
