@@ -64,12 +64,16 @@ TRAINED_KEYS: frozenset[str] = frozenset(
         "task.eval_path",  # without it, the seeded hold-out comes out of the training rows
         "task.fields",
         "task.chat_template_kwargs",  # the prompt token ids
+        "task.environment",  # episodes: what answers the student, and the tokens trained on
+        "task.environment_system",
         "rollout.prompts_per_step",
         "rollout.samples_per_prompt",
         "rollout.max_tokens",
         "rollout.temperature",
         "rollout.max_staleness",
         "rollout.max_model_len",
+        "rollout.max_turns",
+        "rollout.max_episode_tokens",
         "distill.divergence",
         "distill.alpha",
         "distill.estimator",
