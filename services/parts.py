@@ -439,10 +439,7 @@ def evaluate_student(
         max_model_len=cfg.rollout.max_model_len,
     )
     result = flatten_eval(report)
-    result["policy_version"] = rollout.served_version
-    for key, part in (("greedy", "greedy"), ("avg_at_k", "avg_at_k")):  # episodes only
-        if "tool_call_rate" in report.get(part, {}):
-            result[f"{key}_tool_call_rate"] = report[part]["tool_call_rate"]
+    result["policy_version"] = rollout.served_version  # flatten_eval adds the tool-call rates
     if len(cfg.teachers) > 1:  # each teacher's prompts on their own (services/teachers.py)
         from services.teachers import split_by_teacher
 
