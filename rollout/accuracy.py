@@ -191,15 +191,11 @@ class _EpisodeDone(NamedTuple):
 
 def _episodes(generate, tokenizer, problems, prompt_ids, settings, max_model_len: int):
     """A ``generate`` whose completions are episodes (``rollout.episodes``): sample j of
-    problem i runs with the episode seed ``mix_seed(seed + i, j)``."""
-    from rollout.episodes import mix_seed, run_episodes, start_episode
+    problem i runs as the samplers run it (``rollout.episodes.start_groups``)."""
+    from rollout.episodes import run_episodes, start_groups
 
     def run(_prompt_ids, *, max_tokens: int, temperature: float, n: int, seed: int):
-        runs = [
-            start_episode(settings, p, ids, mix_seed(seed + i, j))
-            for i, (p, ids) in enumerate(zip(problems, prompt_ids, strict=True))
-            for j in range(n)
-        ]
+        runs = start_groups(settings, problems, prompt_ids, seed, n)
         for _ in run_episodes(
             generate,
             tokenizer,

@@ -105,6 +105,19 @@ def start_episode(settings: EpisodeSettings, problem, prompt_ids, seed: int) -> 
     return EpisodeRun(env, episode_prompt(env, problem), tuple(prompt_ids), seed)
 
 
+def start_groups(
+    settings: EpisodeSettings, problems: Sequence, prompt_ids: Sequence, seed: int, n: int
+) -> list[EpisodeRun]:
+    """The ``n`` episodes of each problem, problem by problem: run ``i * n + k`` is sample k of
+    problem i, seeded ``mix_seed(seed + i, k)`` — ``seed + i`` is the prompt's own seed
+    (a chunk's position i), so a prompt dealt in another chunk replays the same episodes."""
+    return [
+        start_episode(settings, problem, ids, mix_seed(seed + i, k))
+        for i, (problem, ids) in enumerate(zip(problems, prompt_ids, strict=True))
+        for k in range(n)
+    ]
+
+
 def run_episodes(
     generate,
     tokenizer,

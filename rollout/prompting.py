@@ -102,24 +102,31 @@ def encode_prompt(tokenizer, prompt: Prompt) -> list[int]:
     if messages[-1]["role"] != "user":
         raise PromptError(f"a prompt must end with the user's turn, not {messages[-1]['role']!r}")
     if getattr(tokenizer, "chat_template", None):
-        from jinja2 import TemplateError
-
-        try:
-            ids = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, **kwargs
-            )
-        except (TemplateError, ValueError, TypeError, KeyError) as e:
-            roles = [m["role"] for m in messages]
-            raise PromptError(
-                f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')} "
-                f"rejects a chat with roles {roles}: {e}"
-            ) from None
+        ids = _apply_template(tokenizer, messages, kwargs, tokenize=True)
         # transformers 5 returns a BatchEncoding from apply_chat_template; older ones a list.
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     if tokenizer.bos_token_id is None:
         raise ValueError("tokenizer has neither a chat template nor a BOS token")
     text = _plain_text(messages)
     return [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
+
+
+def _apply_template(tokenizer, messages, kwargs, *, tokenize: bool, shown=None):
+    """``apply_chat_template`` with the generation prompt; a template that rejects the chat is a
+    ``PromptError`` naming the roles of ``shown`` (the chat the caller renders; default
+    ``messages``)."""
+    from jinja2 import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=tokenize, **kwargs
+        )
+    except (TemplateError, ValueError, TypeError, KeyError) as e:
+        roles = [m["role"] for m in (messages if shown is None else shown)]
+        raise PromptError(
+            f"the chat template of {getattr(tokenizer, 'name_or_path', 'the tokenizer')} "
+            f"rejects a chat with roles {roles}: {e}"
+        ) from None
 
 
 def encode_environment_answer(
@@ -152,20 +159,8 @@ def encode_environment_answer(
     history = messages + [{"role": t.role, "content": t.content} for t in exchanged[:-1]]
     chat = history + [{"role": t.role, "content": t.content} for t in (exchanged[-1], *answer)]
     name = getattr(tokenizer, "name_or_path", "the tokenizer")
-    from jinja2 import TemplateError
-
-    try:
-        before = tokenizer.apply_chat_template(
-            history, add_generation_prompt=True, tokenize=False, **kwargs
-        )
-        after = tokenizer.apply_chat_template(
-            chat, add_generation_prompt=True, tokenize=False, **kwargs
-        )
-    except (TemplateError, ValueError, TypeError, KeyError) as e:
-        roles = [m["role"] for m in chat]
-        raise PromptError(
-            f"the chat template of {name} rejects a chat with roles {roles}: {e}"
-        ) from None
+    before = _apply_template(tokenizer, history, kwargs, tokenize=False, shown=chat)
+    after = _apply_template(tokenizer, chat, kwargs, tokenize=False)
     prefix = before + exchanged[-1].content
     if not after.startswith(prefix):
         k = next(

@@ -9,7 +9,7 @@ sampler draws the same tokens.
 
 With ``SampleRequest.episodes`` set, each sample is an episode with an environment
 (``rollout.episodes``): sample k of the prompt at position i runs with the episode seed
-``mix_seed(seed + i, k)``, so a re-run chunk replays the same tokens and the same tool answers.
+``mix_seed(seed + i, k)`` (``rollout.episodes.start_groups``), so a re-run chunk replays the same tokens and the same tool answers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from rollout.episodes import EpisodeSettings, mix_seed, run_episodes, start_episode
+from rollout.episodes import EpisodeSettings, run_episodes, start_groups
 from rollout.records import Rollout
 
 if TYPE_CHECKING:
@@ -106,15 +106,12 @@ class Sampler:
     ) -> Iterator[tuple[int, list[Rollout]]]:
         """`sample` with an environment: a group is yielded when its ``n`` episodes end."""
         version = self.engine.version
-        runs, owner = [], []
-        for i, item in enumerate(items):
+        for item in items:
             if item.problem is None:
                 raise ValueError(f"{item.problem_id}: an episode needs the WorkItem's problem")
-            for k in range(req.n):
-                # seed + i: the prompt's own seed, whatever chunk it is dealt in (as above)
-                seed = mix_seed(req.seed + i, k)
-                runs.append(start_episode(req.episodes, item.problem, item.prompt_ids, seed))
-                owner.append((i, k))
+        problems = [item.problem for item in items]
+        prompt_ids = [item.prompt_ids for item in items]
+        runs = start_groups(req.episodes, problems, prompt_ids, req.seed, req.n)
         left = [req.n] * len(items)
         for j in run_episodes(
             self.engine.generate,
@@ -125,11 +122,13 @@ class Sampler:
             temperature=req.temperature,
             max_model_len=self.engine.settings.max_model_len,
         ):
-            i = owner[j][0]
+            i = j // req.n  # run i * n + k is sample k of item i (start_groups)
             left[i] -= 1
             if left[i] == 0:
-                item, base = items[i], j - owner[j][1]
-                group = [_episode_rollout(item, k, runs[base + k], version) for k in range(req.n)]
+                base = i * req.n
+                group = [
+                    _episode_rollout(items[i], k, runs[base + k], version) for k in range(req.n)
+                ]
                 yield i, group
 
     @property
