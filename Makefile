@@ -17,7 +17,8 @@ demo: $(STAMP)
 
 # CI (.ci/run sets CI=true) runs every test but the realweights ones; locally `make test` also
 # leaves out the `long` ones (over a minute each: the cluster, browser and results-table runs and
-# the SIGTERM-resume run; CONTRIBUTING.md "How we test"), and `make test-all` runs what CI runs.
+# the SIGTERM-resume run, the episode chaos and sampler runs, the two-teacher run; CONTRIBUTING.md
+# "How we test"), and `make test-all` runs what CI runs.
 TEST_MARKS := $(if $(filter true 1,$(CI)),not realweights,not realweights and not long)
 test: $(STAMP)
 	$(PY) -m pytest tests -m "$(TEST_MARKS)"
@@ -29,7 +30,8 @@ test-realweights: $(STAMP)
 	$(PY) -m pytest tests -m realweights
 
 # The run-level tests N times in a row (flakiness check; CONTRIBUTING.md "How we test").
-RUN_LEVEL := tests/test_resize.py tests/test_chaos.py tests/test_faults.py tests/test_resume_exact.py tests/test_inprocess.py tests/test_train_e2e.py tests/test_scheduler.py
+RUN_LEVEL := tests/test_resize.py tests/test_chaos.py tests/test_faults.py tests/test_resume_exact.py tests/test_inprocess.py tests/test_train_e2e.py tests/test_scheduler.py \
+	tests/test_episodes_run.py tests/test_episodes_chaos.py
 N ?= 10
 test-repeat: $(STAMP)
 	for i in $$(seq $(N)); do echo "== round $$i of $(N)"; $(PY) -m pytest $(RUN_LEVEL) -q || exit 1; done
